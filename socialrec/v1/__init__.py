@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs for the socialrec.v1 wire contract."""

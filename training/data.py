@@ -1,0 +1,371 @@
+"""Datasets: one in-memory shape for Last.fm, user TSV files and synthetic data.
+
+Every loader returns a :class:`Dataset` whose users and items are dense indices
+``0..n-1`` with the external ids (strings, as the source spells them) kept alongside,
+plus a :class:`LoadReport` that counts every row that was merged or skipped.
+Bad rows raise :class:`DataError` naming the file, line, field and value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A bad input row: the message names file, line, field and value."""
+
+    def __init__(self, path: str | Path, line: int, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        super().__init__(f"{path}:{line}: {message}")
+
+
+@dataclass
+class LoadReport:
+    """What the loader did besides reading rows verbatim (nothing is dropped silently)."""
+
+    rows_read: int = 0
+    merged_duplicate_interactions: int = 0
+    merged_reverse_friend_rows: int = 0
+    merged_duplicate_friend_rows: int = 0
+    skipped_self_friendships: int = 0
+    skipped_zero_weight_interactions: int = 0
+    friends_only_users: int = 0
+    items_without_names: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int | list[str]]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def lines(self) -> list[str]:
+        """Human-readable lines for every non-zero counter."""
+        out = [f"{k.replace('_', ' ')}: {v}" for k, v in self.__dict__.items() if isinstance(v, int) and v and k != "rows_read"]
+        return out + list(self.notes)
+
+
+@dataclass
+class Dataset:
+    """Interactions (COO) and an undirected friend graph over dense indices.
+
+    ``inter_user``/``inter_item``/``inter_weight`` (and optional ``inter_ts``) are one row per
+    unique (user, item) pair; ``friends`` is (P, 2) int32 with ``a < b`` and no duplicates.
+    """
+
+    name: str
+    user_ids: np.ndarray  # (U,) str: external id of each user index
+    item_ids: np.ndarray  # (I,) str: external id of each item index
+    inter_user: np.ndarray  # (N,) int32
+    inter_item: np.ndarray  # (N,) int32
+    inter_weight: np.ndarray  # (N,) float32, > 0
+    friends: np.ndarray  # (P, 2) int32, a < b
+    inter_ts: np.ndarray | None = None  # (N,) int64 or None
+    item_names: np.ndarray | None = None  # (I,) str or None
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_interactions(self) -> int:
+        return len(self.inter_user)
+
+    @property
+    def n_friend_pairs(self) -> int:
+        return len(self.friends)
+
+    def summary(self) -> dict[str, int | str]:
+        return {
+            "name": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": self.n_interactions,
+            "friend_pairs": self.n_friend_pairs,
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 over ids, interactions and friend pairs: identifies the data a model saw."""
+        h = hashlib.sha256()
+        for arr in (self.inter_user, self.inter_item, self.inter_weight, self.friends):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update("\x1f".join(self.user_ids.tolist()).encode())
+        h.update("\x1f".join(self.item_ids.tolist()).encode())
+        return h.hexdigest()
+
+
+class IdMap:
+    """External string ids <-> dense indices, built once from the index-ordered id array."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+        self._index = {s: i for i, s in enumerate(ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, external: str) -> int:
+        return self._index[external]
+
+    def get(self, external: str, default: int = -1) -> int:
+        return self._index.get(external, default)
+
+
+def canonical_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Undirected pairs (min, max), deduplicated; returns (pairs, n_self_loops, n_duplicates)."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    self_loop = a == b
+    lo, hi = np.minimum(a, b)[~self_loop], np.maximum(a, b)[~self_loop]
+    n = int(max(lo.max(initial=0), hi.max(initial=0)) + 1)
+    keys = np.unique(lo * n + hi)
+    pairs = np.stack([keys // n, keys % n], axis=1).astype(np.int32) if len(keys) else np.zeros((0, 2), np.int32)
+    return pairs, int(self_loop.sum()), int(len(lo) - len(keys))
+
+
+def _read_rows(path: Path, n_min: int, n_max: int, header: bool | None) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, fields) of a tab-separated file; checks the column count.
+
+    ``header=None`` detects a header: the first line is one when its third column (weight)
+    or, for two-column files, nothing numeric-looking, is not a number.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open("r", encoding="utf-8", newline="") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.rstrip("\r\n")
+            if lineno == 1 and header is not False:
+                if header is True or _looks_like_header(line, n_min):
+                    continue
+            if not line.strip():
+                continue  # blank lines (e.g. at the end of a file) carry no row
+            parts = line.split("\t")
+            if not n_min <= len(parts) <= n_max:
+                want = str(n_min) if n_min == n_max else f"{n_min} to {n_max}"
+                raise DataError(path, lineno, f"expected {want} tab-separated columns, found {len(parts)}: {line[:80]!r}")
+            yield lineno, parts
+
+
+def _looks_like_header(line: str, n_min: int) -> bool:
+    parts = line.split("\t")
+    if n_min >= 3 and len(parts) >= 3:
+        try:
+            float(parts[2])
+            return False
+        except ValueError:
+            return True
+    lowered = line.lower()
+    return any(word in lowered for word in ("user", "item", "friend", "id", "name"))
+
+
+def _parse_weight(path: Path, lineno: int, value: str) -> float:
+    try:
+        w = float(value)
+    except ValueError:
+        raise DataError(path, lineno, f"field 'weight' is not a number: {value!r}") from None
+    if not np.isfinite(w) or w < 0:
+        raise DataError(path, lineno, f"field 'weight' must be a finite number >= 0, got {value!r}")
+    return w
+
+
+def _check_id(path: Path, lineno: int, name: str, value: str, numeric: bool) -> str:
+    value = value.strip()
+    if not value:
+        raise DataError(path, lineno, f"field '{name}' is empty")
+    if numeric and not value.lstrip("-").isdigit():
+        raise DataError(path, lineno, f"field '{name}' is not an integer id: {value!r}")
+    return value
+
+
+def _build(
+    name: str,
+    inter_rows: list[tuple[str, str, float, int | None]],
+    friend_rows: list[tuple[str, str]],
+    item_names: dict[str, str] | None,
+    report: LoadReport,
+    sort_numeric: bool,
+) -> Dataset:
+    """Turn parsed rows into a Dataset: dense ids, merged duplicates (counted), canonical pairs."""
+    user_set: dict[str, None] = {}
+    item_set: dict[str, None] = {}
+    for u, i, _, _ in inter_rows:
+        user_set.setdefault(u)
+        item_set.setdefault(i)
+    n_with_history = len(user_set)
+    for a, b in friend_rows:
+        user_set.setdefault(a)
+        user_set.setdefault(b)
+    report.friends_only_users = len(user_set) - n_with_history
+    if item_names is not None:
+        for i in item_names:
+            item_set.setdefault(i)
+    key = (lambda s: (int(s) if s.lstrip("-").isdigit() else 0, s)) if sort_numeric else None
+    users = np.array(sorted(user_set, key=key) if sort_numeric else list(user_set), dtype=str)
+    items = np.array(sorted(item_set, key=key) if sort_numeric else list(item_set), dtype=str)
+    uidx = {s: k for k, s in enumerate(users.tolist())}
+    iidx = {s: k for k, s in enumerate(items.tolist())}
+
+    merged: dict[tuple[int, int], list[float]] = {}
+    for u, i, w, ts in inter_rows:
+        k = (uidx[u], iidx[i])
+        prev = merged.get(k)
+        if prev is None:
+            merged[k] = [w, -1 if ts is None else ts]
+        else:
+            # Duplicate (user, item) rows: weights add up, the latest timestamp wins.
+            report.merged_duplicate_interactions += 1
+            prev[0] += w
+            prev[1] = max(prev[1], -1 if ts is None else ts)
+    has_ts = any(r[3] is not None for r in inter_rows)
+    keys = np.array(list(merged.keys()), dtype=np.int64).reshape(-1, 2)
+    vals = np.array(list(merged.values()), dtype=np.float64).reshape(-1, 2)
+    keep = vals[:, 0] > 0
+    # A (user, item) whose weights add up to 0 carries no signal: skipped and counted.
+    report.skipped_zero_weight_interactions = int((~keep).sum())
+    keys, vals = keys[keep], vals[keep]
+
+    if friend_rows:
+        fa = np.fromiter((uidx[a] for a, _ in friend_rows), dtype=np.int64, count=len(friend_rows))
+        fb = np.fromiter((uidx[b] for _, b in friend_rows), dtype=np.int64, count=len(friend_rows))
+        n = len(users)
+        directed = np.unique(fa * n + fb)
+        report.merged_duplicate_friend_rows += len(fa) - len(directed)
+        pairs, n_self, n_dup = canonical_pairs(directed // n, directed % n)
+        report.skipped_self_friendships += n_self
+        report.merged_reverse_friend_rows += n_dup
+    else:
+        pairs = np.zeros((0, 2), np.int32)
+
+    names = None
+    if item_names is not None:
+        names = np.array([item_names.get(s, "") for s in items.tolist()], dtype=str)
+        report.items_without_names = int(sum(1 for s in items.tolist() if s not in item_names))
+    order = np.lexsort((keys[:, 1], keys[:, 0])) if len(keys) else np.zeros(0, np.int64)
+    return Dataset(
+        name=name,
+        user_ids=users,
+        item_ids=items,
+        inter_user=keys[order, 0].astype(np.int32),
+        inter_item=keys[order, 1].astype(np.int32),
+        inter_weight=vals[order, 0].astype(np.float32),
+        inter_ts=vals[order, 1].astype(np.int64) if has_ts else None,
+        friends=pairs,
+        item_names=names,
+        report=report,
+    )
+
+
+def load_lastfm(data_dir: str | Path) -> Dataset:
+    """HetRec 2011 Last.fm-2k: user_artists.dat, user_friends.dat, artists.dat (tab-separated, header)."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: Last.fm data directory not found (expected user_artists.dat, user_friends.dat, artists.dat)")
+    report = LoadReport()
+    inter: list[tuple[str, str, float, int | None]] = []
+    path = d / "user_artists.dat"
+    for lineno, (u, i, w) in _read_rows(path, 3, 3, header=True):
+        inter.append((_check_id(path, lineno, "userID", u, True), _check_id(path, lineno, "artistID", i, True), _parse_weight(path, lineno, w), None))
+    report.rows_read += len(inter)
+    friends: list[tuple[str, str]] = []
+    path = d / "user_friends.dat"
+    if path.exists():
+        for lineno, (a, b) in _read_rows(path, 2, 2, header=True):
+            friends.append((_check_id(path, lineno, "userID", a, True), _check_id(path, lineno, "friendID", b, True)))
+        report.rows_read += len(friends)
+    else:
+        report.notes.append(f"{path} not found: no friend graph (friend features empty)")
+    names: dict[str, str] | None = None
+    path = d / "artists.dat"
+    if path.exists():
+        names = {}
+        for lineno, parts in _read_rows(path, 2, 4, header=True):
+            names[_check_id(path, lineno, "id", parts[0], True)] = parts[1]
+    return _build("lastfm", inter, friends, names, report, sort_numeric=True)
+
+
+def load_tsv(interactions: str | Path, friends: str | Path | None = None, item_names: str | Path | None = None, name: str = "tsv") -> Dataset:
+    """User data: interactions ``user, item, weight[, timestamp]``; optional ``user, friend`` and ``item, name`` files.
+
+    Ids are any non-empty strings. A header line is detected and skipped. Duplicate
+    (user, item) rows are merged (weights summed) and counted; friend rows in both
+    directions are merged and counted; self-friendships are skipped and counted.
+    """
+    report = LoadReport()
+    path = Path(interactions)
+    inter: list[tuple[str, str, float, int | None]] = []
+    for lineno, parts in _read_rows(path, 3, 4, header=None):
+        u = _check_id(path, lineno, "user", parts[0], False)
+        i = _check_id(path, lineno, "item", parts[1], False)
+        w = _parse_weight(path, lineno, parts[2])
+        ts = None
+        if len(parts) == 4 and parts[3].strip():
+            try:
+                ts = int(float(parts[3]))
+            except ValueError:
+                raise DataError(path, lineno, f"field 'timestamp' is not a number: {parts[3]!r}") from None
+        inter.append((u, i, w, ts))
+    report.rows_read += len(inter)
+    if not inter:
+        raise DataError(path, 0, "no interaction rows")
+    fr: list[tuple[str, str]] = []
+    if friends is not None:
+        fpath = Path(friends)
+        for lineno, (a, b) in _read_rows(fpath, 2, 2, header=None):
+            fr.append((_check_id(fpath, lineno, "user", a, False), _check_id(fpath, lineno, "friend", b, False)))
+        report.rows_read += len(fr)
+    names: dict[str, str] | None = None
+    if item_names is not None:
+        npath = Path(item_names)
+        names = {}
+        for lineno, parts in _read_rows(npath, 2, 64, header=None):
+            names[_check_id(npath, lineno, "item", parts[0], False)] = parts[1]
+    return _build(name, inter, fr, names, report, sort_numeric=False)
+
+
+def csr_rows(n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) of a CSR matrix from COO, rows sorted, without scipy."""
+    order = np.argsort(rows, kind="stable")
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    data = np.ones(len(rows), np.float32) if vals is None else np.asarray(vals, np.float32)[order]
+    return indptr, np.asarray(cols)[order].astype(np.int32), data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to load; ``synthetic`` is the embedded default."""
+
+    dataset: str = "synthetic"  # lastfm | tsv | synthetic
+    data_dir: str | None = None  # lastfm directory
+    interactions: str | None = None  # tsv: interactions file
+    friends: str | None = None  # tsv: optional friends file
+    item_names: str | None = None  # tsv: optional item-names file
+    synthetic_users: int = 3000
+    synthetic_items: int = 2000
+    synthetic_interactions: int = 60000
+    seed: int = 0
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Dispatch on ``cfg.dataset``; a clear error for a missing path or unknown name."""
+    if cfg.dataset == "lastfm":
+        if not cfg.data_dir:
+            raise ValueError("--dataset lastfm needs --data-dir (e.g. ../shared/datasets/hetrec2011-lastfm-2k)")
+        return load_lastfm(cfg.data_dir)
+    if cfg.dataset == "tsv":
+        if not cfg.interactions:
+            raise ValueError("--dataset tsv needs --interactions FILE (user, item, weight[, timestamp])")
+        return load_tsv(cfg.interactions, cfg.friends, cfg.item_names)
+    if cfg.dataset == "synthetic":
+        from training.synthetic import SyntheticConfig, generate
+
+        return generate(SyntheticConfig(n_users=cfg.synthetic_users, n_items=cfg.synthetic_items, n_interactions=cfg.synthetic_interactions, seed=cfg.seed))
+    raise ValueError(f"unknown dataset {cfg.dataset!r}: choose lastfm, tsv or synthetic")
