@@ -142,9 +142,8 @@ def _read_rows(path: Path, n_min: int, n_max: int, header: bool | None) -> Itera
     with path.open("r", encoding="utf-8", newline="") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip("\r\n")
-            if lineno == 1 and header is not False:
-                if header is True or _looks_like_header(line, n_min):
-                    continue
+            if lineno == 1 and (header is True or (header is None and _looks_like_header(line, n_min))):
+                continue
             if not line.strip():
                 continue  # blank lines (e.g. at the end of a file) carry no row
             parts = line.split("\t")

@@ -1,0 +1,247 @@
+"""Training task for the teacher: batches, losses, early stopping, checkpoints, DDP.
+
+Model selection uses a validation split carved out of the training part; each head keeps
+the parameters of its own best validation epoch (the heads share no parameters, so the
+best content head and the best friend head combine exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from training.features import Features
+from training.metrics import Graph, evaluate
+from training.model import TowerConfig, TwoTower, TwoTowerTrainTask
+from training.split import Split
+
+FULL_SOFTMAX_MAX = 60_000  # catalogues up to this size train with a full softmax
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dim: int = 256
+    input_dropout: float = 0.5
+    weight_transform: str = "binary"
+    content_uses_friends: bool = True
+    friends_uses_history: bool = True
+    epochs: int = 120
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    friend_loss_weight: float = 1.0
+    patience: int = 15  # epochs without a validation gain (per head) before stopping
+    eval_every: int = 2
+    max_history: int = 256
+    max_friends: int = 256
+    negatives: int = 4096  # sampled-softmax negatives per batch (large catalogues only)
+    max_eval_users: int = 5000  # validation users sampled per evaluation
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+def tower_config(cfg: TrainConfig, n_users: int, n_items: int) -> TowerConfig:
+    return TowerConfig(
+        n_items=n_items,
+        n_users=n_users,
+        dim=cfg.dim,
+        input_dropout=cfg.input_dropout,
+        weight_transform=cfg.weight_transform,
+        content_uses_friends=cfg.content_uses_friends,
+        friends_uses_history=cfg.friends_uses_history,
+    )
+
+
+CONTENT_PARAMS = ("user_tower.item_in_c", "user_tower.user_in_c", "user_tower.bias_c", "item_out", "item_bias")
+
+
+def is_content_param(name: str) -> bool:
+    return name.startswith(CONTENT_PARAMS)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join a torchrun process group (gloo on CPU) when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
+class Scorer:
+    """Full-catalogue scores of a model for batches of users, fed from a split's features."""
+
+    def __init__(self, model: TwoTower, feats: Features) -> None:
+        self.model = model
+        self.feats = feats
+
+    def inputs(self, users: np.ndarray) -> tuple[torch.Tensor, ...]:
+        hi, hw = self.feats.history(users)
+        fi, fw = self.feats.friends(users)
+        return torch.from_numpy(hi), torch.from_numpy(hw), torch.from_numpy(fi), torch.from_numpy(fw)
+
+    @torch.no_grad()
+    def content(self, users: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        u_c, _ = self.model.user_tower(*self.inputs(users))
+        return self.model.content_logits(u_c).numpy()
+
+    @torch.no_grad()
+    def friends(self, users: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        _, u_f = self.model.user_tower(*self.inputs(users))
+        return self.model.friend_logits(u_f).numpy()
+
+
+def evaluate_model(model: TwoTower, split: Split, max_users: int | None = None, desc: str | None = None) -> dict[str, dict[str, float]]:
+    """Content and friend metrics of a model on a split (inputs = the split's train part)."""
+    sc = Scorer(model, Features.from_split(split))
+    tr = Graph(split.n_users, split.train_user, split.train_item)
+    te = Graph(split.n_users, split.test_user, split.test_item)
+    ftr = Graph.undirected(split.n_users, split.friends_train)
+    fte = Graph.undirected(split.n_users, split.friends_test)
+    return {
+        "content": evaluate(sc.content, tr, te, max_users=max_users, desc=desc and f"{desc} content"),
+        "friends": evaluate(sc.friends, ftr, fte, exclude_self=True, max_users=max_users, desc=desc and f"{desc} friends"),
+    }
+
+
+def _targets(indptr: np.ndarray, cols: np.ndarray, users: np.ndarray, n: int) -> torch.Tensor:
+    """Dense binary target rows.  (B, n)"""
+    t = np.zeros((len(users), n), dtype=np.float32)
+    lens = indptr[users + 1] - indptr[users]
+    rows = np.repeat(np.arange(len(users)), lens)
+    idx = np.concatenate([np.arange(indptr[u], indptr[u + 1]) for u in users]) if len(users) else np.zeros(0, np.int64)
+    t[rows, cols[idx]] = 1.0
+    return torch.from_numpy(t)
+
+
+def _log_q(counts: np.ndarray, power: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling distribution ~ count^power (+1 smoothing) and its log, for sampled softmax."""
+    p = (counts.astype(np.float64) + 1.0) ** power
+    p /= p.sum()
+    return torch.from_numpy(p.astype(np.float32)), torch.from_numpy(np.log(p).astype(np.float32))
+
+
+def train_teacher(split: Split, val: Split, cfg: TrainConfig, progress: bool = True) -> tuple[TwoTower, dict]:
+    """Fit on ``val``'s train part, select each head on ``val``'s held-out part.
+
+    Returns the model (best content head + best friend head) and a training log.
+    Under torchrun every rank trains its shard of users with DDP; all ranks evaluate
+    identically so the early-stopping decision agrees.
+    """
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = TwoTower(tower_config(cfg, split.n_users, split.n_items))
+    feats = Features.from_split(val, cfg.max_history, cfg.max_friends)
+    users = feats.active_users()
+    full_items = split.n_items <= FULL_SOFTMAX_MAX
+    full_users = split.n_users <= FULL_SOFTMAX_MAX
+    item_p, item_logq = _log_q(np.bincount(val.train_item, minlength=split.n_items))
+    deg = np.diff(feats.fr_indptr)
+    user_p, user_logq = _log_q(deg)
+    task = TwoTowerTrainTask(model, cfg.friend_loss_weight, item_logq, user_logq)
+    net: torch.nn.Module = task
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(task, find_unused_parameters=True)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    best = {"content": (-1.0, None, 0), "friends": (-1.0, None, 0)}  # (score, state, epoch)
+    log: dict = {"epochs": [], "softmax": {"content": "full" if full_items else "sampled", "friends": "full" if full_users else "sampled"}, "world_size": world}
+    t0 = time.time()
+    bar = tqdm(range(1, cfg.epochs + 1), desc="teacher", disable=not progress or rank != 0)
+    for epoch in bar:
+        net.train()
+        perm = np_rng.permutation(users)
+        # Every rank walks the same number of batches (DDP all-reduces at every step).
+        per_rank = int(np.ceil(len(perm) / world))
+        mine = perm[rank * per_rank : (rank + 1) * per_rank]
+        losses = []
+        for start in range(0, per_rank, cfg.batch_size):
+            b = mine[start : start + cfg.batch_size]
+            if len(b) == 0:  # the last rank's shard can run short
+                b = perm[: min(cfg.batch_size, len(perm))]
+            batch = _batch(b, feats, full_items, full_users, item_p, user_p, cfg)
+            loss = net(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        entry = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            m = evaluate_model(model, val, max_users=cfg.max_eval_users)
+            entry.update({"val_content_recall@20": m["content"]["recall@20"], "val_friends_recall@20": m["friends"]["recall@20"]})
+            for task_name in ("content", "friends"):
+                score = m[task_name]["recall@20"]
+                if score > best[task_name][0]:
+                    keep = {k: v.detach().clone() for k, v in model.state_dict().items() if is_content_param(k) == (task_name == "content")}
+                    best[task_name] = (score, keep, epoch)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", c=f"{m['content']['recall@20']:.4f}", f=f"{m['friends']['recall@20']:.4f}")
+            log["epochs"].append(entry)
+            if all(epoch - best[t][2] >= cfg.patience for t in best):
+                break
+        else:
+            log["epochs"].append(entry)
+    state = copy.deepcopy(model.state_dict())
+    for task_name in best:
+        if best[task_name][1] is not None:
+            state.update(best[task_name][1])
+    model.load_state_dict(state)
+    model.eval()
+    log["best"] = {t: {"epoch": best[t][2], "val_recall@20": best[t][0]} for t in best}
+    log["seconds"] = time.time() - t0
+    return model, log
+
+
+def _batch(b: np.ndarray, feats: Features, full_items: bool, full_users: bool, item_p: torch.Tensor, user_p: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Tower inputs and targets of one batch of users (dense targets or sampled negatives)."""
+    hi, hw = feats.history(b)
+    fi, fw = feats.friends(b)
+    out = {k: torch.from_numpy(v) for k, v in (("hist_ids", hi), ("hist_w", hw), ("friend_ids", fi), ("friend_w", fw))}
+    out["friend_rows"] = torch.from_numpy(np.diff(feats.fr_indptr)[b] > 0)
+    if full_items:
+        out["content_target"] = _targets(feats.hist_indptr, feats.hist_items, b, feats.n_items)
+    else:
+        out["content_pos"], out["content_mask"] = out["hist_ids"], (out["hist_w"] > 0).float()
+        out["item_neg"] = torch.multinomial(item_p, cfg.negatives, replacement=True)
+    if full_users:
+        out["friend_target"] = _targets(feats.fr_indptr, feats.fr_users, b, feats.n_users)
+        self_mask = torch.zeros(len(b), feats.n_users, dtype=torch.bool)
+        self_mask[torch.arange(len(b)), torch.from_numpy(b.astype(np.int64))] = True
+        out["self_mask"] = self_mask
+    else:
+        out["friend_pos"], out["friend_mask"] = out["friend_ids"], out["friend_w"]
+        out["user_neg"] = torch.multinomial(user_p, cfg.negatives, replacement=True)
+    return out
+
+
+def save_checkpoint(model: TwoTower, cfg: TrainConfig, path: str | Path, extra: dict | None = None) -> Path:
+    """A checkpoint that carries its own config (tower + training) and provenance."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"tower_config": model.cfg.as_dict(), "train_config": asdict(cfg), "state_dict": model.state_dict(), "extra": extra or {}}, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[TwoTower, dict]:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model = TwoTower(TowerConfig(**ck["tower_config"]))
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model, ck
