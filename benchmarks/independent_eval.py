@@ -140,9 +140,9 @@ def load_split(split_dir: Path) -> Split:
 # --------------------------------------------------------------------------------------------
 
 
-def ease_weights(X: sp.spmatrix, lam: float, dtype: type[np.floating] = np.float64) -> np.ndarray:
-    """Dense EASE item-item weights ``B`` (``B_ij = -P_ij / P_jj``, zero diagonal)."""
-    G = (X.T @ X).toarray().astype(dtype, copy=False)
+def ease_weights(X: sp.spmatrix, lam: float) -> np.ndarray:
+    """Dense float64 EASE item-item weights ``B`` (``B_ij = -P_ij / P_jj``, zero diagonal)."""
+    G = (X.T @ X).toarray().astype(np.float64, copy=False)
     G[np.diag_indices_from(G)] += lam
     # numpy's inverse, not scipy.linalg.inv: with scipy 1.17 / its bundled OpenBLAS both
     # scipy.linalg.inv and scipy.linalg.lapack.dpotrf segfault on a 17,600 x 17,600 matrix here.
@@ -154,9 +154,9 @@ def ease_weights(X: sp.spmatrix, lam: float, dtype: type[np.floating] = np.float
     return P
 
 
-def ease_scorer(X: sp.csr_matrix, lam: float, dtype: type[np.floating] = np.float64) -> Scorer:
-    B = ease_weights(X, lam, dtype)
-    Xd = sp.csr_matrix(X, dtype=dtype)  # same dtype as B: no upcast copy of B per batch
+def ease_scorer(X: sp.csr_matrix, lam: float) -> Scorer:
+    B = ease_weights(X, lam)
+    Xd = sp.csr_matrix(X, dtype=np.float64)  # same dtype as B: no upcast copy of B per batch
 
     def score(rows: np.ndarray) -> np.ndarray:
         return np.asarray(Xd[rows] @ B)
@@ -337,11 +337,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --max-users sampling")
     p.add_argument("--batch-size", type=int, default=256, help="users per scoring batch")
-    p.add_argument(
-        "--float32",
-        action="store_true",
-        help="EASE in float32 (about half the time and memory; default float64)",
-    )
     p.add_argument("--out", type=Path, help="write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.run is not None:
@@ -383,10 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: dict[str, float] = {}
     for model in MODELS:
         t0 = time.perf_counter()
-        if model == "EASE":
-            scorer = ease_scorer(split.X, lam, np.float32 if args.float32 else np.float64)
-        else:
-            scorer = itemknn_scorer(split.X)
+        scorer = ease_scorer(split.X, lam) if model == "EASE" else itemknn_scorer(split.X)
         ours[model] = evaluate(split, scorer, eval_rows, args.batch_size)
         del scorer
         timings[model] = time.perf_counter() - t0
@@ -401,7 +393,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "n_train_pairs": int(split.X.nnz),
         "n_eval_users": len(eval_rows),
         "ease_lambda": lam,
-        "ease_dtype": "float32" if args.float32 else "float64",
         "tolerance": args.tolerance,
         "ours": ours,
         "seconds": timings,

@@ -150,9 +150,6 @@ def test_scores_match_dense_formulas_on_random_data() -> None:
     rows = np.arange(split.n_users)
     np.testing.assert_allclose(ie.itemknn_scorer(split.X)(rows), _brute_knn(X), atol=1e-10)
     np.testing.assert_allclose(ie.ease_scorer(split.X, 7.0)(rows), _brute_ease(X, 7.0), atol=1e-8)
-    f32 = ie.ease_scorer(split.X, 7.0, np.float32)(rows)
-    assert f32.dtype == np.float32
-    np.testing.assert_allclose(f32, _brute_ease(X, 7.0), atol=1e-4)
 
 
 def test_batch_metrics_match_brute_force_with_untied_scores() -> None:

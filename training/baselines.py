@@ -30,7 +30,9 @@ class BaselineConfig:
 def interaction_matrix(split: Split) -> sp.csr_matrix:
     """Binary user x item matrix of the training part."""
     data = np.ones(len(split.train_user), dtype=np.float32)
-    x = sp.csr_matrix((data, (split.train_user, split.train_item)), shape=(split.n_users, split.n_items))
+    x = sp.csr_matrix(
+        (data, (split.train_user, split.train_item)), shape=(split.n_users, split.n_items)
+    )
     x.data[:] = 1.0  # duplicates cannot occur (unique pairs), but keep the matrix binary regardless
     return x
 
@@ -39,7 +41,10 @@ def friend_matrix(split: Split) -> sp.csr_matrix:
     """Symmetric binary adjacency of the training friend pairs."""
     a, b = split.friends_train[:, 0], split.friends_train[:, 1]
     data = np.ones(2 * len(a), dtype=np.float32)
-    return sp.csr_matrix((data, (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(split.n_users, split.n_users))
+    return sp.csr_matrix(
+        (data, (np.concatenate([a, b]), np.concatenate([b, a]))),
+        shape=(split.n_users, split.n_users),
+    )
 
 
 def most_popular(split: Split) -> ScoreFn:
@@ -116,9 +121,14 @@ def content_baselines(split: Split, cfg: BaselineConfig) -> dict[str, Callable[[
     if split.n_items <= cfg.ease_max_items:
         out["EASE"] = lambda: ease(split, cfg.ease_lambda)
     else:
-        out["EASE"] = f"skipped: {split.n_items} items > ease_max_items={cfg.ease_max_items} (dense inverse)"
+        out["EASE"] = (
+            f"skipped: {split.n_items} items > ease_max_items={cfg.ease_max_items} (dense inverse)"
+        )
     return out
 
 
 def friend_baselines(split: Split) -> dict[str, Callable[[], ScoreFn] | str]:
-    return {"CommonNeighbors": lambda: common_neighbors(split), "AdamicAdar": lambda: adamic_adar(split)}
+    return {
+        "CommonNeighbors": lambda: common_neighbors(split),
+        "AdamicAdar": lambda: adamic_adar(split),
+    }

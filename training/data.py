@@ -9,6 +9,7 @@ Bad rows raise :class:`DataError` naming the file, line, field and value.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,11 @@ class LoadReport:
 
     def lines(self) -> list[str]:
         """Human-readable lines for every non-zero counter."""
-        out = [f"{k.replace('_', ' ')}: {v}" for k, v in self.__dict__.items() if isinstance(v, int) and v and k != "rows_read"]
+        out = [
+            f"{k.replace('_', ' ')}: {v}"
+            for k, v in self.__dict__.items()
+            if isinstance(v, int) and v and k != "rows_read"
+        ]
         return out + list(self.notes)
 
 
@@ -127,29 +132,41 @@ def canonical_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int, int]
     lo, hi = np.minimum(a, b)[~self_loop], np.maximum(a, b)[~self_loop]
     n = int(max(lo.max(initial=0), hi.max(initial=0)) + 1)
     keys = np.unique(lo * n + hi)
-    pairs = np.stack([keys // n, keys % n], axis=1).astype(np.int32) if len(keys) else np.zeros((0, 2), np.int32)
+    pairs = (
+        np.stack([keys // n, keys % n], axis=1).astype(np.int32)
+        if len(keys)
+        else np.zeros((0, 2), np.int32)
+    )
     return pairs, int(self_loop.sum()), int(len(lo) - len(keys))
 
 
-def _read_rows(path: Path, n_min: int, n_max: int, header: bool | None) -> Iterator[tuple[int, list[str]]]:
+def _read_rows(
+    path: Path, n_min: int, n_max: int, header: bool | None
+) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, fields) of a tab-separated file; checks the column count.
 
     ``header=None`` detects a header: the first line is one when its third column (weight)
-    or, for two-column files, nothing numeric-looking, is not a number.
+    is not a number or, for two-column files, its first field is a column name (user, userID, ...).
     """
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open("r", encoding="utf-8", newline="") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip("\r\n")
-            if lineno == 1 and (header is True or (header is None and _looks_like_header(line, n_min))):
+            if lineno == 1 and (
+                header is True or (header is None and _looks_like_header(line, n_min))
+            ):
                 continue
             if not line.strip():
                 continue  # blank lines (e.g. at the end of a file) carry no row
             parts = line.split("\t")
             if not n_min <= len(parts) <= n_max:
                 want = str(n_min) if n_min == n_max else f"{n_min} to {n_max}"
-                raise DataError(path, lineno, f"expected {want} tab-separated columns, found {len(parts)}: {line[:80]!r}")
+                raise DataError(
+                    path,
+                    lineno,
+                    f"expected {want} tab-separated columns, found {len(parts)}: {line[:80]!r}",
+                )
             yield lineno, parts
 
 
@@ -161,8 +178,15 @@ def _looks_like_header(line: str, n_min: int) -> bool:
             return False
         except ValueError:
             return True
-    lowered = line.lower()
-    return any(word in lowered for word in ("user", "item", "friend", "id", "name"))
+    # Two-column files (friends, names): a header's first field is a column name. Matching whole
+    # fields, not substrings, keeps a first row such as "david\tuser_2" as data.
+    first = re.sub(r"[^a-z0-9]", "", parts[0].lower())  # "User_ID" -> "userid"
+    return first in _HEADER_FIRST_FIELDS
+
+
+_HEADER_FIRST_FIELDS = frozenset(
+    {"user", "userid", "item", "itemid", "friend", "friendid", "id", "artist", "artistid"}
+)
 
 
 def _parse_weight(path: Path, lineno: int, value: str) -> float:
@@ -179,7 +203,7 @@ def _check_id(path: Path, lineno: int, name: str, value: str, numeric: bool) -> 
     value = value.strip()
     if not value:
         raise DataError(path, lineno, f"field '{name}' is empty")
-    if numeric and not value.lstrip("-").isdigit():
+    if numeric and not re.fullmatch(r"-?[0-9]+", value):
         raise DataError(path, lineno, f"field '{name}' is not an integer id: {value!r}")
     return value
 
@@ -266,18 +290,32 @@ def load_lastfm(data_dir: str | Path) -> Dataset:
     """HetRec 2011 Last.fm-2k: user_artists.dat, user_friends.dat, artists.dat (tab-separated, header)."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: Last.fm data directory not found (expected user_artists.dat, user_friends.dat, artists.dat)")
+        raise FileNotFoundError(
+            f"{d}: Last.fm data directory not found (expected user_artists.dat, user_friends.dat, artists.dat)"
+        )
     report = LoadReport()
     inter: list[tuple[str, str, float, int | None]] = []
     path = d / "user_artists.dat"
     for lineno, (u, i, w) in _read_rows(path, 3, 3, header=True):
-        inter.append((_check_id(path, lineno, "userID", u, True), _check_id(path, lineno, "artistID", i, True), _parse_weight(path, lineno, w), None))
+        inter.append(
+            (
+                _check_id(path, lineno, "userID", u, True),
+                _check_id(path, lineno, "artistID", i, True),
+                _parse_weight(path, lineno, w),
+                None,
+            )
+        )
     report.rows_read += len(inter)
     friends: list[tuple[str, str]] = []
     path = d / "user_friends.dat"
     if path.exists():
         for lineno, (a, b) in _read_rows(path, 2, 2, header=True):
-            friends.append((_check_id(path, lineno, "userID", a, True), _check_id(path, lineno, "friendID", b, True)))
+            friends.append(
+                (
+                    _check_id(path, lineno, "userID", a, True),
+                    _check_id(path, lineno, "friendID", b, True),
+                )
+            )
         report.rows_read += len(friends)
     else:
         report.notes.append(f"{path} not found: no friend graph (friend features empty)")
@@ -290,7 +328,12 @@ def load_lastfm(data_dir: str | Path) -> Dataset:
     return _build("lastfm", inter, friends, names, report, sort_numeric=True)
 
 
-def load_tsv(interactions: str | Path, friends: str | Path | None = None, item_names: str | Path | None = None, name: str = "tsv") -> Dataset:
+def load_tsv(
+    interactions: str | Path,
+    friends: str | Path | None = None,
+    item_names: str | Path | None = None,
+    name: str = "tsv",
+) -> Dataset:
     """User data: interactions ``user, item, weight[, timestamp]``; optional ``user, friend`` and ``item, name`` files.
 
     Ids are any non-empty strings. A header line is detected and skipped. Duplicate
@@ -309,7 +352,9 @@ def load_tsv(interactions: str | Path, friends: str | Path | None = None, item_n
             try:
                 ts = int(float(parts[3]))
             except ValueError:
-                raise DataError(path, lineno, f"field 'timestamp' is not a number: {parts[3]!r}") from None
+                raise DataError(
+                    path, lineno, f"field 'timestamp' is not a number: {parts[3]!r}"
+                ) from None
         inter.append((u, i, w, ts))
     report.rows_read += len(inter)
     if not inter:
@@ -318,7 +363,12 @@ def load_tsv(interactions: str | Path, friends: str | Path | None = None, item_n
     if friends is not None:
         fpath = Path(friends)
         for lineno, (a, b) in _read_rows(fpath, 2, 2, header=None):
-            fr.append((_check_id(fpath, lineno, "user", a, False), _check_id(fpath, lineno, "friend", b, False)))
+            fr.append(
+                (
+                    _check_id(fpath, lineno, "user", a, False),
+                    _check_id(fpath, lineno, "friend", b, False),
+                )
+            )
         report.rows_read += len(fr)
     names: dict[str, str] | None = None
     if item_names is not None:
@@ -329,7 +379,9 @@ def load_tsv(interactions: str | Path, friends: str | Path | None = None, item_n
     return _build(name, inter, fr, names, report, sort_numeric=False)
 
 
-def csr_rows(n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def csr_rows(
+    n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indptr, indices, data) of a CSR matrix from COO, rows sorted, without scipy."""
     order = np.argsort(rows, kind="stable")
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
@@ -357,14 +409,25 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Dispatch on ``cfg.dataset``; a clear error for a missing path or unknown name."""
     if cfg.dataset == "lastfm":
         if not cfg.data_dir:
-            raise ValueError("--dataset lastfm needs --data-dir (e.g. ../shared/datasets/hetrec2011-lastfm-2k)")
+            raise ValueError(
+                "--dataset lastfm needs --data-dir (e.g. ../shared/datasets/hetrec2011-lastfm-2k)"
+            )
         return load_lastfm(cfg.data_dir)
     if cfg.dataset == "tsv":
         if not cfg.interactions:
-            raise ValueError("--dataset tsv needs --interactions FILE (user, item, weight[, timestamp])")
+            raise ValueError(
+                "--dataset tsv needs --interactions FILE (user, item, weight[, timestamp])"
+            )
         return load_tsv(cfg.interactions, cfg.friends, cfg.item_names)
     if cfg.dataset == "synthetic":
         from training.synthetic import SyntheticConfig, generate
 
-        return generate(SyntheticConfig(n_users=cfg.synthetic_users, n_items=cfg.synthetic_items, n_interactions=cfg.synthetic_interactions, seed=cfg.seed))
+        return generate(
+            SyntheticConfig(
+                n_users=cfg.synthetic_users,
+                n_items=cfg.synthetic_items,
+                n_interactions=cfg.synthetic_interactions,
+                seed=cfg.seed,
+            )
+        )
     raise ValueError(f"unknown dataset {cfg.dataset!r}: choose lastfm, tsv or synthetic")

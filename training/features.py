@@ -37,7 +37,17 @@ class Features:
         fu = np.concatenate([a, b])
         fv = np.concatenate([b, a])
         f_indptr, f_users, _ = csr_rows(split.n_users, fu, fv)
-        return cls(split.n_users, split.n_items, indptr, items, weight, f_indptr, f_users, max_history, max_friends)
+        return cls(
+            split.n_users,
+            split.n_items,
+            indptr,
+            items,
+            weight,
+            f_indptr,
+            f_users,
+            max_history,
+            max_friends,
+        )
 
     def history(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Padded (ids, weights) of the users' histories, zero weight on padding.  (B, L)"""
@@ -53,14 +63,18 @@ class Features:
         return np.flatnonzero((np.diff(self.hist_indptr) > 0) | (np.diff(self.fr_indptr) > 0))
 
 
-def _csr_sorted(n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _csr_sorted(
+    n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR from COO rows that are already grouped by row (order inside a row is kept)."""
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
     return indptr, cols.astype(np.int32), vals.astype(np.float32)
 
 
-def _padded(indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, users: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+def _padded(
+    indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, users: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
     start = indptr[users]  # (B,)
     lens = np.minimum(indptr[users + 1] - start, cap)  # (B,)
     width = max(int(lens.max(initial=0)), 1)

@@ -26,10 +26,12 @@ def topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall_ndcg(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-user Recall@k and NDCG@k (binary gains) from a (B, >=k) hit matrix, best first."""
-    h = hits[:, :k].astype(np.float64)  # (B, k)
+    """Per-user Recall@k and NDCG@k (binary gains) from a (B, >=k) hit matrix, best first.
+
+    Fewer than k columns (fewer candidates than k) means the whole catalogue is ranked."""
+    h = hits[:, :k].astype(np.float64)  # (B, min(k, n_candidates))
     discount = 1.0 / np.log2(np.arange(2, k + 2))  # (k,)
-    dcg = h @ discount
+    dcg = h @ discount[: h.shape[1]]
     ideal = np.cumsum(discount)[np.minimum(n_relevant, k) - 1]
     return h.sum(1) / n_relevant, dcg / ideal
 
@@ -57,7 +59,11 @@ class Graph:
         starts, ends = self.indptr[users], self.indptr[users + 1]
         lens = ends - starts
         pos = np.repeat(np.arange(len(users)), lens)
-        idx = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)]) if len(users) else np.zeros(0, np.int64)
+        idx = (
+            np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)])
+            if len(users)
+            else np.zeros(0, np.int64)
+        )
         return pos, self.indices[idx]
 
 
@@ -102,4 +108,7 @@ def evaluate(
             sums[f"ndcg@{k}"] += float(n.sum())
     n_users = max(len(users), 1)
     out = {key: sums[key] / n_users for key in sums}
-    return {key: out[key] for key in sorted(out, key=lambda s: (s.split("@")[0] != "recall", int(s.split("@")[1])))}
+    return {
+        key: out[key]
+        for key in sorted(out, key=lambda s: (s.split("@")[0] != "recall", int(s.split("@")[1])))
+    }

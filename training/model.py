@@ -155,7 +155,11 @@ def sampled_nll(
     s_neg = s_neg.masked_fill(hit.any(dim=1), float("-inf"))
     lse = torch.logaddexp(s_pos, torch.logsumexp(s_neg, dim=1, keepdim=True))  # (B, P)
     per_row = ((lse - s_pos) * pos_mask).sum(1) / pos_mask.sum(1).clamp_min(1)
-    return per_row[pos_mask.sum(1) > 0].mean() if bool((pos_mask.sum(1) > 0).any()) else per_row.sum() * 0
+    return (
+        per_row[pos_mask.sum(1) > 0].mean()
+        if bool((pos_mask.sum(1) > 0).any())
+        else per_row.sum() * 0
+    )
 
 
 class TwoTowerTrainTask(nn.Module):
@@ -165,7 +169,13 @@ class TwoTowerTrainTask(nn.Module):
     or positives plus shared sampled negatives (sampled softmax with log-Q correction).
     """
 
-    def __init__(self, model: TwoTower, friend_loss_weight: float, item_log_q: torch.Tensor, user_log_q: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: TwoTower,
+        friend_loss_weight: float,
+        item_log_q: torch.Tensor,
+        user_log_q: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.model = model
         self.friend_loss_weight = friend_loss_weight
@@ -174,18 +184,40 @@ class TwoTowerTrainTask(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         m = self.model
-        u_c, u_f = m.user_tower(batch["hist_ids"], batch["hist_w"], batch["friend_ids"], batch["friend_w"])
+        u_c, u_f = m.user_tower(
+            batch["hist_ids"], batch["hist_w"], batch["friend_ids"], batch["friend_w"]
+        )
         if "content_target" in batch:
             loss_c = multinomial_nll(m.content_logits(u_c), batch["content_target"])
         else:
-            loss_c = sampled_nll(u_c, m.item_out.weight, m.item_bias, batch["content_pos"], batch["content_mask"], batch["item_neg"], self.item_log_q)
+            loss_c = sampled_nll(
+                u_c,
+                m.item_out.weight,
+                m.item_bias,
+                batch["content_pos"],
+                batch["content_mask"],
+                batch["item_neg"],
+                self.item_log_q,
+            )
         rows = batch["friend_rows"]  # (B,) bool: users with at least one friend
         u_f = u_f[rows]
         if "friend_target" in batch:
             logits = m.friend_logits(u_f)  # (Bf, U)
             logits = logits.masked_fill(batch["self_mask"][rows], float("-inf"))  # never yourself
-            loss_f = multinomial_nll(logits, batch["friend_target"][rows]) if bool(rows.any()) else u_f.sum() * 0
+            loss_f = (
+                multinomial_nll(logits, batch["friend_target"][rows])
+                if bool(rows.any())
+                else u_f.sum() * 0
+            )
         else:
-            loss_f = sampled_nll(u_f, m.user_out.weight, m.user_bias, batch["friend_pos"][rows], batch["friend_mask"][rows], batch["user_neg"], self.user_log_q)
+            loss_f = sampled_nll(
+                u_f,
+                m.user_out.weight,
+                m.user_bias,
+                batch["friend_pos"][rows],
+                batch["friend_mask"][rows],
+                batch["user_neg"],
+                self.user_log_q,
+            )
         # Keep every parameter in the graph (DDP expects all of them to get gradients).
         return loss_c + self.friend_loss_weight * loss_f

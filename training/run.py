@@ -16,7 +16,13 @@ from training.baselines import BaselineConfig, content_baselines, friend_baselin
 from training.data import DataConfig, Dataset, load_dataset
 from training.metrics import Graph, evaluate
 from training.split import Split, SplitConfig, export_split, split_dataset, validation_split
-from training.train import TrainConfig, evaluate_model, init_distributed, save_checkpoint, train_teacher
+from training.train import (
+    TrainConfig,
+    evaluate_model,
+    init_distributed,
+    save_checkpoint,
+    train_teacher,
+)
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,21 @@ def score_baselines(split: Split, cfg: RunConfig) -> tuple[dict, dict, dict]:
         if isinstance(build, str):
             notes[name] = build
             continue
-        content[name] = evaluate(build(), tr, te, max_users=cfg.max_eval_users, desc=name if cfg.progress else None)
+        content[name] = evaluate(
+            build(), tr, te, max_users=cfg.max_eval_users, desc=name if cfg.progress else None
+        )
     for name, build in friend_baselines(split).items():
         if isinstance(build, str):
             notes[name] = build
             continue
-        friends[name] = evaluate(build(), ftr, fte, exclude_self=True, max_users=cfg.max_eval_users, desc=name if cfg.progress else None)
+        friends[name] = evaluate(
+            build(),
+            ftr,
+            fte,
+            exclude_self=True,
+            max_users=cfg.max_eval_users,
+            desc=name if cfg.progress else None,
+        )
     return content, friends, notes
 
 
@@ -84,13 +99,19 @@ def run(cfg: RunConfig) -> Path:
     export_split(ds, split, out / "split")
     t0 = time.time()
     content, friends, notes = score_baselines(split, cfg)
-    teacher = evaluate_model(model, split, max_users=cfg.max_eval_users, desc="teacher" if cfg.progress else None)
+    teacher = evaluate_model(
+        model, split, max_users=cfg.max_eval_users, desc="teacher" if cfg.progress else None
+    )
     content["teacher"] = teacher["content"]
     friends["teacher"] = teacher["friends"]
     t_eval = time.time() - t0
     report = {
         "dataset": ds.summary(),
-        "split": {"seed": split.seed, "sha256": split.sha256(), "test_fraction": cfg.split.test_fraction},
+        "split": {
+            "seed": split.seed,
+            "sha256": split.sha256(),
+            "test_fraction": cfg.split.test_fraction,
+        },
         "content": content,
         "friends": friends,
         "timings_s": {"train": round(t_train, 2), "evaluate": round(t_eval, 2)},
@@ -102,9 +123,16 @@ def run(cfg: RunConfig) -> Path:
         "teacher": {"train_log": log, "train_config": asdict(cfg.train)},
         "data_report": ds.report.as_dict(),
         "data_fingerprint": ds.fingerprint(),
-        "evaluated_users": "all" if cfg.max_eval_users is None else f"sample of {cfg.max_eval_users}",
+        "evaluated_users": "all"
+        if cfg.max_eval_users is None
+        else f"sample of {cfg.max_eval_users}",
     }
-    save_checkpoint(model, cfg.train, out / "teacher.pt", extra={"dataset": ds.summary(), "split_sha256": split.sha256()})
+    save_checkpoint(
+        model,
+        cfg.train,
+        out / "teacher.pt",
+        extra={"dataset": ds.summary(), "split_sha256": split.sha256()},
+    )
     np.save(out / "user_ids.npy", ds.user_ids.astype(str), allow_pickle=False)
     np.save(out / "item_ids.npy", ds.item_ids.astype(str), allow_pickle=False)
     (out / "run.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=2) + "\n")
@@ -126,9 +154,32 @@ def format_table(report: dict) -> str:
     ]
     for task in ("content", "friends"):
         for name, m in report[task].items():
-            lines.append(f"{task:8s} {name:16s} {m['recall@10']:7.4f} {m['recall@20']:7.4f} {m['ndcg@10']:7.4f} {m['ndcg@20']:7.4f}")
+            lines.append(
+                f"{task:8s} {name:16s} {m['recall@10']:7.4f} {m['recall@20']:7.4f} {m['ndcg@10']:7.4f} {m['ndcg@20']:7.4f}"
+            )
     for name, why in report.get("notes", {}).items():
         lines.append(f"  {name}: {why}")
     t = report["timings_s"]
     lines.append(f"train {t['train']:.1f}s, evaluate {t['evaluate']:.1f}s")
     return "\n".join(lines)
+
+
+def load_run(run_dir: str | Path) -> tuple[Dataset, Split, dict]:
+    """Reload a run's dataset and split from run.json; checks the split is the one reported."""
+    from training.data import DataConfig
+
+    run_dir = Path(run_dir)
+    for name in ("run.json", "report.json"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(
+                f"{run_dir / name}: not a training run directory (run `socialrec train --out {run_dir}` first)"
+            )
+    cfg = json.loads((run_dir / "run.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
+    ds = load_dataset(DataConfig(**cfg["data"]))
+    split = split_dataset(ds, SplitConfig(**cfg["split"]))
+    if split.sha256() != report["split"]["sha256"]:
+        raise ValueError(
+            f"{run_dir}: the data no longer gives the split the report scored (sha256 {split.sha256()[:12]} vs {report['split']['sha256'][:12]}); was the dataset changed?"
+        )
+    return ds, split, report

@@ -10,6 +10,7 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -42,12 +43,21 @@ class Split:
     def sha256(self) -> str:
         """Fingerprint of exactly which rows landed in train and test."""
         h = hashlib.sha256(f"{self.n_users}:{self.n_items}:{self.seed}".encode())
-        for arr in (self.train_user, self.train_item, self.test_user, self.test_item, self.friends_train, self.friends_test):
+        for arr in (
+            self.train_user,
+            self.train_item,
+            self.test_user,
+            self.test_item,
+            self.friends_train,
+            self.friends_test,
+        ):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
 
-def per_user_holdout(users: np.ndarray, n_users: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def per_user_holdout(
+    users: np.ndarray, n_users: int, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """Boolean mask of rows held out: round(fraction * n_u) random rows of each user, keeping >= 1.
 
     A user with n rows gives floor(fraction * n + 0.5) of them, at most n - 1, so users with
@@ -55,7 +65,9 @@ def per_user_holdout(users: np.ndarray, n_users: int, fraction: float, rng: np.r
     """
     n = len(users)
     counts = np.bincount(users, minlength=n_users)  # (U,)
-    n_out = np.minimum(np.floor(fraction * counts + 0.5), np.maximum(counts - 1, 0)).astype(np.int64)
+    n_out = np.minimum(np.floor(fraction * counts + 0.5), np.maximum(counts - 1, 0)).astype(
+        np.int64
+    )
     order = np.lexsort((rng.random(n), users))  # rows grouped by user, random within a user
     starts = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -122,16 +134,29 @@ def export_split(ds: Dataset, split: Split, out_dir: str | Path) -> Path:
         ("content_test.tsv", split.test_user, split.test_item, w_test),
     ):
         with (out / name).open("w", encoding="utf-8", newline="") as f:
-            wr = csv.writer(f, delimiter="\t", lineterminator="\n")
+            wr = _tsv_writer(f)
             wr.writerow(["user", "item", "weight"])
-            wr.writerows(zip(uid[u].tolist(), iid[i].tolist(), [_fmt(x) for x in w.tolist()], strict=True))
-    for name, pairs in (("friends_train.tsv", split.friends_train), ("friends_test.tsv", split.friends_test)):
+            wr.writerows(
+                zip(uid[u].tolist(), iid[i].tolist(), [_fmt(x) for x in w.tolist()], strict=True)
+            )
+    for name, pairs in (
+        ("friends_train.tsv", split.friends_train),
+        ("friends_test.tsv", split.friends_test),
+    ):
         with (out / name).open("w", encoding="utf-8", newline="") as f:
-            wr = csv.writer(f, delimiter="\t", lineterminator="\n")
+            wr = _tsv_writer(f)
             wr.writerow(["user", "friend"])
             wr.writerows(zip(uid[pairs[:, 0]].tolist(), uid[pairs[:, 1]].tolist(), strict=True))
     (out / "SPLIT_SHA256").write_text(split.sha256() + "\n")
     return out
+
+
+def _tsv_writer(f: TextIO) -> Any:
+    """Plain TSV: ids are written verbatim (no CSV quoting, so 'a"b' stays 'a"b' for load_tsv);
+    an id holding a tab or newline, which no loader produces, raises instead of corrupting a row."""
+    return csv.writer(
+        f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, quotechar=None
+    )
 
 
 def _fmt(x: float) -> str:

@@ -33,9 +33,9 @@ class TrainConfig:
     weight_transform: str = "binary"
     content_uses_friends: bool = True
     friends_uses_history: bool = True
-    epochs: int = 120
+    epochs: int = 150
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     friend_loss_weight: float = 1.0
     patience: int = 15  # epochs without a validation gain (per head) before stopping
@@ -44,6 +44,7 @@ class TrainConfig:
     max_friends: int = 256
     negatives: int = 4096  # sampled-softmax negatives per batch (large catalogues only)
     max_eval_users: int = 5000  # validation users sampled per evaluation
+    refit: bool = True  # after selection, retrain on the whole train part for the chosen epochs
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch default
 
@@ -60,7 +61,13 @@ def tower_config(cfg: TrainConfig, n_users: int, n_items: int) -> TowerConfig:
     )
 
 
-CONTENT_PARAMS = ("user_tower.item_in_c", "user_tower.user_in_c", "user_tower.bias_c", "item_out", "item_bias")
+CONTENT_PARAMS = (
+    "user_tower.item_in_c",
+    "user_tower.user_in_c",
+    "user_tower.bias_c",
+    "item_out",
+    "item_bias",
+)
 
 
 def is_content_param(name: str) -> bool:
@@ -91,7 +98,12 @@ class Scorer:
     def inputs(self, users: np.ndarray) -> tuple[torch.Tensor, ...]:
         hi, hw = self.feats.history(users)
         fi, fw = self.feats.friends(users)
-        return torch.from_numpy(hi), torch.from_numpy(hw), torch.from_numpy(fi), torch.from_numpy(fw)
+        return (
+            torch.from_numpy(hi),
+            torch.from_numpy(hw),
+            torch.from_numpy(fi),
+            torch.from_numpy(fw),
+        )
 
     @torch.no_grad()
     def content(self, users: np.ndarray) -> np.ndarray:
@@ -106,7 +118,9 @@ class Scorer:
         return self.model.friend_logits(u_f).numpy()
 
 
-def evaluate_model(model: TwoTower, split: Split, max_users: int | None = None, desc: str | None = None) -> dict[str, dict[str, float]]:
+def evaluate_model(
+    model: TwoTower, split: Split, max_users: int | None = None, desc: str | None = None
+) -> dict[str, dict[str, float]]:
     """Content and friend metrics of a model on a split (inputs = the split's train part)."""
     sc = Scorer(model, Features.from_split(split))
     tr = Graph(split.n_users, split.train_user, split.train_item)
@@ -114,8 +128,17 @@ def evaluate_model(model: TwoTower, split: Split, max_users: int | None = None, 
     ftr = Graph.undirected(split.n_users, split.friends_train)
     fte = Graph.undirected(split.n_users, split.friends_test)
     return {
-        "content": evaluate(sc.content, tr, te, max_users=max_users, desc=desc and f"{desc} content"),
-        "friends": evaluate(sc.friends, ftr, fte, exclude_self=True, max_users=max_users, desc=desc and f"{desc} friends"),
+        "content": evaluate(
+            sc.content, tr, te, max_users=max_users, desc=desc and f"{desc} content"
+        ),
+        "friends": evaluate(
+            sc.friends,
+            ftr,
+            fte,
+            exclude_self=True,
+            max_users=max_users,
+            desc=desc and f"{desc} friends",
+        ),
     }
 
 
@@ -124,7 +147,11 @@ def _targets(indptr: np.ndarray, cols: np.ndarray, users: np.ndarray, n: int) ->
     t = np.zeros((len(users), n), dtype=np.float32)
     lens = indptr[users + 1] - indptr[users]
     rows = np.repeat(np.arange(len(users)), lens)
-    idx = np.concatenate([np.arange(indptr[u], indptr[u + 1]) for u in users]) if len(users) else np.zeros(0, np.int64)
+    idx = (
+        np.concatenate([np.arange(indptr[u], indptr[u + 1]) for u in users])
+        if len(users)
+        else np.zeros(0, np.int64)
+    )
     t[rows, cols[idx]] = 1.0
     return torch.from_numpy(t)
 
@@ -136,26 +163,56 @@ def _log_q(counts: np.ndarray, power: float = 0.75) -> tuple[torch.Tensor, torch
     return torch.from_numpy(p.astype(np.float32)), torch.from_numpy(np.log(p).astype(np.float32))
 
 
-def train_teacher(split: Split, val: Split, cfg: TrainConfig, progress: bool = True) -> tuple[TwoTower, dict]:
-    """Fit on ``val``'s train part, select each head on ``val``'s held-out part.
+def train_teacher(
+    split: Split, val: Split, cfg: TrainConfig, progress: bool = True
+) -> tuple[TwoTower, dict]:
+    """Select each head's epoch count on ``val`` (carved from train), then refit on all of train.
 
-    Returns the model (best content head + best friend head) and a training log.
+    Phase 1 fits on ``val``'s train part and scores ``val``'s held-out part every
+    ``eval_every`` epochs (early stopping per head). With ``cfg.refit`` phase 2 trains a
+    fresh model on ``split``'s whole train part and keeps each head at its selected epoch.
     Under torchrun every rank trains its shard of users with DDP; all ranks evaluate
     identically so the early-stopping decision agrees.
     """
+    t0 = time.time()
+    model, log = _fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
+    if cfg.refit:
+        epochs = {t: log["best"][t]["epoch"] for t in ("content", "friends")}
+        model, refit_log = _fit(
+            split,
+            cfg,
+            max(epochs.values()),
+            snapshot_at=epochs,
+            progress=progress,
+            desc="teacher (refit)",
+        )
+        log["refit"] = {"epochs": epochs, "losses": [e["loss"] for e in refit_log["epochs"]]}
+    log["seconds"] = time.time() - t0
+    return model, log
+
+
+def _fit(
+    fit: Split,
+    cfg: TrainConfig,
+    epochs: int,
+    val: Split | None = None,
+    snapshot_at: dict[str, int] | None = None,
+    progress: bool = True,
+    desc: str = "teacher",
+) -> tuple[TwoTower, dict]:
+    """Train on ``fit``'s train part; keep each head at its best ``val`` epoch or at ``snapshot_at``."""
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = TwoTower(tower_config(cfg, split.n_users, split.n_items))
-    feats = Features.from_split(val, cfg.max_history, cfg.max_friends)
+    model = TwoTower(tower_config(cfg, fit.n_users, fit.n_items))
+    feats = Features.from_split(fit, cfg.max_history, cfg.max_friends)
     users = feats.active_users()
-    full_items = split.n_items <= FULL_SOFTMAX_MAX
-    full_users = split.n_users <= FULL_SOFTMAX_MAX
-    item_p, item_logq = _log_q(np.bincount(val.train_item, minlength=split.n_items))
-    deg = np.diff(feats.fr_indptr)
-    user_p, user_logq = _log_q(deg)
+    full_items = fit.n_items <= FULL_SOFTMAX_MAX
+    full_users = fit.n_users <= FULL_SOFTMAX_MAX
+    item_p, item_logq = _log_q(np.bincount(fit.train_item, minlength=fit.n_items))
+    user_p, user_logq = _log_q(np.diff(feats.fr_indptr))
     task = TwoTowerTrainTask(model, cfg.friend_loss_weight, item_logq, user_logq)
     net: torch.nn.Module = task
     if world > 1:
@@ -163,9 +220,15 @@ def train_teacher(split: Split, val: Split, cfg: TrainConfig, progress: bool = T
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     best = {"content": (-1.0, None, 0), "friends": (-1.0, None, 0)}  # (score, state, epoch)
-    log: dict = {"epochs": [], "softmax": {"content": "full" if full_items else "sampled", "friends": "full" if full_users else "sampled"}, "world_size": world}
-    t0 = time.time()
-    bar = tqdm(range(1, cfg.epochs + 1), desc="teacher", disable=not progress or rank != 0)
+    log: dict = {
+        "epochs": [],
+        "softmax": {
+            "content": "full" if full_items else "sampled",
+            "friends": "full" if full_users else "sampled",
+        },
+        "world_size": world,
+    }
+    bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress or rank != 0)
     for epoch in bar:
         net.train()
         perm = np_rng.permutation(users)
@@ -177,43 +240,71 @@ def train_teacher(split: Split, val: Split, cfg: TrainConfig, progress: bool = T
             b = mine[start : start + cfg.batch_size]
             if len(b) == 0:  # the last rank's shard can run short
                 b = perm[: min(cfg.batch_size, len(perm))]
-            batch = _batch(b, feats, full_items, full_users, item_p, user_p, cfg)
-            loss = net(batch)
+            loss = net(_batch(b, feats, full_items, full_users, item_p, user_p, cfg))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         entry = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        log["epochs"].append(entry)
+        if snapshot_at is not None:
+            for t, e in snapshot_at.items():
+                if e == epoch:
+                    best[t] = (0.0, _head_state(model, t), epoch)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        elif val is not None and (epoch % cfg.eval_every == 0 or epoch == epochs):
             m = evaluate_model(model, val, max_users=cfg.max_eval_users)
-            entry.update({"val_content_recall@20": m["content"]["recall@20"], "val_friends_recall@20": m["friends"]["recall@20"]})
-            for task_name in ("content", "friends"):
-                score = m[task_name]["recall@20"]
-                if score > best[task_name][0]:
-                    keep = {k: v.detach().clone() for k, v in model.state_dict().items() if is_content_param(k) == (task_name == "content")}
-                    best[task_name] = (score, keep, epoch)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", c=f"{m['content']['recall@20']:.4f}", f=f"{m['friends']['recall@20']:.4f}")
-            log["epochs"].append(entry)
+            entry.update(
+                {
+                    "val_content_recall@20": m["content"]["recall@20"],
+                    "val_friends_recall@20": m["friends"]["recall@20"],
+                }
+            )
+            for t in ("content", "friends"):
+                if m[t]["recall@20"] > best[t][0]:
+                    best[t] = (m[t]["recall@20"], _head_state(model, t), epoch)
+            bar.set_postfix(
+                loss=f"{entry['loss']:.3f}",
+                c=f"{m['content']['recall@20']:.4f}",
+                f=f"{m['friends']['recall@20']:.4f}",
+            )
             if all(epoch - best[t][2] >= cfg.patience for t in best):
                 break
-        else:
-            log["epochs"].append(entry)
     state = copy.deepcopy(model.state_dict())
-    for task_name in best:
-        if best[task_name][1] is not None:
-            state.update(best[task_name][1])
+    for t in best:
+        if best[t][1] is not None:
+            state.update(best[t][1])
     model.load_state_dict(state)
     model.eval()
     log["best"] = {t: {"epoch": best[t][2], "val_recall@20": best[t][0]} for t in best}
-    log["seconds"] = time.time() - t0
     return model, log
 
 
-def _batch(b: np.ndarray, feats: Features, full_items: bool, full_users: bool, item_p: torch.Tensor, user_p: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def _head_state(model: TwoTower, task: str) -> dict[str, torch.Tensor]:
+    """A copy of one head's parameters (the heads share none)."""
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if is_content_param(k) == (task == "content")
+    }
+
+
+def _batch(
+    b: np.ndarray,
+    feats: Features,
+    full_items: bool,
+    full_users: bool,
+    item_p: torch.Tensor,
+    user_p: torch.Tensor,
+    cfg: TrainConfig,
+) -> dict[str, torch.Tensor]:
     """Tower inputs and targets of one batch of users (dense targets or sampled negatives)."""
     hi, hw = feats.history(b)
     fi, fw = feats.friends(b)
-    out = {k: torch.from_numpy(v) for k, v in (("hist_ids", hi), ("hist_w", hw), ("friend_ids", fi), ("friend_w", fw))}
+    out = {
+        k: torch.from_numpy(v)
+        for k, v in (("hist_ids", hi), ("hist_w", hw), ("friend_ids", fi), ("friend_w", fw))
+    }
     out["friend_rows"] = torch.from_numpy(np.diff(feats.fr_indptr)[b] > 0)
     if full_items:
         out["content_target"] = _targets(feats.hist_indptr, feats.hist_items, b, feats.n_items)
@@ -231,11 +322,21 @@ def _batch(b: np.ndarray, feats: Features, full_items: bool, full_users: bool, i
     return out
 
 
-def save_checkpoint(model: TwoTower, cfg: TrainConfig, path: str | Path, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    model: TwoTower, cfg: TrainConfig, path: str | Path, extra: dict | None = None
+) -> Path:
     """A checkpoint that carries its own config (tower + training) and provenance."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"tower_config": model.cfg.as_dict(), "train_config": asdict(cfg), "state_dict": model.state_dict(), "extra": extra or {}}, path)
+    torch.save(
+        {
+            "tower_config": model.cfg.as_dict(),
+            "train_config": asdict(cfg),
+            "state_dict": model.state_dict(),
+            "extra": extra or {},
+        },
+        path,
+    )
     return path
 
 

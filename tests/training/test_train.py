@@ -15,13 +15,33 @@ import pytest
 import torch
 
 from training.data import DataConfig
-from training.model import TowerConfig, TwoTower, multinomial_nll, normalise, pool, sampled_nll, with_bias_slot
+from training.model import (
+    TowerConfig,
+    TwoTower,
+    multinomial_nll,
+    normalise,
+    pool,
+    sampled_nll,
+    with_bias_slot,
+)
 from training.run import RunConfig, prepare, run
 from training.split import validation_split
-from training.train import TrainConfig, evaluate_model, load_checkpoint, save_checkpoint, train_teacher
+from training.train import (
+    TrainConfig,
+    evaluate_model,
+    load_checkpoint,
+    save_checkpoint,
+    train_teacher,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = DataConfig(dataset="synthetic", synthetic_users=600, synthetic_items=300, synthetic_interactions=12000, seed=3)
+SMALL = DataConfig(
+    dataset="synthetic",
+    synthetic_users=600,
+    synthetic_items=300,
+    synthetic_interactions=12000,
+    seed=3,
+)
 FAST = TrainConfig(dim=64, epochs=30, batch_size=128, lr=5e-3, patience=8, eval_every=2, threads=1)
 
 
@@ -91,7 +111,11 @@ def test_teacher_beats_most_popular_on_synthetic(small_run) -> None:
 
     _, split, model, log = small_run
     got = evaluate_model(model, split)
-    pop = evaluate(most_popular(split), Graph(split.n_users, split.train_user, split.train_item), Graph(split.n_users, split.test_user, split.test_item))
+    pop = evaluate(
+        most_popular(split),
+        Graph(split.n_users, split.train_user, split.train_item),
+        Graph(split.n_users, split.test_user, split.test_item),
+    )
     assert got["content"]["recall@20"] > 1.2 * pop["recall@20"], (got, pop)
     assert got["friends"]["recall@20"] > 0.05
     assert log["best"]["content"]["epoch"] >= 1
@@ -126,12 +150,18 @@ def test_sampled_softmax_path_learns(monkeypatch, small_run) -> None:
     from training.baselines import most_popular
     from training.metrics import Graph, evaluate
 
-    pop = evaluate(most_popular(split), Graph(split.n_users, split.train_user, split.train_item), Graph(split.n_users, split.test_user, split.test_item))
+    pop = evaluate(
+        most_popular(split),
+        Graph(split.n_users, split.train_user, split.train_item),
+        Graph(split.n_users, split.test_user, split.test_item),
+    )
     assert evaluate_model(model, split)["content"]["recall@20"] > pop["recall@20"]
 
 
 def test_run_writes_report_and_split(tmp_path: Path) -> None:
-    cfg = RunConfig(out=str(tmp_path / "run"), data=SMALL, train=replace(FAST, epochs=4), progress=False)
+    cfg = RunConfig(
+        out=str(tmp_path / "run"), data=SMALL, train=replace(FAST, epochs=4), progress=False
+    )
     out = run(cfg)
     report = json.loads((out / "report.json").read_text())
     keys = {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
@@ -146,27 +176,57 @@ def test_run_writes_report_and_split(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "socialrec.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "socialrec.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_cli_split_matches_train_split(tmp_path: Path) -> None:
     """`split` and `train` share the default seed: the exported split is the one scored."""
-    size = ["--synthetic-users", "400", "--synthetic-items", "200", "--synthetic-interactions", "6000"]
+    size = [
+        "--synthetic-users",
+        "400",
+        "--synthetic-items",
+        "200",
+        "--synthetic-interactions",
+        "6000",
+    ]
     r = _cli("split", *size, "--export", str(tmp_path / "split"))
     assert r.returncode == 0, r.stderr
-    r = _cli("train", *size, "--out", str(tmp_path / "run"), "--epochs", "2", "--dim", "16", "--threads", "1", "--no-progress")
+    r = _cli(
+        "train",
+        *size,
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--dim",
+        "16",
+        "--threads",
+        "1",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert "teacher" in r.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (tmp_path / "split" / "SPLIT_SHA256").read_text().strip() == report["split"]["sha256"]
     for name in ("content_train.tsv", "content_test.tsv", "friends_train.tsv", "friends_test.tsv"):
-        assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "run" / "split" / name).read_bytes()
+        assert (tmp_path / "split" / name).read_bytes() == (
+            tmp_path / "run" / "split" / name
+        ).read_bytes()
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.tsv"
     bad.write_text("user\titem\tweight\nu1\ti1\t3\nu2\ti2\t-1\n")
-    r = _cli("split", "--dataset", "tsv", "--interactions", str(bad), "--export", str(tmp_path / "o"))
+    r = _cli(
+        "split", "--dataset", "tsv", "--interactions", str(bad), "--export", str(tmp_path / "o")
+    )
     assert r.returncode == 2
     assert f"{bad}:3:" in r.stderr and "weight" in r.stderr
 

@@ -1,0 +1,27 @@
+# Training pipeline image: `socialrec train` / `socialrec split` (build context: the repo root).
+#   docker build -f docker/pipeline.Dockerfile -t socialrec-pipeline .
+#   docker run --rm -v "$PWD/runs:/runs" socialrec-pipeline
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Only what the package build needs (see [tool.setuptools.packages.find] in pyproject.toml).
+COPY pyproject.toml README.md ./
+COPY socialrec/ socialrec/
+COPY training/ training/
+COPY compression/ compression/
+COPY serving/ serving/
+COPY loadtest/ loadtest/
+
+# torch first, with the same pin as the train extra, then the package itself.
+RUN pip install torch==2.13.0 \
+    && pip install ".[train]"
+
+VOLUME ["/runs"]
+ENTRYPOINT ["socialrec"]
+CMD ["train", "--out", "/runs/synthetic"]

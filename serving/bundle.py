@@ -1,0 +1,168 @@
+"""The bundle contract between the offline pipeline and the server (no torch here).
+
+A bundle is a directory::
+
+    manifest.json      format + bundle version, created time, dataset/split fingerprints,
+                       dims, tower I/O names, per-file sha256 and size, metrics it scored
+    user_tower.onnx    raw ids in -> content and friend query vectors out
+    items.faiss        item vectors (+ bias slot) for inner-product search
+    users.faiss        user vectors (+ bias slot) for friend search
+    item_ids.txt       external id of each item index, one per line (UTF-8)
+    user_ids.txt       external id of each user index, one per line
+    popular_items.npy  item indices by training popularity (cold start), int32
+    popular_users.npy  user indices by training degree (cold start), int32
+
+Nothing in it is a pickle. ``load_manifest`` verifies every checksum before anything is
+used, so a corrupted or half-copied bundle is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOWER_INPUTS = ("hist_ids", "hist_w", "friend_ids", "friend_w")
+TOWER_OUTPUTS = ("content_vector", "friend_vector")
+REQUIRED_FILES = (
+    "user_tower.onnx",
+    "items.faiss",
+    "users.faiss",
+    "item_ids.txt",
+    "user_ids.txt",
+    "popular_items.npy",
+    "popular_users.npy",
+)
+
+
+class BundleError(RuntimeError):
+    """A bundle that must not be served: the message says which file and why."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_ids(path: Path, ids: np.ndarray | list[str]) -> None:
+    """One id per line; ids must not contain line breaks (they never do in TSV input)."""
+    ids = [str(s) for s in ids]
+    bad = next((s for s in ids if "\n" in s or "\r" in s), None)
+    if bad is not None:
+        raise BundleError(f"{path.name}: id contains a line break: {bad!r}")
+    path.write_text("".join(s + "\n" for s in ids), encoding="utf-8")
+
+
+def read_ids(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text else []
+
+
+def write_manifest(bundle_dir: str | Path, meta: dict) -> dict:
+    """Checksum every required file and write manifest.json last (its presence = complete)."""
+    d = Path(bundle_dir)
+    files = {}
+    for name in REQUIRED_FILES + tuple(meta.pop("extra_files", ())):
+        p = d / name
+        if not p.exists():
+            raise BundleError(f"{p}: required bundle file missing")
+        files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    digest = hashlib.sha256(
+        "".join(files[n]["sha256"] for n in sorted(files)).encode()
+    ).hexdigest()[:12]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "bundle_version": meta.pop("bundle_version", None)
+        or f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{digest}",
+        "created": created,
+        "tower": {"inputs": list(TOWER_INPUTS), "outputs": list(TOWER_OUTPUTS)},
+        "files": files,
+        **meta,
+    }
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(d / MANIFEST)
+    return manifest
+
+
+def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict:
+    """Read manifest.json and (by default) verify size and sha256 of every listed file."""
+    d = Path(bundle_dir)
+    mpath = d / MANIFEST
+    if not mpath.exists():
+        raise BundleError(f"{mpath}: no manifest (not a bundle, or still being written)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: format_version {manifest.get('format_version')!r}, this server reads {FORMAT_VERSION}"
+        )
+    for name in REQUIRED_FILES:
+        if name not in manifest.get("files", {}):
+            raise BundleError(f"{mpath}: does not list required file {name}")
+    if verify:
+        for name, info in manifest["files"].items():
+            p = d / name
+            if not p.exists():
+                raise BundleError(f"{p}: listed in the manifest but missing")
+            size = p.stat().st_size
+            if size != info["bytes"]:
+                raise BundleError(f"{p}: size {size} bytes, manifest says {info['bytes']}")
+            digest = sha256_file(p)
+            if digest != info["sha256"]:
+                raise BundleError(
+                    f"{p}: sha256 {digest[:16]}... does not match the manifest ({info['sha256'][:16]}...)"
+                )
+    return manifest
+
+
+@dataclass
+class BundleFiles:
+    """A verified bundle's paths and small arrays; the server builds sessions/indexes from it."""
+
+    root: Path
+    manifest: dict
+    item_ids: list[str]
+    user_ids: list[str]
+    popular_items: np.ndarray
+    popular_users: np.ndarray
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["bundle_version"])
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def open_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleFiles:
+    """Verify and open a bundle's id maps and cold-start lists."""
+    d = Path(bundle_dir).resolve()
+    manifest = load_manifest(d, verify=verify)
+    item_ids = read_ids(d / "item_ids.txt")
+    user_ids = read_ids(d / "user_ids.txt")
+    dims = manifest.get("counts", {})
+    if dims and (len(item_ids) != dims.get("items") or len(user_ids) != dims.get("users")):
+        raise BundleError(
+            f"{d}: id files have {len(item_ids)} items / {len(user_ids)} users, manifest counts say {dims}"
+        )
+    return BundleFiles(
+        root=d,
+        manifest=manifest,
+        item_ids=item_ids,
+        user_ids=user_ids,
+        popular_items=np.load(d / "popular_items.npy", allow_pickle=False),
+        popular_users=np.load(d / "popular_users.npy", allow_pickle=False),
+    )
