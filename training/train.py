@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,10 +176,10 @@ def train_teacher(
     identically so the early-stopping decision agrees.
     """
     t0 = time.time()
-    model, log = _fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
+    model, log = fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
     if cfg.refit:
         epochs = {t: log["best"][t]["epoch"] for t in ("content", "friends")}
-        model, refit_log = _fit(
+        model, refit_log = fit(
             split,
             cfg,
             max(epochs.values()),
@@ -191,29 +192,39 @@ def train_teacher(
     return model, log
 
 
-def _fit(
-    fit: Split,
+TaskFactory = Callable[[TwoTower, float, torch.Tensor, torch.Tensor], torch.nn.Module]
+
+
+def fit(
+    split: Split,
     cfg: TrainConfig,
     epochs: int,
     val: Split | None = None,
     snapshot_at: dict[str, int] | None = None,
     progress: bool = True,
     desc: str = "teacher",
+    init: TwoTower | None = None,
+    make_task: TaskFactory = TwoTowerTrainTask,
 ) -> tuple[TwoTower, dict]:
-    """Train on ``fit``'s train part; keep each head at its best ``val`` epoch or at ``snapshot_at``."""
+    """Train on ``split``'s train part; keep each head at its best ``val`` epoch or at ``snapshot_at``.
+
+    ``init`` starts from a given model (a compressed student) instead of a fresh teacher;
+    ``make_task(model, friend_loss_weight, item_log_q, user_log_q)`` builds the module whose
+    ``forward(batch)`` is the loss (the teacher's task, or a distillation task).
+    """
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = TwoTower(tower_config(cfg, fit.n_users, fit.n_items))
-    feats = Features.from_split(fit, cfg.max_history, cfg.max_friends)
+    model = init if init is not None else TwoTower(tower_config(cfg, split.n_users, split.n_items))
+    feats = Features.from_split(split, cfg.max_history, cfg.max_friends)
     users = feats.active_users()
-    full_items = fit.n_items <= FULL_SOFTMAX_MAX
-    full_users = fit.n_users <= FULL_SOFTMAX_MAX
-    item_p, item_logq = _log_q(np.bincount(fit.train_item, minlength=fit.n_items))
+    full_items = split.n_items <= FULL_SOFTMAX_MAX
+    full_users = split.n_users <= FULL_SOFTMAX_MAX
+    item_p, item_logq = _log_q(np.bincount(split.train_item, minlength=split.n_items))
     user_p, user_logq = _log_q(np.diff(feats.fr_indptr))
-    task = TwoTowerTrainTask(model, cfg.friend_loss_weight, item_logq, user_logq)
+    task = make_task(model, cfg.friend_loss_weight, item_logq, user_logq)
     net: torch.nn.Module = task
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(task, find_unused_parameters=True)

@@ -1,0 +1,385 @@
+"""Retrieval core of the server: a verified bundle in, ranked items and friends out.
+
+The engine runs the ONNX user tower once per request (batch 1) over what the online store
+holds now (history, friends), searches the FAISS inner-product indexes, filters what the
+user must not see again (seen items; self and existing friends) and blends friend-of-friend
+counts into the friend score. It has no I/O after ``load`` and no torch: the gRPC servicer
+injects the store's features and turns a :class:`Result` into a reply.
+
+Read-only after ``load``, so one engine serves many threads. ONNX Runtime and FAISS are
+pinned to one thread each (DESIGN.md "Performance rules"): the server scales by processes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, BundleError, BundleFiles, open_bundle
+
+REASON_TASTE = "similar taste"
+REASON_FRIENDS_LIKE = "your friends like this"
+REASON_POPULAR = "popular"
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One recommended item or user: external id, score, why, and mutual friends (friends)."""
+
+    id: str
+    score: float
+    reason: str
+    mutual_friends: int = 0
+
+
+@dataclass(slots=True)
+class Result:
+    """Ranked answer (best first) plus what the server reports about it.
+
+    ``timings`` holds seconds per stage: "onnx" (feature lookup + tower), "faiss" (search),
+    "rank" (filter, blend, build the answer). ``unknown`` counts history, friend and
+    friend-of-friend ids the bundle does not know (new since it was built); they are skipped.
+    """
+
+    items: list[Scored]
+    cold_start: bool
+    timings: dict[str, float]
+    unknown: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per-request limits and blend weights (the bundle fixes everything else)."""
+
+    max_history: int = 256  # most recent history entries fed to the tower
+    max_friends: int = 256  # friends fed to the tower
+    fof_weight: float = 1.0  # friend score = inner product + fof_weight * log1p(mutual)
+    overfetch: int = 4  # extra FAISS candidates beyond k + excluded (margin for filtering)
+    max_fof: int = 1000  # friend-of-friend candidates kept (most mutual friends first)
+
+
+_tls = threading.local()
+
+
+def _pin_thread() -> None:
+    """Pin OpenMP to one thread in the calling thread (the OpenMP setting is per thread).
+
+    ``faiss.omp_set_num_threads`` at load only covers the loading thread; gRPC worker
+    threads would otherwise start with OMP_NUM_THREADS or all cores.
+    """
+    if not getattr(_tls, "pinned", False):
+        faiss.omp_set_num_threads(1)
+        _tls.pinned = True
+
+
+def session_options() -> ort.SessionOptions:
+    """ONNX Runtime options for one request at a time per thread: no pools, no spinning."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+def index_vectors(index: faiss.Index) -> np.ndarray:
+    """The index's stored vectors as an (N, D) float32 array, without a copy where possible.
+
+    Flat storage (IndexFlat, or the storage of IndexHNSWFlat) is viewed in place: the view
+    is valid while ``index`` lives, so the engine keeps both. Other index types are
+    reconstructed into a copy (memory x2 for that index).
+    """
+    base = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
+    if isinstance(base, faiss.IndexFlat) and base.ntotal > 0:
+        ptr = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d)
+        return ptr.reshape(base.ntotal, base.d)  # (N, D) view into the index
+    return index.reconstruct_n(0, index.ntotal).astype(np.float32, copy=False)  # (N, D)
+
+
+def _id_map(ids: list[str], what: str, root: Path) -> dict[str, int]:
+    index = {s: j for j, s in enumerate(ids)}
+    if len(index) != len(ids):
+        raise BundleError(f"{root / what}: duplicate ids")
+    return index
+
+
+def _timings(onnx: float = 0.0, search: float = 0.0, rank: float = 0.0) -> dict[str, float]:
+    return {"onnx": onnx, "faiss": search, "rank": rank}
+
+
+class Engine:
+    """ONNX user tower + FAISS indexes of one bundle; ``recommend_*`` are safe across threads."""
+
+    def __init__(
+        self,
+        bundle: BundleFiles,
+        session: ort.InferenceSession,
+        items: faiss.Index,
+        users: faiss.Index,
+        config: EngineConfig = EngineConfig(),
+    ) -> None:
+        self.bundle = bundle
+        self.version = bundle.version
+        self.config = config
+        self.session = session
+        self.items = items
+        self.users = users
+        self.item_ids = bundle.item_ids
+        self.user_ids = bundle.user_ids
+        self.item_index = _id_map(bundle.item_ids, "item_ids.txt", bundle.root)
+        self.user_index = _id_map(bundle.user_ids, "user_ids.txt", bundle.root)
+        self.popular_items = bundle.popular_items.astype(np.int64)  # (P,)
+        self.popular_users = bundle.popular_users.astype(np.int64)  # (P,)
+        self._user_vecs = index_vectors(users)  # (U, D + 1) for friend-of-friend scores
+        self._check()
+
+    @classmethod
+    def load(
+        cls, bundle_dir: str | Path, verify: bool = True, config: EngineConfig = EngineConfig()
+    ) -> Engine:
+        """Verify a bundle's checksums and open its tower and indexes; BundleError if bad."""
+        faiss.omp_set_num_threads(1)
+        _tls.pinned = True
+        bundle = open_bundle(bundle_dir, verify=verify)
+        try:
+            session = ort.InferenceSession(
+                str(bundle.path("user_tower.onnx")),
+                session_options(),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
+            raise BundleError(f"{bundle.path('user_tower.onnx')}: cannot load ({e})") from None
+        indexes = []
+        for name in ("items.faiss", "users.faiss"):
+            try:
+                indexes.append(faiss.read_index(str(bundle.path(name))))
+            except RuntimeError as e:
+                raise BundleError(f"{bundle.path(name)}: cannot read index ({e})") from None
+        return cls(bundle, session, indexes[0], indexes[1], config)
+
+    def _check(self) -> None:
+        """Refuse a bundle whose parts disagree (ids vs index sizes, tower I/O, dims)."""
+        root = self.bundle.root
+        ins = tuple(i.name for i in self.session.get_inputs())
+        outs = {o.name: o.shape for o in self.session.get_outputs()}
+        if set(ins) != set(TOWER_INPUTS) or not set(TOWER_OUTPUTS) <= set(outs):
+            raise BundleError(
+                f"{root / 'user_tower.onnx'}: inputs {ins} / outputs {tuple(outs)}, "
+                f"expected {TOWER_INPUTS} / {TOWER_OUTPUTS}"
+            )
+        for name, index, ids, out in (
+            ("items.faiss", self.items, self.item_ids, "content_vector"),
+            ("users.faiss", self.users, self.user_ids, "friend_vector"),
+        ):
+            if index.ntotal != len(ids):
+                raise BundleError(f"{root / name}: {index.ntotal} vectors for {len(ids)} ids")
+            if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+                raise BundleError(f"{root / name}: metric is not inner product")
+            dim = outs[out][-1]
+            if isinstance(dim, int) and dim != index.d:
+                raise BundleError(f"{root / name}: dimension {index.d}, tower {out} gives {dim}")
+        for name, pop, n in (
+            ("popular_items.npy", self.popular_items, len(self.item_ids)),
+            ("popular_users.npy", self.popular_users, len(self.user_ids)),
+        ):
+            if pop.ndim != 1 or (len(pop) and (pop.min() < 0 or pop.max() >= n)):
+                raise BundleError(f"{root / name}: indices outside 0..{n - 1}")
+
+    # ---- tower -------------------------------------------------------------------------
+
+    def _features(
+        self, history: Sequence[tuple[str, float]], friends: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], int, int, int]:
+        """Tower feeds from external ids: (feeds, known history, known friends, unknown).
+
+        History is cut to its first ``max_history`` entries, then unknown ids and entries
+        without a positive finite weight are skipped; a repeated item sums its weights (the
+        training data has one row per (user, item) with summed weight). Friends likewise
+        (cut, unknown skipped, deduplicated). Empty lists become one padding entry.
+        """
+        cfg = self.config
+        items = self.item_index
+        acc: dict[int, float] = {}
+        unknown = 0
+        for item, w in history[: cfg.max_history]:
+            j = items.get(item)
+            if j is None:
+                unknown += 1
+            elif w > 0 and math.isfinite(w):
+                acc[j] = acc.get(j, 0.0) + w
+        users = self.user_index
+        fr: dict[int, None] = {}
+        for user in friends[: cfg.max_friends]:
+            j = users.get(user)
+            if j is None:
+                unknown += 1
+            else:
+                fr[j] = None
+        n_h, n_f = len(acc), len(fr)
+        feeds = {
+            "hist_ids": np.array([list(acc) or [0]], dtype=np.int64),  # (1, L)
+            "hist_w": np.array([list(acc.values()) or [0.0]], dtype=np.float32),  # (1, L)
+            "friend_ids": np.array([list(fr) or [0]], dtype=np.int64),  # (1, F)
+            "friend_w": np.full((1, max(n_f, 1)), 1.0 if n_f else 0.0, dtype=np.float32),  # (1, F)
+        }
+        return feeds, n_h, n_f, unknown
+
+    def _tower(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+        (u,) = self.session.run([output], feeds)
+        return np.ascontiguousarray(u, dtype=np.float32)  # (1, D + 1)
+
+    # ---- content -----------------------------------------------------------------------
+
+    def recommend_content(
+        self, history: Sequence[tuple[str, float]], friends: Sequence[str], k: int
+    ) -> Result:
+        """Top-k unseen items for a user described by history (recent first) and friends."""
+        t0 = time.perf_counter()
+        feeds, n_h, n_f, unknown = self._features(history, friends)
+        if n_h == 0 and n_f == 0:
+            res = self.popular_content(k, exclude=[item for item, _ in history])
+            res.unknown = unknown
+            return res
+        _pin_thread()
+        u = self._tower(feeds, "content_vector")  # (1, D + 1)
+        t1 = time.perf_counter()
+        items = self.item_index
+        seen = {j for item, _ in history if (j := items.get(item)) is not None}
+        n = self.items.ntotal
+        kk = min(n, k + len(seen) + self.config.overfetch)
+        t_search = 0.0
+        while True:
+            s0 = time.perf_counter()
+            D, I = self.items.search(u, kk)  # noqa: E741  (1, kk) each; STYLE names D, I
+            t_search += time.perf_counter() - s0
+            ids, scores = I[0].tolist(), D[0].tolist()
+            top = [(j, s) for j, s in zip(ids, scores, strict=True) if j >= 0 and j not in seen]
+            if len(top) >= k or kk >= n:
+                break
+            kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
+        reason = REASON_TASTE if n_h else REASON_FRIENDS_LIKE
+        names = self.item_ids
+        out = [Scored(names[j], s, reason) for j, s in top[:k]]
+        t2 = time.perf_counter()
+        return Result(out, False, _timings(t1 - t0, t_search, t2 - t1 - t_search), unknown)
+
+    def popular_content(self, k: int, exclude: Collection[str] = ()) -> Result:
+        """Most popular items at training time, minus ``exclude``; scores are rank-based."""
+        t0 = time.perf_counter()
+        items = self.item_index
+        skip = {j for item in exclude if (j := items.get(item)) is not None}
+        out = _popular(self.popular_items, self.item_ids, skip, k)
+        return Result(out, True, _timings(rank=time.perf_counter() - t0))
+
+    # ---- friends -----------------------------------------------------------------------
+
+    def recommend_friends(
+        self,
+        user_id: str,
+        history: Sequence[tuple[str, float]],
+        friends: Sequence[str],
+        fof: Mapping[str, int],
+        k: int,
+    ) -> Result:
+        """Top-k people to befriend: tower + ANN candidates and friends-of-friends, blended.
+
+        score = u_f . [w, b] + fof_weight * log1p(mutual friends). Candidates are the
+        k + |excluded| + overfetch nearest users plus every known friend-of-friend (at most
+        ``max_fof``, most mutual first); the union holds the exact blended top-k of a flat
+        index because the fof bonus is never negative. Inner products of all candidates
+        come from the index's own vectors (a zero-copy view for flat storage).
+        """
+        t0 = time.perf_counter()
+        users = self.user_index
+        feeds, n_h, n_f, unknown = self._features(history, friends)
+        banned = {j for u in friends if (j := users.get(u)) is not None}
+        me = users.get(user_id)
+        if me is not None:
+            banned.add(me)
+        cand_fof: dict[int, int] = {}
+        for u, m in fof.items():
+            j = users.get(u)
+            if j is None:
+                unknown += 1
+            elif j not in banned:
+                cand_fof[j] = max(int(m), 0)
+        if n_h == 0 and n_f == 0 and not cand_fof:
+            res = self.popular_friends(user_id, k, exclude=friends)
+            res.unknown = unknown
+            return res
+        if len(cand_fof) > self.config.max_fof:
+            keep = sorted(cand_fof.items(), key=lambda p: -p[1])[: self.config.max_fof]
+            cand_fof = dict(keep)
+        _pin_thread()
+        u = self._tower(feeds, "friend_vector")  # (1, D + 1)
+        t1 = time.perf_counter()
+        n = self.users.ntotal
+        kk = min(n, k + len(banned) + self.config.overfetch)
+        _, I = self.users.search(u, kk)  # noqa: E741  (1, kk)
+        t2 = time.perf_counter()
+        cand = dict.fromkeys(j for j in I[0].tolist() if j >= 0 and j not in banned)
+        cand.update(dict.fromkeys(cand_fof))
+        idx = np.fromiter(cand, dtype=np.int64, count=len(cand))  # (C,)
+        mutual = np.fromiter((cand_fof.get(j, 0) for j in cand), dtype=np.float32, count=len(cand))
+        score = self._user_vecs[idx] @ u[0] + self.config.fof_weight * np.log1p(mutual)  # (C,)
+        order = np.argsort(-score, kind="stable")[:k]
+        names = self.user_ids
+        out = []
+        for c, s, m in zip(
+            idx[order].tolist(), score[order].tolist(), mutual[order].tolist(), strict=True
+        ):
+            m = int(m)
+            out.append(Scored(names[c], s, f"{m} mutual friends" if m > 0 else REASON_TASTE, m))
+        t3 = time.perf_counter()
+        return Result(out, False, _timings(t1 - t0, t2 - t1, t3 - t2), unknown)
+
+    def popular_friends(self, user_id: str, k: int, exclude: Collection[str] = ()) -> Result:
+        """Best-connected users at training time, minus self and ``exclude``; rank-based scores."""
+        t0 = time.perf_counter()
+        users = self.user_index
+        skip = {j for u in exclude if (j := users.get(u)) is not None}
+        me = users.get(user_id)
+        if me is not None:
+            skip.add(me)
+        out = _popular(self.popular_users, self.user_ids, skip, k)
+        return Result(out, True, _timings(rank=time.perf_counter() - t0))
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def warmup(self, rounds: int = 3) -> None:
+        """Run every path at short and full input lengths so the first request is not slow."""
+        items = [self.item_ids[j] for j in self.popular_items.tolist()] or self.item_ids
+        users = [self.user_ids[j] for j in self.popular_users.tolist()] or self.user_ids
+        if not items or not users:
+            return
+        cfg = self.config
+        for _ in range(rounds):
+            for n in (1, 8, cfg.max_history):
+                hist = [(items[i % len(items)], 1.0) for i in range(n)]
+                fr = [users[i % len(users)] for i in range(min(n, cfg.max_friends))]
+                self.recommend_content(hist, fr, 10)
+                self.recommend_friends(users[0], hist, fr[1:], {users[-1]: 2}, 10)
+            self.popular_content(10)
+            self.popular_friends(users[0], 10)
+
+
+def _popular(pop: np.ndarray, names: list[str], skip: set[int], k: int) -> list[Scored]:
+    """First k entries of a cold-start list not in ``skip``; score 1 / (1 + rank) keeps order."""
+    out: list[Scored] = []
+    for rank, j in enumerate(pop.tolist()):
+        if j in skip:
+            continue
+        out.append(Scored(names[j], 1.0 / (1 + rank), REASON_POPULAR))
+        if len(out) == k:
+            break
+    return out

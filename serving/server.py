@@ -1,0 +1,456 @@
+"""The gRPC server: a thin servicer over the engine (ONNX + FAISS) and the Redis store.
+
+One process per worker, forked before any gRPC server exists, all bound to the same port
+with ``grpc.so_reuseport``; every library runs on one thread inside a worker. Handlers call
+the engine and Redis directly on the event loop: each request is a short CPU burst plus one
+loopback round trip, so thread hops would cost more than they save.
+
+Bundles hot-reload on SIGHUP or when the watched pointer changes: the new bundle is loaded,
+verified and warmed in a background thread, then swapped in with one reference assignment;
+a bad bundle is refused with a log line and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.bundle import BundleError
+from serving.engine import Engine, EngineConfig, Result
+from serving.store import FeatureStore, StoreConfig, StoreUnavailable
+from socialrec.v1 import recommender_pb2 as pb
+from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+log = logging.getLogger("socialrec.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+POINTER = "CURRENT"  # a bundle root may hold a pointer file naming the live bundle directory
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bundle: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "socialrec"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 1
+    metrics_port: int | None = None
+    max_k: int = 500
+    max_id_len: int = 256
+    max_concurrent_rpcs: int = 256
+    write_token: str | None = None  # default: $SOCIALREC_WRITE_TOKEN or token_file
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    watch_interval_s: float = 2.0
+    history_cap: int = 256
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle directory, or a root whose CURRENT file names the live bundle (relative to it)."""
+    p = Path(path)
+    pointer = p / POINTER
+    if pointer.is_file():
+        target = pointer.read_text().strip()
+        return (p / target).resolve() if not os.path.isabs(target) else Path(target)
+    return p.resolve()
+
+
+def load_token(cfg: ServerConfig) -> str | None:
+    if cfg.write_token:
+        return cfg.write_token
+    if cfg.token_file:
+        return Path(cfg.token_file).read_text().strip() or None
+    return os.environ.get("SOCIALREC_WRITE_TOKEN") or None
+
+
+class EngineHolder:
+    """The live engine; swapped atomically by a reload, never mutated in place."""
+
+    def __init__(self, cfg: ServerConfig, metrics: Metrics | None) -> None:
+        self.cfg = cfg
+        self.engine: Engine | None = None
+        self.path: Path | None = None
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    def load(self, path: Path) -> bool:
+        """Load, verify and warm ``path``; swap it in only if all of that succeeds."""
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                engine = Engine.load(path, verify=True, config=self.cfg.engine)
+                engine.warmup()
+            except (BundleError, OSError, RuntimeError, ValueError) as e:
+                log.error("bundle refused", extra={"event": "bundle_refused", "bundle": str(path), "error": str(e)})
+                if self.metrics:
+                    self.metrics.reloads.labels("refused").inc()
+                return False
+            old = self.engine.version if self.engine else None
+            self.engine, self.path = engine, path
+            log.info("bundle live", extra={"event": "bundle_live", "bundle": str(path), "version": engine.version, "previous": old, "load_s": round(time.perf_counter() - t0, 3)})
+            if self.metrics:
+                self.metrics.reloads.labels("ok").inc()
+                self.metrics.set_version(engine.version)
+            return True
+
+
+class Metrics:
+    """Prometheus metrics; in multi-worker mode they live in PROMETHEUS_MULTIPROC_DIR."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        buckets = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+        self.latency = Histogram("socialrec_rpc_seconds", "RPC latency", ["method"], buckets=buckets)
+        self.stage = Histogram("socialrec_stage_seconds", "Latency of a request stage", ["method", "stage"], buckets=buckets)
+        self.requests = Counter("socialrec_requests_total", "RPCs by final status", ["method", "code"])
+        self.reloads = Counter("socialrec_bundle_reloads_total", "Bundle loads by outcome", ["outcome"])
+        self.degraded = Counter("socialrec_degraded_total", "Reads answered without Redis", ["method"])
+        self.version = Gauge("socialrec_bundle_info", "Live bundle version (value 1)", ["version"], multiprocess_mode="livemax")
+        self._version: str | None = None
+
+    def set_version(self, version: str) -> None:
+        if self._version is not None:
+            self.version.labels(self._version).set(0)
+        self.version.labels(version).set(1)
+        self._version = version
+
+
+class RecommenderService(pb_grpc.RecommenderServicer):
+    """Validation, auth and response shaping; ranking lives in the engine, state in Redis."""
+
+    def __init__(self, cfg: ServerConfig, holder: EngineHolder, store: FeatureStore, metrics: Metrics | None) -> None:
+        self.cfg = cfg
+        self.holder = holder
+        self.store = store
+        self.metrics = metrics
+        self.token = load_token(cfg)
+
+    # ---- helpers -------------------------------------------------------------------------
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str):
+        if self.metrics:
+            self.metrics.requests.labels(method, code.name).inc()
+        await context.abort(code, msg)
+
+    def _check_id(self, name: str, value: str) -> str | None:
+        if not value or not value.strip():
+            return f"{name} must be a non-empty string"
+        if len(value) > self.cfg.max_id_len:
+            return f"{name} is longer than {self.cfg.max_id_len} characters"
+        return None
+
+    def _check_k(self, k: int) -> str | None:
+        if k <= 0 or k > self.cfg.max_k:
+            return f"k must be between 1 and {self.cfg.max_k}, got {k}"
+        return None
+
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if self.token is None:
+            await self._fail(context, method, grpc.StatusCode.UNAUTHENTICATED, "writes are disabled: the server has no write token (set SOCIALREC_WRITE_TOKEN or --token-file)")
+        got = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), self.token.encode()):
+            await self._fail(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
+
+    async def _engine(self, context: grpc.aio.ServicerContext, method: str) -> Engine:
+        engine = self.holder.engine
+        if engine is None:
+            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, "no bundle loaded yet")
+        return engine
+
+    async def _deadline(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await self._fail(context, method, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was answered")
+
+    def _observe(self, method: str, t0: float, result: Result, redis_s: float | None) -> None:
+        if not self.metrics:
+            return
+        self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+        self.metrics.requests.labels(method, "OK").inc()
+        if redis_s is not None:
+            self.metrics.stage.labels(method, "redis").observe(redis_s)
+        for stage, secs in result.timings.items():
+            self.metrics.stage.labels(method, stage).observe(secs)
+
+    # ---- reads -----------------------------------------------------------------------------
+    async def RecommendContent(self, request: pb.RecommendContentRequest, context) -> pb.RecommendContentResponse:
+        method = "RecommendContent"
+        t0 = time.perf_counter()
+        err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
+        if err:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
+        engine = await self._engine(context, method)
+        degraded = False
+        redis_s = None
+        try:
+            t1 = time.perf_counter()
+            feats = self.store.read(request.user_id)
+            redis_s = time.perf_counter() - t1
+        except StoreUnavailable:
+            feats, degraded = None, True
+        await self._deadline(context, method)
+        if feats is None:
+            if self.metrics:
+                self.metrics.degraded.labels(method).inc()
+            result = engine.popular_content(request.k)
+        else:
+            result = engine.recommend_content(feats.history, feats.friends, request.k)
+        self._observe(method, t0, result, redis_s)
+        return pb.RecommendContentResponse(
+            items=[pb.Recommendation(id=s.id, score=s.score, reason=s.reason) for s in result.items],
+            bundle_version=engine.version,
+            cold_start=result.cold_start,
+            degraded=degraded,
+        )
+
+    async def RecommendFriends(self, request: pb.RecommendFriendsRequest, context) -> pb.RecommendFriendsResponse:
+        method = "RecommendFriends"
+        t0 = time.perf_counter()
+        err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
+        if err:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
+        engine = await self._engine(context, method)
+        degraded = False
+        redis_s = None
+        try:
+            t1 = time.perf_counter()
+            feats = self.store.read(request.user_id, with_fof=True)
+            redis_s = time.perf_counter() - t1
+        except StoreUnavailable:
+            feats, degraded = None, True
+        await self._deadline(context, method)
+        if feats is None:
+            if self.metrics:
+                self.metrics.degraded.labels(method).inc()
+            result = engine.popular_friends(request.user_id, request.k)
+        else:
+            result = engine.recommend_friends(request.user_id, feats.history, feats.friends, feats.fof, request.k)
+        self._observe(method, t0, result, redis_s)
+        return pb.RecommendFriendsResponse(
+            users=[pb.Recommendation(id=s.id, score=s.score, reason=s.reason, mutual_friends=s.mutual_friends) for s in result.items],
+            bundle_version=engine.version,
+            cold_start=result.cold_start,
+            degraded=degraded,
+        )
+
+    # ---- writes ----------------------------------------------------------------------------
+    async def _write(self, context, method: str, fn, *args) -> str:
+        t0 = time.perf_counter()
+        await self._deadline(context, method)
+        try:
+            event_id = fn(*args)
+        except StoreUnavailable as e:
+            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, f"feature store unavailable, write not recorded: {e}")
+        if self.metrics:
+            self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+            self.metrics.stage.labels(method, "redis").observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(method, "OK").inc()
+        return event_id
+
+    async def LogInteraction(self, request: pb.LogInteractionRequest, context) -> pb.LogInteractionResponse:
+        method = "LogInteraction"
+        await self._authorize(context, method)
+        err = self._check_id("user_id", request.user_id) or self._check_id("item_id", request.item_id)
+        if not err and (not math.isfinite(request.weight) or request.weight <= 0):
+            err = f"weight must be a finite number > 0, got {request.weight}"
+        if not err and request.timestamp_ms < 0:
+            err = f"timestamp_ms must be >= 0 (0 = server time), got {request.timestamp_ms}"
+        if err:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
+        ts = request.timestamp_ms or int(time.time() * 1000)
+        event_id = await self._write(context, method, self.store.log_interaction, request.user_id, request.item_id, float(request.weight), ts)
+        return pb.LogInteractionResponse(event_id=event_id)
+
+    async def _friendship(self, request: pb.FriendshipRequest, context, method: str, fn) -> pb.FriendshipResponse:
+        await self._authorize(context, method)
+        err = self._check_id("user_id", request.user_id) or self._check_id("friend_id", request.friend_id)
+        if not err and request.user_id == request.friend_id:
+            err = "friend_id must differ from user_id"
+        if err:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
+        await self._write(context, method, fn, request.user_id, request.friend_id, int(time.time() * 1000))
+        return pb.FriendshipResponse()
+
+    async def AddFriendship(self, request: pb.FriendshipRequest, context) -> pb.FriendshipResponse:
+        return await self._friendship(request, context, "AddFriendship", self.store.add_friendship)
+
+    async def RemoveFriendship(self, request: pb.FriendshipRequest, context) -> pb.FriendshipResponse:
+        return await self._friendship(request, context, "RemoveFriendship", self.store.remove_friendship)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, worker pid and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage(), "pid": record.process}
+        for k, v in record.__dict__.items():
+            if k not in logging.LogRecord("", 0, "", 0, "", None, None).__dict__ and k not in ("message",):
+                out[k] = v
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+async def serve_worker(cfg: ServerConfig, worker: int = 0, ready: threading.Event | None = None) -> None:
+    """Run one worker's gRPC server until SIGTERM/SIGINT; SIGHUP reloads the bundle."""
+    metrics = Metrics() if cfg.metrics_port is not None else None
+    holder = EngineHolder(cfg, metrics)
+    store = FeatureStore(StoreConfig(url=cfg.redis_url, namespace=cfg.namespace, history_cap=cfg.history_cap))
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+    )
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderService(cfg, holder, store, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert and cfg.tls_key:
+        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        server.add_secure_port(address, creds)
+    else:
+        server.add_insecure_port(address)
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_now = asyncio.Event()
+
+    async def load_current() -> None:
+        path = resolve_bundle(cfg.bundle)
+        ok = await loop.run_in_executor(None, holder.load, path)
+        if ok:
+            for name in ("", SERVICE):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def watch() -> None:
+        """Reload when the pointer names another bundle, or on SIGHUP."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(reload_now.wait(), timeout=cfg.watch_interval_s)
+            except TimeoutError:
+                pass
+            forced = reload_now.is_set()
+            reload_now.clear()
+            try:
+                target = resolve_bundle(cfg.bundle)
+            except OSError:
+                continue
+            if forced or (holder.path is not None and target != holder.path) or holder.engine is None:
+                if not forced and holder.engine is None and target == getattr(holder, "_last_failed", None):
+                    continue
+                await load_current()
+                if holder.engine is None or holder.path != target:
+                    holder._last_failed = target  # type: ignore[attr-defined]
+
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await load_current()
+    if holder.engine is None:
+        holder._last_failed = resolve_bundle(cfg.bundle)  # type: ignore[attr-defined]
+    if ready is not None:
+        ready.set()
+    watcher = asyncio.create_task(watch())
+    await stop.wait()
+    log.info("worker stopping", extra={"event": "stopping", "worker": worker})
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=2.0)
+    watcher.cancel()
+    store.close()
+
+
+def pin_threads() -> None:
+    """One thread per library per worker (DESIGN.md performance rules); before imports run."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def _worker_main(cfg: ServerConfig, worker: int) -> None:
+    setup_logging()
+    asyncio.run(serve_worker(cfg, worker))
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Fork ``cfg.workers`` processes (before any gRPC server exists), serve metrics, supervise.
+
+    SIGHUP is forwarded to every worker (bundle reload); SIGTERM/SIGINT stop them all. A
+    worker that dies is restarted.
+    """
+    import multiprocessing as mp
+    import tempfile
+
+    pin_threads()
+    setup_logging()
+    if cfg.metrics_port is not None:
+        mdir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="socialrec-metrics-"))
+        for f in Path(mdir).glob("*.db"):
+            f.unlink()
+    ctx = mp.get_context("fork")
+    procs: dict[int, mp.Process] = {}
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_worker_main, args=(cfg, i), daemon=False, name=f"socialrec-worker-{i}")
+        p.start()
+        procs[i] = p
+
+    for i in range(cfg.workers):
+        start(i)
+    if cfg.metrics_port is not None:
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
+        log.info("metrics listening", extra={"event": "metrics", "port": cfg.metrics_port})
+
+    stopping = threading.Event()
+
+    def forward(signum, _frame) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping.set()
+        for p in procs.values():
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+
+    for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
+    while not stopping.is_set():
+        for i, p in list(procs.items()):
+            if not p.is_alive() and not stopping.is_set():
+                log.warning("worker died; restarting", extra={"event": "worker_restart", "worker": i, "exitcode": p.exitcode})
+                if cfg.metrics_port is not None:
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(p.pid)
+                start(i)
+        stopping.wait(0.5)
+    for p in procs.values():
+        p.join(timeout=10)
+    return 0

@@ -1,0 +1,408 @@
+"""The online feature store: each user's recent history and friends in Redis, plus an event stream.
+
+The server reads a user's features in **one round trip** (one ``EVALSHA``) and writes each
+interaction or friendship change atomically together with its event (one ``EVALSHA``), so a
+write is visible to the next read from any worker or machine that uses the same Redis.
+
+Key schema (``ns`` = :attr:`StoreConfig.namespace`; ``v1`` versions the layout, so a new
+layout can be published beside the old one and switched over)::
+
+    {ns}:v1:h:{user}   zset    item -> last interaction time (ms); recency order, at most
+                               history_cap members (the oldest are dropped)
+    {ns}:v1:w:{user}   hash    item -> summed interaction weight; always the same members
+                               as the zset (an item dropped from history loses its weight)
+    {ns}:v1:f:{user}   set     friend ids; undirected, so b in f:a  <=>  a in f:b
+    {ns}:v1:events     stream  one entry per write, for retraining:
+                               type=interaction  user item weight ts
+                               type=friend_add | friend_remove  user friend ts changed(0|1)
+
+The ``{ns}`` above is a placeholder, not a Redis Cluster hash tag. Ids are used verbatim after
+the prefix (any string without NUL is fine). Equal timestamps order by item id.
+
+Sharding: the scripts touch several keys at once (a user's h/w/f keys, the event stream, and
+for friends-of-friends the friend sets of up to ``fof_friends_cap`` other users, whose names
+are built inside the script). That is fine on a single Redis, or a primary with replicas, but
+Redis Cluster requires every key of a script to be declared and to live in one hash slot.
+Moving to Cluster would need: hash-tagged per-user keys (``{ns}:v1:h:{<user>}``) so one user's
+h/w/f share a slot; the stream split per slot (or the event appended by the caller after the
+feature write, at-least-once); and friends-of-friends either read with a client-side
+pipeline across slots (more than one round trip) or precomputed into a per-user key offline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+SCHEMA_VERSION = "v1"
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis is down, timing out or refusing: reads should degrade, writes must fail loudly."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "socialrec"
+    history_cap: int = 256  # items kept per user, most recent first
+    fof_friends_cap: int = 100  # friends whose friend sets a fof read scans (first by id)
+    fof_cap: int = 200  # fof candidates returned, highest mutual count first
+    socket_timeout_s: float = 0.25  # connect and read timeout: how fast "Redis down" is noticed
+    stream_maxlen: int | None = None  # approximate cap on the event stream (None: unbounded)
+    health_check_interval_s: int = 30  # PING a pooled connection idle this long before use
+
+
+@dataclass
+class UserFeatures:
+    """What the user tower and the friend ranker need about one user, as Redis holds it now."""
+
+    history: list[tuple[str, float]] = field(default_factory=list)  # (item, weight), newest first
+    friends: list[str] = field(default_factory=list)  # sorted
+    fof: dict[str, int] = field(default_factory=dict)  # candidate -> mutual friends (if asked)
+
+
+# Lua helpers shared by the scripts below. Weights travel as strings: a Lua number returned
+# to Redis is truncated to an integer, a string is not.
+_LUA_LIB = """
+local CHUNK = 1000  -- unpack() has a stack limit: pass long lists in chunks
+
+local function chunked(cmd, key, list)
+  for i = 1, #list, CHUNK do
+    redis.call(cmd, key, unpack(list, i, math.min(i + CHUNK - 1, #list)))
+  end
+end
+
+local function cap_history(h, w, cap)
+  local n = redis.call('ZCARD', h)
+  if n <= cap then return 0 end
+  local old = redis.call('ZRANGE', h, 0, n - cap - 1)
+  redis.call('ZREMRANGEBYRANK', h, 0, n - cap - 1)
+  chunked('HDEL', w, old)
+  return #old
+end
+
+local function xadd(stream, maxlen, ...)
+  if tonumber(maxlen) > 0 then
+    return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
+  end
+  return redis.call('XADD', stream, '*', ...)
+end
+"""
+
+# KEYS: h, w, f of the user. ARGV: history_cap, with_fof (0|1), fof_friends_cap, fof_cap,
+# friend-set key prefix, user. Returns {items, weights, friends, {fof id, count, ...}}.
+_READ = (
+    _LUA_LIB
+    + """
+local items = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local weights = {}
+for i = 1, #items, CHUNK do
+  local part = redis.call('HMGET', KEYS[2], unpack(items, i, math.min(i + CHUNK - 1, #items)))
+  for _, x in ipairs(part) do weights[#weights + 1] = x end
+end
+local friends = redis.call('SMEMBERS', KEYS[3])
+table.sort(friends)
+local fof = {}
+if ARGV[2] == '1' and #friends > 0 then
+  local exclude = {[ARGV[6]] = true}
+  for _, f in ipairs(friends) do exclude[f] = true end
+  local counts = {}
+  for i = 1, math.min(#friends, tonumber(ARGV[3])) do
+    for _, c in ipairs(redis.call('SMEMBERS', ARGV[5] .. friends[i])) do
+      if not exclude[c] then counts[c] = (counts[c] or 0) + 1 end
+    end
+  end
+  local ids = {}
+  for c in pairs(counts) do ids[#ids + 1] = c end
+  table.sort(ids, function(a, b)
+    if counts[a] ~= counts[b] then return counts[a] > counts[b] end
+    return a < b
+  end)
+  for i = 1, math.min(#ids, tonumber(ARGV[4])) do
+    fof[#fof + 1] = ids[i]
+    fof[#fof + 1] = counts[ids[i]]
+  end
+end
+return {items, weights, friends, fof}
+"""
+)
+
+# KEYS: h, w, events. ARGV: user, item, weight, ts, history_cap, stream maxlen (0: none).
+# Recency is the latest ts seen for the item (ZADD GT), weights add up. Returns the event id.
+_LOG = (
+    _LUA_LIB
+    + """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[3])
+cap_history(KEYS[1], KEYS[2], tonumber(ARGV[5]))
+return xadd(KEYS[3], ARGV[6], 'type', 'interaction', 'user', ARGV[1], 'item', ARGV[2],
+            'weight', ARGV[3], 'ts', ARGV[4])
+"""
+)
+
+# KEYS: h, w. ARGV: item, weight, ts, history_cap. Bulk load: the weight is *set* (re-running a
+# publish is idempotent), no event. Returns how many items the cap dropped.
+_UPSERT = (
+    _LUA_LIB
+    + """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return cap_history(KEYS[1], KEYS[2], tonumber(ARGV[4]))
+"""
+)
+
+# KEYS: f of a, f of b, events. ARGV: a, b, ts, stream maxlen, op (add|remove).
+# Returns the event id; the event says whether the graph changed.
+_FRIEND = (
+    _LUA_LIB
+    + """
+local cmd = ARGV[5] == 'add' and 'SADD' or 'SREM'
+local changed = redis.call(cmd, KEYS[1], ARGV[2])
+redis.call(cmd, KEYS[2], ARGV[1])
+return xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1], 'friend', ARGV[2],
+            'ts', ARGV[3], 'changed', tostring(changed))
+"""
+)
+
+
+def _check_id(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_ts(ts_ms: int) -> str:
+    ts = int(ts_ms)
+    if ts < 0:
+        raise ValueError(f"ts_ms must be >= 0, got {ts_ms}")
+    return str(ts)
+
+
+def _fmt_weight(weight: float) -> str:
+    w = float(weight)
+    if not math.isfinite(w):
+        raise ValueError(f"weight must be finite, got {weight}")
+    return repr(w)  # shortest round-trip form; Redis parses it exactly
+
+
+def _progress(it: Iterable, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit="row", total=len(it) if hasattr(it, "__len__") else None)
+
+
+class FeatureStore:
+    """Redis-backed user features; thread-safe (a connection pool), safe to use after fork."""
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        self.cfg = cfg
+        # One immediate retry on connection errors only: it heals a pooled connection that a
+        # Redis restart closed (the command never reached Redis, so a write is not doubled).
+        # No retry on timeouts: a timed-out write may have been applied.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        self._r = redis.Redis.from_url(
+            cfg.url,
+            socket_timeout=cfg.socket_timeout_s,
+            socket_connect_timeout=cfg.socket_timeout_s,
+            decode_responses=True,
+            health_check_interval=cfg.health_check_interval_s,
+            retry=retry,
+        )
+        self._prefix = f"{cfg.namespace}:{SCHEMA_VERSION}:"
+        self._events_key = self._prefix + "events"
+        self._read = self._r.register_script(_READ)
+        self._log = self._r.register_script(_LOG)
+        self._upsert = self._r.register_script(_UPSERT)
+        self._friend = self._r.register_script(_FRIEND)
+
+    # ---- keys --------------------------------------------------------------------------------
+    def key(self, kind: str, user: str = "") -> str:
+        """The Redis key of ``kind`` (h, w, f or events) for ``user``: the schema in one place."""
+        return self._events_key if kind == "events" else f"{self._prefix}{kind}:{user}"
+
+    # ---- reads -------------------------------------------------------------------------------
+    def read(self, user_id: str, with_fof: bool = False) -> UserFeatures:
+        """History, friends and (if asked) friends-of-friends of one user, in one round trip.
+
+        An unknown user gets empty features. Raises StoreUnavailable when Redis can't answer
+        within the socket timeout.
+        """
+        cfg = self.cfg
+        user = _check_id("user_id", user_id)
+        keys = [self.key("h", user), self.key("w", user), self.key("f", user)]
+        args = [
+            cfg.history_cap,
+            1 if with_fof else 0,
+            cfg.fof_friends_cap,
+            cfg.fof_cap,
+            self._prefix + "f:",
+            user,
+        ]
+        items, weights, friends, fof = self._call(self._read, keys, args)
+        history = [
+            (i, float(w) if w is not None else 0.0) for i, w in zip(items, weights, strict=True)
+        ]
+        fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
+        return UserFeatures(history=history, friends=list(friends), fof=fof_counts)
+
+    def events(self, after: str = "0-0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` stream entries with ids strictly after ``after``, oldest first."""
+        try:
+            rows = self._r.xrange(self._events_key, min=f"({after}", count=count)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return [(eid, dict(fields)) for eid, fields in rows]
+
+    def ping(self) -> bool:
+        """True when Redis answers (for health checks); never raises."""
+        try:
+            return bool(self._r.ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    # ---- writes ------------------------------------------------------------------------------
+    def log_interaction(self, user_id: str, item_id: str, weight: float, ts_ms: int) -> str:
+        """Record one interaction and its event atomically; returns the stream entry id.
+
+        ``ts_ms`` is taken as given (the server turns the proto's 0 = "now" into a time first).
+        """
+        user, item = _check_id("user_id", user_id), _check_id("item_id", item_id)
+        args = [
+            user,
+            item,
+            _fmt_weight(weight),
+            _check_ts(ts_ms),
+            self.cfg.history_cap,
+            self.cfg.stream_maxlen or 0,
+        ]
+        keys = [self.key("h", user), self.key("w", user), self._events_key]
+        return self._call(self._log, keys, args)
+
+    def add_friendship(self, a: str, b: str, ts_ms: int) -> str:
+        """Add the undirected edge {a, b} (idempotent) and its event; returns the event id."""
+        return self._friendship("add", a, b, ts_ms)
+
+    def remove_friendship(self, a: str, b: str, ts_ms: int) -> str:
+        """Remove the undirected edge {a, b} (idempotent) and log it; returns the event id."""
+        return self._friendship("remove", a, b, ts_ms)
+
+    def _friendship(self, op: str, a: str, b: str, ts_ms: int) -> str:
+        a, b = _check_id("user_id", a), _check_id("friend_id", b)
+        if a == b:
+            raise ValueError(f"a user can't befriend themselves: {a!r}")
+        keys = [self.key("f", a), self.key("f", b), self._events_key]
+        args = [a, b, _check_ts(ts_ms), self.cfg.stream_maxlen or 0, op]
+        return self._call(self._friend, keys, args)
+
+    def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=keys, args=args)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+
+    # ---- offline -----------------------------------------------------------------------------
+    def bulk_load(
+        self,
+        history_rows: Iterable[tuple[str, str, float, int]],
+        friend_pairs: Iterable[tuple[str, str]],
+        batch: int = 5000,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Load (user, item, weight, ts) rows and friend pairs with pipelined writes; no events.
+
+        Training data is not a new event, so nothing goes to the stream. A row *sets* the
+        item's weight (rows are one per (user, item), as a Dataset holds them), so loading the
+        same data twice gives the same store. The history cap applies as for live writes.
+        Not transactional: a reader may see a half-loaded store while this runs.
+        """
+        cap = self.cfg.history_cap
+        counts = {
+            "interactions": 0,
+            "history_users": 0,
+            "history_dropped": 0,
+            "friend_pairs": 0,
+            "friend_pairs_new": 0,
+            "friend_users": 0,
+        }
+        users: set[str] = set()
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            n = 0
+            for user, item, weight, ts in _progress(history_rows, "history", progress):
+                user, item = _check_id("user", str(user)), _check_id("item", str(item))
+                keys = [self.key("h", user), self.key("w", user)]
+                self._upsert(
+                    keys=keys, args=[item, _fmt_weight(weight), _check_ts(ts), cap], client=pipe
+                )
+                users.add(user)
+                n += 1
+                if n % batch == 0:
+                    counts["history_dropped"] += sum(pipe.execute())
+            counts["history_dropped"] += sum(pipe.execute())
+            counts["interactions"] = n
+            counts["history_users"] = len(users)
+
+            users.clear()
+            n = 0
+            for a, b in _progress(friend_pairs, "friends", progress):
+                a, b = _check_id("user", str(a)), _check_id("friend", str(b))
+                if a == b:
+                    raise ValueError(f"friend pair {n}: self-friendship {a!r}")
+                pipe.sadd(self.key("f", a), b)
+                pipe.sadd(self.key("f", b), a)
+                users.update((a, b))
+                n += 1
+                if n % batch == 0:
+                    counts["friend_pairs_new"] += sum(pipe.execute()[0::2])
+            counts["friend_pairs_new"] += sum(pipe.execute()[0::2])
+            counts["friend_pairs"] = n
+            counts["friend_users"] = len(users)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return counts
+
+    def flush(self, events: bool = False) -> int:
+        """Delete this namespace's features (and the event stream only if ``events``).
+
+        SCAN + UNLINK, so other namespaces in the same database are untouched. Offline use:
+        a live server reading meanwhile sees users disappear one by one.
+        """
+        pattern = _glob_escape(self._prefix) + "*"
+        n = 0
+        try:
+            batch: list[str] = []
+            for key in self._r.scan_iter(match=pattern, count=1000):
+                if key == self._events_key and not events:
+                    continue
+                batch.append(key)
+                if len(batch) >= 1000:
+                    n += self._r.unlink(*batch)
+                    batch = []
+            if batch:
+                n += self._r.unlink(*batch)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return n
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._r.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a real `redis-server` on a free loopback port, one namespace per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One throwaway redis-server (AOF on) for the whole session; skipped if not installed.
+
+    Set SOCIALREC_REQUIRE_REDIS=1 (CI) to fail instead of skipping.
+    """
+    from serving.redis_local import RedisNotInstalled, start_redis
+
+    try:
+        server = start_redis(dir=tmp_path_factory.mktemp("redis"))
+    except RedisNotInstalled as e:
+        if os.environ.get("SOCIALREC_REQUIRE_REDIS") == "1":
+            raise
+        pytest.skip(str(e))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_namespace() -> str:
+    """A namespace no other test uses, so tests share the server without seeing each other."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store_config(redis_server, redis_namespace: str):
+    """StoreConfig for the session server and this test's namespace (override with replace())."""
+    from serving.store import StoreConfig
+
+    return StoreConfig(url=redis_server.url, namespace=redis_namespace)

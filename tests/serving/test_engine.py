@@ -1,0 +1,345 @@
+"""The retrieval engine against the torch model it was exported from, on a tiny bundle.
+
+The model is untrained (random weights, biases included so the bias slot matters); the
+reference is brute force over the whole catalogue with the torch model, so every ranking,
+filter and blend rule is checked against numbers computed a second, independent way.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compression.export import write_bundle
+from serving.bundle import BundleError, load_manifest
+from serving.engine import Engine, EngineConfig, Result
+from training.model import TowerConfig, TwoTower
+from training.split import Split
+
+N_ITEMS, N_USERS, DIM = 60, 40, 8
+ITEM_IDS = [f"item-{i}" for i in range(N_ITEMS)]
+USER_IDS = [f"user {u}" for u in range(N_USERS)]  # a space, as external ids may have
+# ONNX Runtime and torch both compute in float32 but reduce in different orders and use
+# different tanh kernels: a few ulp (~1e-7 relative) per op on scores of magnitude ~1 over
+# 9 terms. 1e-4 absolute is ~100x that worst case and far below the gaps that decide a rank.
+TOL = 1e-4
+
+
+def _split(rng: np.random.Generator) -> Split:
+    """A hand-made training split: skewed item popularity, a random friend graph."""
+    users = rng.integers(0, N_USERS, 400).astype(np.int32)
+    items = np.minimum(rng.zipf(1.5, 400) - 1, N_ITEMS - 1).astype(np.int32)
+    pairs = rng.integers(0, N_USERS, (120, 2))
+    pairs = np.unique(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1), axis=0).astype(np.int32)
+    return Split(
+        n_users=N_USERS,
+        n_items=N_ITEMS,
+        train_user=users,
+        train_item=items,
+        train_weight=rng.integers(1, 50, 400).astype(np.float32),
+        test_user=np.zeros(0, np.int32),
+        test_item=np.zeros(0, np.int32),
+        friends_train=pairs,
+        friends_test=np.zeros((0, 2), np.int32),
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[TwoTower, Path]:
+    torch.manual_seed(0)
+    # log1p makes the raw weights matter, so the test sees that they reach the graph raw.
+    model = TwoTower(
+        TowerConfig(n_items=N_ITEMS, n_users=N_USERS, dim=DIM, weight_transform="log1p")
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("engine") / "bundle"
+    write_bundle(model, _split(np.random.default_rng(0)), USER_IDS, ITEM_IDS, out, meta={})
+    return model.eval(), out
+
+
+@pytest.fixture(scope="module")
+def engine(model_and_bundle: tuple[TwoTower, Path]) -> Engine:
+    return Engine.load(model_and_bundle[1])
+
+
+# ---- reference ----------------------------------------------------------------------------
+
+
+def _towers(
+    model: TwoTower, hist: dict[int, float], friends: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force torch scores of every item and every user.  (I,), (U,)"""
+    with torch.no_grad():
+        u_c, u_f = model.user_tower(
+            torch.tensor([list(hist) or [0]]),
+            torch.tensor([list(hist.values()) or [0.0]]),
+            torch.tensor([friends or [0]]),
+            torch.tensor([[1.0] * len(friends) or [0.0]]),
+        )
+        return model.content_logits(u_c)[0].numpy(), model.friend_logits(u_f)[0].numpy()
+
+
+def _ranked(res: Result) -> None:
+    """Scores descending, ids unique, Python types on the wire."""
+    scores = [s.score for s in res.items]
+    assert scores == sorted(scores, reverse=True)
+    assert len({s.id for s in res.items}) == len(res.items)
+    assert all(type(s.id) is str and type(s.score) is float for s in res.items)
+    assert set(res.timings) == {"onnx", "faiss", "rank"}
+
+
+def _assert_top(res: Result, ref: dict[str, float], k: int) -> None:
+    """The result is the reference top-k: same scores in order, each id scored as the reference.
+
+    Comparing scores rather than id lists keeps the test valid if two candidates tie within
+    TOL and swap places.
+    """
+    _ranked(res)
+    best = sorted(ref.values(), reverse=True)[:k]
+    assert len(res.items) == len(best)
+    np.testing.assert_allclose([s.score for s in res.items], best, atol=TOL)
+    for s in res.items:
+        assert s.score == pytest.approx(ref[s.id], abs=TOL)
+
+
+def _user(rng: np.random.Generator) -> tuple[int, dict[int, float], list[int]]:
+    me = int(rng.integers(N_USERS))
+    items = rng.choice(N_ITEMS, 6, replace=False).tolist()
+    hist = {i: float(w) for i, w in zip(items, rng.integers(1, 30, 6), strict=True)}
+    others = [u for u in range(N_USERS) if u != me]
+    friends = rng.choice(others, 3, replace=False).tolist()
+    return me, hist, friends
+
+
+# ---- content ------------------------------------------------------------------------------
+
+
+def test_content_matches_torch_and_never_returns_seen(
+    model_and_bundle: tuple[TwoTower, Path], engine: Engine
+) -> None:
+    model = model_and_bundle[0]
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        _, hist, friends = _user(rng)
+        history = [(ITEM_IDS[i], w) for i, w in hist.items()]
+        res = engine.recommend_content(history, [USER_IDS[u] for u in friends], k=10)
+        s_c, _ = _towers(model, hist, friends)
+        ref = {ITEM_IDS[i]: float(s_c[i]) for i in range(N_ITEMS) if i not in hist}
+        _assert_top(res, ref, 10)
+        assert not res.cold_start and res.unknown == 0
+        assert all(s.reason == "similar taste" for s in res.items)
+
+
+def test_history_cut_repeats_and_friends_only(
+    model_and_bundle: tuple[TwoTower, Path],
+) -> None:
+    """Only the first max_history entries feed the tower; all of them count as seen; a
+    repeated item sums its weights; with friends only the reason says so."""
+    model, bundle = model_and_bundle
+    eng = Engine.load(bundle, config=EngineConfig(max_history=4))
+    history = [("item-3", 2.0), ("item-7", 5.0), ("item-3", 1.5), ("item-9", 1.0)]
+    history += [(f"item-{i}", 4.0) for i in (20, 21, 22)]  # beyond the cut: seen, not fed
+    res = eng.recommend_content(history, ["user 5"], k=8)
+    s_c, _ = _towers(model, {3: 3.5, 7: 5.0, 9: 1.0}, [5])
+    seen = {3, 7, 9, 20, 21, 22}
+    _assert_top(res, {ITEM_IDS[i]: float(s_c[i]) for i in range(N_ITEMS) if i not in seen}, 8)
+
+    res = eng.recommend_content([], ["user 5", "user 6"], k=5)
+    s_c, _ = _towers(model, {}, [5, 6])
+    _assert_top(res, {ITEM_IDS[i]: float(s_c[i]) for i in range(N_ITEMS)}, 5)
+    assert all(s.reason == "your friends like this" for s in res.items)
+
+
+def test_k_larger_than_catalogue(engine: Engine) -> None:
+    history = [("item-1", 1.0), ("item-2", 3.0)]
+    res = engine.recommend_content(history, [], k=1000)
+    _ranked(res)
+    assert {s.id for s in res.items} == set(ITEM_IDS) - {"item-1", "item-2"}
+    pop = engine.popular_content(k=1000)
+    assert len(pop.items) == N_ITEMS and pop.cold_start
+
+
+# ---- friends ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fof_weight", [1.0, 0.7])
+def test_friends_match_torch_blend(
+    model_and_bundle: tuple[TwoTower, Path], fof_weight: float
+) -> None:
+    model, bundle = model_and_bundle
+    eng = Engine.load(bundle, config=EngineConfig(fof_weight=fof_weight))
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        me, hist, friends = _user(rng)
+        banned = {me, *friends}
+        fof_idx = rng.choice([u for u in range(N_USERS) if u not in banned], 5, replace=False)
+        fof = {USER_IDS[u]: int(m) for u, m in zip(fof_idx, rng.integers(0, 6, 5), strict=True)}
+        fof[USER_IDS[friends[0]]] = 9  # a stale store entry naming a friend: still excluded
+        history = [(ITEM_IDS[i], w) for i, w in hist.items()]
+        res = eng.recommend_friends(USER_IDS[me], history, [USER_IDS[u] for u in friends], fof, 8)
+        _, s_f = _towers(model, hist, friends)
+        ref = {
+            USER_IDS[u]: float(s_f[u]) + fof_weight * math.log1p(fof.get(USER_IDS[u], 0))
+            for u in range(N_USERS)
+            if u not in banned
+        }
+        _assert_top(res, ref, 8)
+        for s in res.items:
+            m = fof.get(s.id, 0)
+            assert s.mutual_friends == m
+            assert s.reason == (f"{m} mutual friends" if m else "similar taste")
+
+
+def test_self_and_friends_never_returned(engine: Engine) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        me, hist, friends = _user(rng)
+        history = [(ITEM_IDS[i], w) for i, w in hist.items()]
+        names = [USER_IDS[u] for u in friends]
+        res = engine.recommend_friends(USER_IDS[me], history, names, {}, k=1000)
+        _ranked(res)
+        assert {s.id for s in res.items} == set(USER_IDS) - {USER_IDS[me], *names}
+        cold = engine.popular_friends(USER_IDS[me], k=1000, exclude=names)
+        assert USER_IDS[me] not in {s.id for s in cold.items}
+        assert not {s.id for s in cold.items} & set(names)
+
+
+def test_fof_only_candidate_is_blended_in(
+    model_and_bundle: tuple[TwoTower, Path], engine: Engine
+) -> None:
+    """A friend-of-friend far outside the ANN candidates still wins on mutual friends."""
+    model = model_and_bundle[0]
+    me, hist, friends = 0, {1: 3.0, 2: 1.0}, [1, 2]
+    _, s_f = _towers(model, hist, friends)
+    order = [u for u in np.argsort(-s_f).tolist() if u not in (me, *friends)]
+    last = order[-1]  # worst by the tower: far beyond k + excluded + overfetch
+    assert order.index(last) > 3 + 3 + engine.config.overfetch
+    history = [(ITEM_IDS[i], w) for i, w in hist.items()]
+    fof = {USER_IDS[last]: 20}
+    res = engine.recommend_friends(USER_IDS[me], history, [USER_IDS[u] for u in friends], fof, 3)
+    top = res.items[0]
+    assert (top.id, top.mutual_friends, top.reason) == (USER_IDS[last], 20, "20 mutual friends")
+    assert top.score == pytest.approx(float(s_f[last]) + math.log1p(20), abs=TOL)
+    # No tower input at all, only friends-of-friends: not cold start, fof first.
+    res = engine.recommend_friends("someone new", [], [], fof, 3)
+    assert not res.cold_start and res.items[0].id == USER_IDS[last]
+
+
+# ---- cold start, unknown ids, new users -----------------------------------------------------
+
+
+def test_cold_start_paths(engine: Engine) -> None:
+    pop_items = [ITEM_IDS[j] for j in engine.popular_items.tolist()]
+    pop_users = [USER_IDS[j] for j in engine.popular_users.tolist()]
+    res = engine.recommend_content([], [], k=5)
+    assert res.cold_start and [s.id for s in res.items] == pop_items[:5]
+    assert all(s.reason == "popular" for s in res.items)
+    _ranked(res)
+    # Only unknown ids: cold start too, counted, and an unknown id never breaks exclusion.
+    res = engine.recommend_content([("new-item", 2.0), (pop_items[0], 0.0)], ["new-user"], k=5)
+    assert res.cold_start and res.unknown == 2
+    assert [s.id for s in res.items] == pop_items[1:6]  # the weight-0 item was still seen
+    res = engine.recommend_friends(pop_users[0], [], [pop_users[1], "ghost"], {"ghost2": 3}, k=5)
+    assert res.cold_start and res.unknown == 2
+    assert [s.id for s in res.items] == pop_users[2:7]
+    _ranked(res)
+
+
+def test_unknown_ids_are_ignored(engine: Engine) -> None:
+    history = [("item-4", 3.0), ("item-8", 1.0)]
+    friends = ["user 3"]
+    fof = {"user 9": 2}
+    base_c = engine.recommend_content(history, friends, k=6)
+    base_f = engine.recommend_friends("user 1", history, friends, fof, k=6)
+    noisy_h = [("nope", 5.0), *history, ("also-new", 1.0)]
+    noisy_fr = ["ghost", *friends]
+    res_c = engine.recommend_content(noisy_h, noisy_fr, k=6)
+    res_f = engine.recommend_friends("user 1", noisy_h, noisy_fr, {**fof, "ghost-fof": 4}, k=6)
+    assert res_c.items == base_c.items and res_c.unknown == 3
+    assert res_f.items == base_f.items and res_f.unknown == 4
+
+
+def test_new_user_with_two_items_gets_personal_results(engine: Engine) -> None:
+    """A user unseen at training time: their live history alone personalises the answer."""
+    history = [("item-41", 4.0), ("item-17", 1.0)]
+    res = engine.recommend_content(history, [], k=10)
+    pop = engine.popular_content(k=10, exclude=[i for i, _ in history])
+    assert not res.cold_start
+    assert [s.id for s in res.items] != [s.id for s in pop.items]
+    res = engine.recommend_friends("brand-new-user", history, [], {}, k=5)
+    assert not res.cold_start and len(res.items) == 5
+
+
+# ---- bundle, lifecycle, threads -----------------------------------------------------------
+
+
+def test_corrupted_bundle_is_refused(
+    model_and_bundle: tuple[TwoTower, Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bundle"
+    shutil.copytree(model_and_bundle[1], bad)
+    path = bad / "items.faiss"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="items.faiss"):
+        Engine.load(bad)
+    # Without checksum verification a structurally broken index is still refused cleanly.
+    path.write_bytes(bytes(data[:100]))
+    with pytest.raises(BundleError, match="items.faiss"):
+        Engine.load(bad, verify=False)
+
+
+def test_version_warmup_and_threads(
+    model_and_bundle: tuple[TwoTower, Path], engine: Engine
+) -> None:
+    assert engine.version == load_manifest(model_and_bundle[1])["bundle_version"]
+    engine.warmup()
+    rng = np.random.default_rng(4)
+    queries = []
+    for _ in range(20):
+        me, hist, friends = _user(rng)
+        queries.append(
+            (
+                USER_IDS[me],
+                [(ITEM_IDS[i], w) for i, w in hist.items()],
+                [USER_IDS[u] for u in friends],
+            )
+        )
+
+    def answer(q: tuple) -> tuple:
+        me, history, friends = q
+        c = engine.recommend_content(history, friends, 7).items
+        f = engine.recommend_friends(me, history, friends, {USER_IDS[0]: 1}, 7).items
+        return c, f
+
+    expected = [answer(q) for q in queries]
+    got: dict[int, list] = {}
+
+    def worker(t: int) -> None:
+        got[t] = [answer(q) for q in queries]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got[t] == expected for t in range(4))
+
+
+def test_serving_engine_imports_no_torch() -> None:
+    code = (
+        "import sys, serving.engine; sys.exit('torch' in sys.modules or 'training' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

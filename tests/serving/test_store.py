@@ -1,0 +1,287 @@
+"""The Redis feature store against a real redis-server: contents, atomic writes, one round trip
+per read, the event stream, bulk loading and behaviour when Redis dies or hangs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import redis
+
+from serving.redis_local import RedisNotInstalled, start_redis
+from serving.store import FeatureStore, StoreConfig, StoreUnavailable, UserFeatures
+
+
+@pytest.fixture
+def store(store_config: StoreConfig) -> Iterator[FeatureStore]:
+    with FeatureStore(store_config) as s:
+        yield s
+
+
+@pytest.fixture
+def raw(redis_server) -> Iterator[redis.Redis]:
+    """A plain client, to look at keys behind the store's back."""
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield r
+    r.close()
+
+
+def test_unknown_user_is_empty(store: FeatureStore) -> None:
+    assert store.read("nobody") == UserFeatures([], [], {})
+    assert store.read("nobody", with_fof=True) == UserFeatures([], [], {})
+
+
+def test_log_then_read_newest_first_weights_summed(store: FeatureStore) -> None:
+    store.log_interaction("u", "a", 1.0, 1000)
+    store.log_interaction("u", "b", 2.5, 2000)
+    assert store.read("u").history == [("b", 2.5), ("a", 1.0)]
+    store.log_interaction("u", "a", 0.5, 3000)  # repeat: weight adds up, a is newest again
+    assert store.read("u").history == [("a", 1.5), ("b", 2.5)]
+
+
+def test_recency_is_the_latest_timestamp(store: FeatureStore) -> None:
+    store.log_interaction("u", "a", 1.0, 5000)
+    store.log_interaction("u", "b", 1.0, 4000)
+    store.log_interaction("u", "a", 1.0, 1000)  # a late-arriving old event doesn't age `a`
+    assert store.read("u").history == [("a", 2.0), ("b", 1.0)]
+
+
+def test_history_cap_drops_oldest_items_and_their_weights(
+    store_config: StoreConfig, raw: redis.Redis
+) -> None:
+    with FeatureStore(replace(store_config, history_cap=3)) as s:
+        for t, item in enumerate("abcde"):
+            s.log_interaction("u", item, float(t + 1), 1000 + t)
+        assert s.read("u").history == [("e", 5.0), ("d", 4.0), ("c", 3.0)]
+        assert sorted(raw.hkeys(s.key("w", "u"))) == ["c", "d", "e"]  # no leaked weights
+        assert raw.zcard(s.key("h", "u")) == 3
+        s.log_interaction("u", "a", 1.0, 10)  # older than everything kept: dropped at once
+        assert [i for i, _ in s.read("u").history] == ["e", "d", "c"]
+        assert sorted(raw.hkeys(s.key("w", "u"))) == ["c", "d", "e"]
+
+
+def test_friendship_is_symmetric_and_idempotent(store: FeatureStore) -> None:
+    store.add_friendship("a", "b", 1)
+    store.add_friendship("b", "a", 2)  # same edge
+    assert store.read("a").friends == ["b"]
+    assert store.read("b").friends == ["a"]
+    store.remove_friendship("b", "a", 3)
+    store.remove_friendship("a", "b", 4)  # already gone: succeeds, changes nothing
+    assert store.read("a").friends == [] and store.read("b").friends == []
+    changed = [(f["type"], f["changed"]) for _, f in store.events()]
+    assert changed == [
+        ("friend_add", "1"),
+        ("friend_add", "0"),
+        ("friend_remove", "1"),
+        ("friend_remove", "0"),
+    ]
+
+
+def test_friends_of_friends_on_a_hand_made_graph(store: FeatureStore) -> None:
+    #   u - a, u - b, u - c;  a - b (mutual friends, both already u's friends)
+    #   a - x, b - x, c - x  -> x: 3 mutual;  a - y, b - y -> y: 2;  c - z -> z: 1
+    #   w (a stranger to u, friend of nobody u knows) must not appear
+    edges = [("u", "a"), ("u", "b"), ("u", "c"), ("a", "b")]
+    edges += [("a", "x"), ("b", "x"), ("c", "x"), ("a", "y"), ("b", "y"), ("c", "z"), ("w", "q")]
+    for a, b in edges:
+        store.add_friendship(a, b, 0)
+    f = store.read("u", with_fof=True)
+    assert f.friends == ["a", "b", "c"]
+    assert f.fof == {"x": 3, "y": 2, "z": 1}  # no u (self), no a/b (already friends)
+    assert store.read("u").fof == {}  # only computed when asked
+    assert store.read("x", with_fof=True).fof == {"u": 3, "y": 2, "z": 1}
+
+
+def test_fof_caps(store_config: StoreConfig) -> None:
+    with FeatureStore(replace(store_config, fof_cap=2, fof_friends_cap=1)) as s:
+        for a, b in [("u", "a"), ("u", "b"), ("a", "x"), ("a", "y"), ("a", "z"), ("b", "x")]:
+            s.add_friendship(a, b, 0)
+        # only friend "a" (first by id) is scanned; 3 candidates at count 1, the first 2 by id
+        assert s.read("u", with_fof=True).fof == {"x": 1, "y": 1}
+
+
+def test_read_is_one_round_trip(
+    store: FeatureStore, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for a, b in [("u", "a"), ("a", "x")]:
+        store.add_friendship(a, b, 0)
+    store.log_interaction("u", "i", 1.0, 1)
+    store.read("u", with_fof=True)  # warm up: connection handshake, script already loaded
+    conn_cls = store._r.connection_pool.connection_class
+    sent, replies = [], []
+    send, read = conn_cls.send_packed_command, conn_cls.read_response
+
+    def counting_send(self, command, *a, **k):
+        sent.append(command)
+        return send(self, command, *a, **k)
+
+    def counting_read(self, *a, **k):
+        replies.append(1)
+        return read(self, *a, **k)
+
+    before = raw.info("commandstats")  # outside the window: raw shares the connection class
+    monkeypatch.setattr(conn_cls, "send_packed_command", counting_send)
+    monkeypatch.setattr(conn_cls, "read_response", counting_read)
+    feats = store.read("u", with_fof=True)
+    monkeypatch.undo()
+    after = raw.info("commandstats")
+
+    assert feats.fof == {"x": 1}
+    assert len(sent) == 1 and len(replies) == 1
+    assert b"EVALSHA" in b"".join(sent[0])
+    calls = {k: after.get(k, {}).get("calls", 0) - before.get(k, {}).get("calls", 0) for k in after}
+    assert calls["cmdstat_evalsha"] == 1
+    for cmd in ("cmdstat_eval", "cmdstat_script|load", "cmdstat_ping"):
+        assert calls.get(cmd, 0) == 0
+
+
+def test_events_have_the_right_fields(store_config: StoreConfig) -> None:
+    with FeatureStore(replace(store_config, stream_maxlen=1000)) as s:
+        e1 = s.log_interaction("u", "item:1", 0.25, 1700000000123)
+        e2 = s.add_friendship("u", "v", 1700000000456)
+        e3 = s.remove_friendship("v", "u", 1700000000789)
+        events = s.events()
+    assert [eid for eid, _ in events] == [e1, e2, e3]
+    assert events[0][1] == {
+        "type": "interaction",
+        "user": "u",
+        "item": "item:1",
+        "weight": "0.25",
+        "ts": "1700000000123",
+    }
+    assert events[1][1] == {
+        "type": "friend_add",
+        "user": "u",
+        "friend": "v",
+        "ts": "1700000000456",
+        "changed": "1",
+    }
+    assert events[2][1]["type"] == "friend_remove" and events[2][1]["user"] == "v"
+    with FeatureStore(store_config) as s:
+        assert [eid for eid, _ in s.events(after=e1)] == [e2, e3]  # strictly after
+        assert [eid for eid, _ in s.events(count=1)] == [e1]
+
+
+def test_bad_arguments_raise_value_error_before_any_write(store: FeatureStore) -> None:
+    for call in (
+        lambda: store.log_interaction("", "i", 1.0, 0),
+        lambda: store.log_interaction("u", "", 1.0, 0),
+        lambda: store.log_interaction("u", "i", float("nan"), 0),
+        lambda: store.log_interaction("u", "i", float("inf"), 0),
+        lambda: store.log_interaction("u", "i", 1.0, -1),
+        lambda: store.add_friendship("u", "u", 0),
+        lambda: store.remove_friendship("u", "", 0),
+        lambda: store.read(""),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert store.events() == []
+
+
+def test_bulk_load_counts_contents_and_no_events(
+    store_config: StoreConfig, raw: redis.Redis
+) -> None:
+    rows = [("u1", f"i{t}", float(t), 100 + t) for t in range(5)] + [("u2", "i0", 0.3, 0)]
+    pairs = [("u1", "u2"), ("u2", "u3"), ("u2", "u1")]  # the last repeats the first
+    with FeatureStore(replace(store_config, history_cap=3)) as s:
+        counts = s.bulk_load(rows, pairs, batch=2, progress=False)
+        assert counts == {
+            "interactions": 6,
+            "history_users": 2,
+            "history_dropped": 2,  # u1 had 5 items, cap 3
+            "friend_pairs": 3,
+            "friend_pairs_new": 2,
+            "friend_users": 3,
+        }
+        assert s.read("u1").history == [("i4", 4.0), ("i3", 3.0), ("i2", 2.0)]
+        assert sorted(raw.hkeys(s.key("w", "u1"))) == ["i2", "i3", "i4"]
+        assert s.read("u2", with_fof=True) == UserFeatures([("i0", 0.3)], ["u1", "u3"], {})
+        assert s.events() == []  # training data is not a new event
+        again = s.bulk_load(rows, pairs, progress=False)  # idempotent: weights are set, not added
+        assert again["friend_pairs_new"] == 0
+        assert s.read("u1").history == [("i4", 4.0), ("i3", 3.0), ("i2", 2.0)]
+
+
+def test_flush_deletes_only_this_namespace(
+    store_config: StoreConfig, redis_namespace: str, raw: redis.Redis
+) -> None:
+    other = replace(store_config, namespace=redis_namespace + "-other")
+    with FeatureStore(store_config) as s, FeatureStore(other) as o:
+        s.log_interaction("u", "i", 1.0, 1)
+        s.add_friendship("u", "v", 1)
+        o.log_interaction("u", "i", 1.0, 1)
+        assert s.flush() == 4  # h, w and two friend sets; the stream is kept
+        assert s.read("u") == UserFeatures() and len(s.events()) == 2
+        assert o.read("u").history == [("i", 1.0)]
+        assert s.flush(events=True) == 1 and s.events() == []
+
+
+def test_redis_killed_then_restarted(tmp_path) -> None:
+    """Down: reads and writes raise StoreUnavailable fast. Back: the same store object works,
+    and what was written before the SIGKILL came back from the AOF."""
+    try:
+        server = start_redis(dir=tmp_path)
+    except RedisNotInstalled as e:
+        pytest.skip(str(e))
+    with server, FeatureStore(StoreConfig(url=server.url, namespace="t")) as s:
+        s.log_interaction("u", "a", 2.0, 1)
+        s.add_friendship("u", "v", 1)
+        server.kill()
+        for call in (
+            lambda: s.read("u"),
+            lambda: s.log_interaction("u", "b", 1.0, 2),
+            lambda: s.add_friendship("u", "w", 2),
+        ):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                call()
+            assert time.monotonic() - t0 < 1.0
+        assert s.ping() is False
+        server.restart()
+        assert s.ping() is True
+        assert s.read("u") == UserFeatures([("a", 2.0)], ["v"], {})
+        s.log_interaction("u", "b", 1.0, 2)
+        assert [i for i, _ in s.read("u").history] == ["b", "a"]
+
+        server.kill()  # restart with no failed call in between: the stale pooled
+        server.restart()  # connection is replaced by the one retry, no error reaches us
+        assert [i for i, _ in s.read("u").history] == ["b", "a"]
+        assert len(s.events()) == 3
+
+
+def test_hung_redis_times_out(tmp_path) -> None:
+    """A Redis that accepts connections but never answers (SIGSTOP) fails by the socket timeout."""
+    try:
+        server = start_redis(dir=tmp_path, appendonly=False)
+    except RedisNotInstalled as e:
+        pytest.skip(str(e))
+    with server, FeatureStore(StoreConfig(url=server.url, namespace="t")) as s:
+        s.log_interaction("u", "a", 1.0, 1)
+        server.pause()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                s.read("u")
+            # socket_timeout 0.25 s, timeouts are not retried; 1 s leaves room for a busy box
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            server.resume()
+        assert s.read("u").history == [("a", 1.0)]
+
+
+def test_missing_binary_says_how_to_install() -> None:
+    with pytest.raises(RedisNotInstalled, match="apt-get install redis-server"):
+        start_redis(binary="no-such-redis-server-binary")
+
+
+def test_serving_imports_no_torch_or_training() -> None:
+    code = (
+        "import sys, serving.store, serving.publish, serving.redis_local; "
+        "bad = [m for m in ('torch', 'training', 'compression') if m in sys.modules]; "
+        "sys.exit(str(bad) if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
