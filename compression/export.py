@@ -7,6 +7,7 @@ split, writes a bundle (see serving/bundle.py for the contract) and returns its 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -67,23 +68,73 @@ def export_onnx(tower: UserTower, path: str | Path, opset: int = 18) -> Path:
     return path
 
 
-def choose_index(n: int) -> str:
-    """Exact search while it is cheap; HNSW beyond (a graph over the vectors, no training)."""
-    return "flat" if n <= 200_000 else "hnsw"
+INDEX_KINDS = ("flat", "sq8", "hnsw", "hnsw_sq8", "ivfpq_fs")
+
+
+def choose_index(n: int, compact: bool = False) -> str:
+    """Index kind for n candidates.
+
+    Uncompressed: exact search while it is cheap, HNSW beyond. Compact (compressed bundles):
+    an 8-bit scalar-quantised flat scan for small catalogues (4x smaller, scan still cheap),
+    HNSW over SQ8 codes for medium ones, IVF-PQ fast-scan with SQ8 refinement for large ones.
+    """
+    if not compact:
+        return "flat" if n <= 200_000 else "hnsw"
+    if n <= 100_000:
+        return "sq8"
+    return "hnsw_sq8" if n <= 2_000_000 else "ivfpq_fs"
+
+
+SQ8 = faiss.ScalarQuantizer.QT_8bit
+SIMD_WIDTH = 16  # FAISS's SIMD scan of SQ / PQ codes only runs when D is a multiple of this
+
+
+def _pad(d: int) -> int:
+    return -(-d // SIMD_WIDTH) * SIMD_WIDTH
+
+
+def _padded(d: int, make) -> faiss.Index:
+    """``make(dp)`` over zero-padded vectors, queries padded inside the index.
+
+    With D = dim + 1 (the bias slot) the SQ scan otherwise falls back to scalar code that
+    is ~9x slower than a flat fp32 scan (measured: 4.5 ms vs 0.5 ms for 17.6k x 257).
+    """
+    dp = _pad(d)
+    if dp == d:
+        return make(d)
+    return faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, dp, False), make(dp))
 
 
 def build_index(vectors: np.ndarray, kind: str = "flat") -> faiss.Index:
-    """Inner-product FAISS index over (N, D) float32 vectors."""
+    """Inner-product FAISS index over (N, D) float32 vectors; search parameters are stored in it."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    d = x.shape[1]
+    n, d = x.shape
+    ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
+    elif kind == "sq8":
+        index = _padded(d, lambda dp: faiss.IndexScalarQuantizer(dp, SQ8, ip))
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(d, 32, ip)
         index.hnsw.efConstruction = 80
         index.hnsw.efSearch = 128
+    elif kind == "hnsw_sq8":
+        inner = faiss.IndexHNSWSQ(_pad(d), SQ8, 32, ip)
+        inner.hnsw.efConstruction = 80
+        inner.hnsw.efSearch = 128
+        index = _padded(d, lambda _dp: inner)
+    elif kind == "ivfpq_fs":
+        # 4-bit PQ fast-scan, 2 dims per sub-quantizer, re-ranked with SQ8 codes (Refine).
+        dp = _pad(d)
+        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+        inner = faiss.index_factory(dp, f"IVF{nlist},PQ{dp // 2}x4fs,Refine(SQ8)", ip)
+        faiss.extract_index_ivf(inner).nprobe = max(1, min(nlist, 32))
+        inner.k_factor = 8
+        index = _padded(d, lambda _dp: inner)
     else:
-        raise ValueError(f"unknown index kind {kind!r}")
+        raise ValueError(f"unknown index kind {kind!r} (one of {INDEX_KINDS})")
+    if not index.is_trained:
+        index.train(x)
     index.add(x)
     return index
 
@@ -98,26 +149,48 @@ def cold_start_lists(split: Split) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_bundle(
-    model: TwoTower,
+    model: TwoTower | None,
     split: Split,
     user_ids: np.ndarray,
     item_ids: np.ndarray,
     out_dir: str | Path,
     meta: dict,
-    index_kind: str | None = None,
+    index_kind: str | dict[str, str] | None = None,
+    *,
+    onnx_file: str | Path | None = None,
+    items: np.ndarray | None = None,
+    users: np.ndarray | None = None,
 ) -> Path:
-    """Write every bundle file, then the manifest with checksums (written last)."""
+    """Write every bundle file, then the manifest with checksums (written last).
+
+    The tower comes from ``model`` (exported here) or from a prepared ``onnx_file`` (e.g. a
+    quantised graph); candidate vectors from ``model`` or precomputed ``items`` (I, D + 1)
+    and ``users`` (U, D + 1). ``index_kind`` is one kind for both indexes, a per-side dict
+    {"items": ..., "users": ...}, or None for :func:`choose_index`'s default.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    export_onnx(model.user_tower, out / "user_tower.onnx")
-    with torch.no_grad():
-        items = model.item_vectors().numpy()  # (I, D + 1)
-        users = model.user_vectors().numpy()  # (U, D + 1)
-    kinds = {
-        "items": index_kind or choose_index(len(items)),
-        "users": index_kind or choose_index(len(users)),
-    }
+    if model is not None:
+        model = model.eval()
+    if onnx_file is not None:
+        shutil.copyfile(onnx_file, out / "user_tower.onnx")
+    elif model is not None:
+        export_onnx(model.user_tower, out / "user_tower.onnx")
+    else:
+        raise ValueError("write_bundle needs a model or an onnx_file")
+    if items is None or users is None:
+        if model is None:
+            raise ValueError("write_bundle needs a model or precomputed item and user vectors")
+        with torch.no_grad():
+            items = model.item_vectors().numpy() if items is None else items  # (I, D + 1)
+            users = model.user_vectors().numpy() if users is None else users  # (U, D + 1)
+    if isinstance(index_kind, dict):
+        kinds = dict(index_kind)
+    else:
+        kinds = {
+            "items": index_kind or choose_index(len(items)),
+            "users": index_kind or choose_index(len(users)),
+        }
     faiss.write_index(build_index(items, kinds["items"]), str(out / "items.faiss"))
     faiss.write_index(build_index(users, kinds["users"]), str(out / "users.faiss"))
     write_ids(out / "item_ids.txt", item_ids)
@@ -135,6 +208,34 @@ def write_bundle(
     return out
 
 
+def bundle_meta(ds, split: Split, train_config: dict, variant: dict, metrics: dict) -> dict:
+    """The manifest fields every bundle of a run shares (provenance, feature caps, metrics)."""
+    return {
+        "variant": variant,
+        "dataset": {**ds.summary(), "fingerprint": ds.fingerprint()},
+        "split": {"seed": split.seed, "sha256": split.sha256()},
+        "features": {
+            "max_history": train_config["max_history"],
+            "max_friends": train_config["max_friends"],
+        },
+        "versions": versions(),
+        "metrics": metrics,
+    }
+
+
+def versions() -> dict[str, str]:
+    """Library versions the bundle was built with (the server checks what it can read)."""
+    import onnx
+    import onnxruntime
+
+    return {
+        "faiss": faiss.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Bundle of the run's fp32 teacher (what `socialrec export` does)."""
     from training.run import load_run
@@ -143,21 +244,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     run = Path(run_dir)
     model, ck = load_checkpoint(run / "teacher.pt")
     ds, split, report = load_run(run)
-    meta = {
-        "variant": {"name": "teacher-fp32", "techniques": []},
-        "dataset": {**ds.summary(), "fingerprint": ds.fingerprint()},
-        "split": {"seed": split.seed, "sha256": split.sha256()},
-        "features": {
-            "max_history": ck["train_config"]["max_history"],
-            "max_friends": ck["train_config"]["max_friends"],
-        },
-        "metrics": {
-            "teacher_torch": {
-                "content": report["content"].get("teacher"),
-                "friends": report["friends"].get("teacher"),
-            }
-        },
+    metrics = {
+        "teacher_torch": {
+            "content": report["content"].get("teacher"),
+            "friends": report["friends"].get("teacher"),
+        }
     }
+    variant = {"name": "teacher-fp32", "techniques": []}
+    meta = bundle_meta(ds, split, ck["train_config"], variant, metrics)
     return write_bundle(model, split, ds.user_ids, ds.item_ids, out_dir or run / "bundle", meta)
 
 

@@ -58,7 +58,9 @@ def hashed_from(w: torch.Tensor, n_buckets: int, n_hashes: int, seed: int = 0) -
     n, d = w.shape
     params = hash_params(n_hashes, seed)
     h = hash_ids(torch.arange(n), params, n_buckets)  # (N, K)
-    sums = torch.zeros(n_buckets, d).index_add_(0, h.reshape(-1), w.detach().repeat_interleave(n_hashes, 0))
+    sums = torch.zeros(n_buckets, d).index_add_(
+        0, h.reshape(-1), w.detach().repeat_interleave(n_hashes, 0)
+    )
     counts = torch.bincount(h.reshape(-1), minlength=n_buckets).clamp_min(1)
     return HashEmbedding(n, sums / counts[:, None] / n_hashes, params)
 

@@ -20,9 +20,7 @@ from compression.tables import INPUT_TABLES, replace_tables
 from training.model import TwoTower
 
 
-def quantize_rows(
-    w: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-row quantisation.  (N, D) -> codes uint8 (N, D), scale fp16 (N,), offset fp16 (N,)
 
     Scale and offset are rounded to fp16 first and the codes computed against the rounded

@@ -45,8 +45,9 @@ class Result:
     """Ranked answer (best first) plus what the server reports about it.
 
     ``timings`` holds seconds per stage: "onnx" (feature lookup + tower), "faiss" (search),
-    "rank" (filter, blend, build the answer). ``unknown`` counts history, friend and
-    friend-of-friend ids the bundle does not know (new since it was built); they are skipped.
+    "rank" (filter, blend, build the answer); cold-start answers spend all of it in "rank".
+    ``unknown`` counts the ids the bundle does not know (new since it was built) among the
+    history and friends fed to the tower and the friends-of-friends; they are skipped.
     """
 
     items: list[Scored]
@@ -92,18 +93,25 @@ def session_options() -> ort.SessionOptions:
     return so
 
 
-def index_vectors(index: faiss.Index) -> np.ndarray:
-    """The index's stored vectors as an (N, D) float32 array, without a copy where possible.
+def ensure_reconstruct(index: faiss.Index, what: str) -> None:
+    """Make sure stored vectors can be read back by id (friend-of-friend scores need them).
 
-    Flat storage (IndexFlat, or the storage of IndexHNSWFlat) is viewed in place: the view
-    is valid while ``index`` lives, so the engine keeps both. Other index types are
-    reconstructed into a copy (memory x2 for that index).
+    Flat, SQ, HNSW and refined indexes reconstruct as they are; a bare IVF needs its direct
+    map (N x 8 bytes), built here once at load. Reading back per request, instead of keeping
+    an (N, D) float32 copy, keeps compressed indexes compressed in memory.
     """
-    base = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
-    if isinstance(base, faiss.IndexFlat) and base.ntotal > 0:
-        ptr = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d)
-        return ptr.reshape(base.ntotal, base.d)  # (N, D) view into the index
-    return index.reconstruct_n(0, index.ntotal).astype(np.float32, copy=False)  # (N, D)
+    if index.ntotal == 0:
+        return
+    try:
+        index.reconstruct(0)
+        return
+    except RuntimeError:
+        pass
+    try:
+        faiss.extract_index_ivf(index).make_direct_map()
+        index.reconstruct(0)
+    except RuntimeError as e:
+        raise BundleError(f"{what}: index cannot return stored vectors ({e})") from None
 
 
 def _id_map(ids: list[str], what: str, root: Path) -> dict[str, int]:
@@ -140,8 +148,8 @@ class Engine:
         self.user_index = _id_map(bundle.user_ids, "user_ids.txt", bundle.root)
         self.popular_items = bundle.popular_items.astype(np.int64)  # (P,)
         self.popular_users = bundle.popular_users.astype(np.int64)  # (P,)
-        self._user_vecs = index_vectors(users)  # (U, D + 1) for friend-of-friend scores
         self._check()
+        ensure_reconstruct(users, str(bundle.root / "users.faiss"))
 
     @classmethod
     def load(
@@ -296,8 +304,10 @@ class Engine:
         score = u_f . [w, b] + fof_weight * log1p(mutual friends). Candidates are the
         k + |excluded| + overfetch nearest users plus every known friend-of-friend (at most
         ``max_fof``, most mutual first); the union holds the exact blended top-k of a flat
-        index because the fof bonus is never negative. Inner products of all candidates
-        come from the index's own vectors (a zero-copy view for flat storage).
+        index because the fof bonus is never negative. Every candidate's inner product is
+        computed from the vector the index stores (``reconstruct_batch``, C x (D + 1) floats
+        per request): exact for flat/HNSW-flat, the same decoded vector the search scores
+        for SQ/refined indexes, and fof-only candidates are scored like ANN ones.
         """
         t0 = time.perf_counter()
         users = self.user_index
@@ -331,7 +341,8 @@ class Engine:
         cand.update(dict.fromkeys(cand_fof))
         idx = np.fromiter(cand, dtype=np.int64, count=len(cand))  # (C,)
         mutual = np.fromiter((cand_fof.get(j, 0) for j in cand), dtype=np.float32, count=len(cand))
-        score = self._user_vecs[idx] @ u[0] + self.config.fof_weight * np.log1p(mutual)  # (C,)
+        vecs = self.users.reconstruct_batch(idx)  # (C, D + 1)
+        score = vecs @ u[0] + self.config.fof_weight * np.log1p(mutual)  # (C,)
         order = np.argsort(-score, kind="stable")[:k]
         names = self.user_ids
         out = []

@@ -13,6 +13,7 @@ a bad bundle is refused with a log line and the old one keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
@@ -35,7 +36,8 @@ from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("socialrec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
-POINTER = "CURRENT"  # a bundle root may hold a pointer file naming the live bundle directory
+POINTER = "CURRENT"
+REDIS_RETRY_S = 0.5  # a bundle root may hold a pointer file naming the live bundle directory
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,25 @@ class EngineHolder:
                 engine = Engine.load(path, verify=True, config=self.cfg.engine)
                 engine.warmup()
             except (BundleError, OSError, RuntimeError, ValueError) as e:
-                log.error("bundle refused", extra={"event": "bundle_refused", "bundle": str(path), "error": str(e)})
+                log.error(
+                    "bundle refused",
+                    extra={"event": "bundle_refused", "bundle": str(path), "error": str(e)},
+                )
                 if self.metrics:
                     self.metrics.reloads.labels("refused").inc()
                 return False
             old = self.engine.version if self.engine else None
             self.engine, self.path = engine, path
-            log.info("bundle live", extra={"event": "bundle_live", "bundle": str(path), "version": engine.version, "previous": old, "load_s": round(time.perf_counter() - t0, 3)})
+            log.info(
+                "bundle live",
+                extra={
+                    "event": "bundle_live",
+                    "bundle": str(path),
+                    "version": engine.version,
+                    "previous": old,
+                    "load_s": round(time.perf_counter() - t0, 3),
+                },
+            )
             if self.metrics:
                 self.metrics.reloads.labels("ok").inc()
                 self.metrics.set_version(engine.version)
@@ -115,12 +129,30 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         buckets = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-        self.latency = Histogram("socialrec_rpc_seconds", "RPC latency", ["method"], buckets=buckets)
-        self.stage = Histogram("socialrec_stage_seconds", "Latency of a request stage", ["method", "stage"], buckets=buckets)
-        self.requests = Counter("socialrec_requests_total", "RPCs by final status", ["method", "code"])
-        self.reloads = Counter("socialrec_bundle_reloads_total", "Bundle loads by outcome", ["outcome"])
-        self.degraded = Counter("socialrec_degraded_total", "Reads answered without Redis", ["method"])
-        self.version = Gauge("socialrec_bundle_info", "Live bundle version (value 1)", ["version"], multiprocess_mode="livemax")
+        self.latency = Histogram(
+            "socialrec_rpc_seconds", "RPC latency", ["method"], buckets=buckets
+        )
+        self.stage = Histogram(
+            "socialrec_stage_seconds",
+            "Latency of a request stage",
+            ["method", "stage"],
+            buckets=buckets,
+        )
+        self.requests = Counter(
+            "socialrec_requests_total", "RPCs by final status", ["method", "code"]
+        )
+        self.reloads = Counter(
+            "socialrec_bundle_reloads_total", "Bundle loads by outcome", ["outcome"]
+        )
+        self.degraded = Counter(
+            "socialrec_degraded_total", "Reads answered without Redis", ["method"]
+        )
+        self.version = Gauge(
+            "socialrec_bundle_info",
+            "Live bundle version (value 1)",
+            ["version"],
+            multiprocess_mode="livemax",
+        )
         self._version: str | None = None
 
     def set_version(self, version: str) -> None:
@@ -133,15 +165,36 @@ class Metrics:
 class RecommenderService(pb_grpc.RecommenderServicer):
     """Validation, auth and response shaping; ranking lives in the engine, state in Redis."""
 
-    def __init__(self, cfg: ServerConfig, holder: EngineHolder, store: FeatureStore, metrics: Metrics | None) -> None:
+    def __init__(
+        self, cfg: ServerConfig, holder: EngineHolder, store: FeatureStore, metrics: Metrics | None
+    ) -> None:
         self.cfg = cfg
         self.holder = holder
         self.store = store
         self.metrics = metrics
         self.token = load_token(cfg)
+        self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
+
+    def _read(self, user_id: str, with_fof: bool):
+        """Features from Redis, or None (degraded). After a failure, reads skip Redis for
+        ``REDIS_RETRY_S`` so an outage costs one socket timeout, not one per request."""
+        now = time.monotonic()
+        if now < self._redis_down_until:
+            return None
+        try:
+            return self.store.read(user_id, with_fof=with_fof)
+        except StoreUnavailable as e:
+            self._redis_down_until = now + REDIS_RETRY_S
+            log.warning(
+                "redis unavailable; answering from the bundle",
+                extra={"event": "redis_down", "error": str(e)},
+            )
+            return None
 
     # ---- helpers -------------------------------------------------------------------------
-    async def _fail(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str):
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
+    ):
         if self.metrics:
             self.metrics.requests.labels(method, code.name).inc()
         await context.abort(code, msg)
@@ -160,10 +213,22 @@ class RecommenderService(pb_grpc.RecommenderServicer):
 
     async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
         if self.token is None:
-            await self._fail(context, method, grpc.StatusCode.UNAUTHENTICATED, "writes are disabled: the server has no write token (set SOCIALREC_WRITE_TOKEN or --token-file)")
+            await self._fail(
+                context,
+                method,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "writes are disabled: the server has no write token (set SOCIALREC_WRITE_TOKEN or --token-file)",
+            )
         got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), self.token.encode()):
-            await self._fail(context, method, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
+        if not got.startswith("Bearer ") or not hmac.compare_digest(
+            got[7:].encode(), self.token.encode()
+        ):
+            await self._fail(
+                context,
+                method,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid 'authorization: Bearer <token>' metadata",
+            )
 
     async def _engine(self, context: grpc.aio.ServicerContext, method: str) -> Engine:
         engine = self.holder.engine
@@ -174,9 +239,18 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     async def _deadline(self, context: grpc.aio.ServicerContext, method: str) -> None:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            await self._fail(context, method, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request was answered")
+            await self._fail(
+                context,
+                method,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline exceeded before the request was answered",
+            )
 
-    def _observe(self, method: str, t0: float, result: Result, redis_s: float | None) -> None:
+    def _observe(
+        self, context, method: str, t0: float, result: Result, redis_s: float | None
+    ) -> None:
+        # Which worker answered: lets clients and tests see requests spread over processes.
+        context.set_trailing_metadata((("x-socialrec-worker", str(os.getpid())),))
         if not self.metrics:
             return
         self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
@@ -187,21 +261,19 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             self.metrics.stage.labels(method, stage).observe(secs)
 
     # ---- reads -----------------------------------------------------------------------------
-    async def RecommendContent(self, request: pb.RecommendContentRequest, context) -> pb.RecommendContentResponse:
+    async def RecommendContent(
+        self, request: pb.RecommendContentRequest, context
+    ) -> pb.RecommendContentResponse:
         method = "RecommendContent"
         t0 = time.perf_counter()
         err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
         if err:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
         engine = await self._engine(context, method)
-        degraded = False
-        redis_s = None
-        try:
-            t1 = time.perf_counter()
-            feats = self.store.read(request.user_id)
-            redis_s = time.perf_counter() - t1
-        except StoreUnavailable:
-            feats, degraded = None, True
+        t1 = time.perf_counter()
+        feats = self._read(request.user_id, False)
+        redis_s = time.perf_counter() - t1 if feats is not None else None
+        degraded = feats is None
         await self._deadline(context, method)
         if feats is None:
             if self.metrics:
@@ -209,39 +281,46 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             result = engine.popular_content(request.k)
         else:
             result = engine.recommend_content(feats.history, feats.friends, request.k)
-        self._observe(method, t0, result, redis_s)
+        self._observe(context, method, t0, result, redis_s)
         return pb.RecommendContentResponse(
-            items=[pb.Recommendation(id=s.id, score=s.score, reason=s.reason) for s in result.items],
+            items=[
+                pb.Recommendation(id=s.id, score=s.score, reason=s.reason) for s in result.items
+            ],
             bundle_version=engine.version,
             cold_start=result.cold_start,
             degraded=degraded,
         )
 
-    async def RecommendFriends(self, request: pb.RecommendFriendsRequest, context) -> pb.RecommendFriendsResponse:
+    async def RecommendFriends(
+        self, request: pb.RecommendFriendsRequest, context
+    ) -> pb.RecommendFriendsResponse:
         method = "RecommendFriends"
         t0 = time.perf_counter()
         err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
         if err:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
         engine = await self._engine(context, method)
-        degraded = False
-        redis_s = None
-        try:
-            t1 = time.perf_counter()
-            feats = self.store.read(request.user_id, with_fof=True)
-            redis_s = time.perf_counter() - t1
-        except StoreUnavailable:
-            feats, degraded = None, True
+        t1 = time.perf_counter()
+        feats = self._read(request.user_id, True)
+        redis_s = time.perf_counter() - t1 if feats is not None else None
+        degraded = feats is None
         await self._deadline(context, method)
         if feats is None:
             if self.metrics:
                 self.metrics.degraded.labels(method).inc()
             result = engine.popular_friends(request.user_id, request.k)
         else:
-            result = engine.recommend_friends(request.user_id, feats.history, feats.friends, feats.fof, request.k)
-        self._observe(method, t0, result, redis_s)
+            result = engine.recommend_friends(
+                request.user_id, feats.history, feats.friends, feats.fof, request.k
+            )
+        self._observe(context, method, t0, result, redis_s)
         return pb.RecommendFriendsResponse(
-            users=[pb.Recommendation(id=s.id, score=s.score, reason=s.reason, mutual_friends=s.mutual_friends) for s in result.items],
+            users=[
+                pb.Recommendation(
+                    id=s.id, score=s.score, reason=s.reason, mutual_friends=s.mutual_friends
+                )
+                for s in result.items
+            ],
             bundle_version=engine.version,
             cold_start=result.cold_start,
             degraded=degraded,
@@ -254,17 +333,28 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         try:
             event_id = fn(*args)
         except StoreUnavailable as e:
-            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, f"feature store unavailable, write not recorded: {e}")
+            await self._fail(
+                context,
+                method,
+                grpc.StatusCode.UNAVAILABLE,
+                f"feature store unavailable, write not recorded: {e}",
+            )
+        except ValueError as e:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.metrics:
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
             self.metrics.stage.labels(method, "redis").observe(time.perf_counter() - t0)
             self.metrics.requests.labels(method, "OK").inc()
         return event_id
 
-    async def LogInteraction(self, request: pb.LogInteractionRequest, context) -> pb.LogInteractionResponse:
+    async def LogInteraction(
+        self, request: pb.LogInteractionRequest, context
+    ) -> pb.LogInteractionResponse:
         method = "LogInteraction"
         await self._authorize(context, method)
-        err = self._check_id("user_id", request.user_id) or self._check_id("item_id", request.item_id)
+        err = self._check_id("user_id", request.user_id) or self._check_id(
+            "item_id", request.item_id
+        )
         if not err and (not math.isfinite(request.weight) or request.weight <= 0):
             err = f"weight must be a finite number > 0, got {request.weight}"
         if not err and request.timestamp_ms < 0:
@@ -272,24 +362,42 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         if err:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
         ts = request.timestamp_ms or int(time.time() * 1000)
-        event_id = await self._write(context, method, self.store.log_interaction, request.user_id, request.item_id, float(request.weight), ts)
+        event_id = await self._write(
+            context,
+            method,
+            self.store.log_interaction,
+            request.user_id,
+            request.item_id,
+            float(request.weight),
+            ts,
+        )
         return pb.LogInteractionResponse(event_id=event_id)
 
-    async def _friendship(self, request: pb.FriendshipRequest, context, method: str, fn) -> pb.FriendshipResponse:
+    async def _friendship(
+        self, request: pb.FriendshipRequest, context, method: str, fn
+    ) -> pb.FriendshipResponse:
         await self._authorize(context, method)
-        err = self._check_id("user_id", request.user_id) or self._check_id("friend_id", request.friend_id)
+        err = self._check_id("user_id", request.user_id) or self._check_id(
+            "friend_id", request.friend_id
+        )
         if not err and request.user_id == request.friend_id:
             err = "friend_id must differ from user_id"
         if err:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
-        await self._write(context, method, fn, request.user_id, request.friend_id, int(time.time() * 1000))
+        await self._write(
+            context, method, fn, request.user_id, request.friend_id, int(time.time() * 1000)
+        )
         return pb.FriendshipResponse()
 
     async def AddFriendship(self, request: pb.FriendshipRequest, context) -> pb.FriendshipResponse:
         return await self._friendship(request, context, "AddFriendship", self.store.add_friendship)
 
-    async def RemoveFriendship(self, request: pb.FriendshipRequest, context) -> pb.FriendshipResponse:
-        return await self._friendship(request, context, "RemoveFriendship", self.store.remove_friendship)
+    async def RemoveFriendship(
+        self, request: pb.FriendshipRequest, context
+    ) -> pb.FriendshipResponse:
+        return await self._friendship(
+            request, context, "RemoveFriendship", self.store.remove_friendship
+        )
 
 
 class JsonFormatter(logging.Formatter):
@@ -298,9 +406,16 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import json
 
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage(), "pid": record.process}
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
         for k, v in record.__dict__.items():
-            if k not in logging.LogRecord("", 0, "", 0, "", None, None).__dict__ and k not in ("message",):
+            if k not in logging.LogRecord("", 0, "", 0, "", None, None).__dict__ and k not in (
+                "message",
+            ):
                 out[k] = v
         return json.dumps(out, default=str)
 
@@ -313,22 +428,32 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
-async def serve_worker(cfg: ServerConfig, worker: int = 0, ready: threading.Event | None = None) -> None:
+async def serve_worker(
+    cfg: ServerConfig, worker: int = 0, ready: threading.Event | None = None
+) -> None:
     """Run one worker's gRPC server until SIGTERM/SIGINT; SIGHUP reloads the bundle."""
     metrics = Metrics() if cfg.metrics_port is not None else None
     holder = EngineHolder(cfg, metrics)
-    store = FeatureStore(StoreConfig(url=cfg.redis_url, namespace=cfg.namespace, history_cap=cfg.history_cap))
+    store = FeatureStore(
+        StoreConfig(url=cfg.redis_url, namespace=cfg.namespace, history_cap=cfg.history_cap)
+    )
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderService(cfg, holder, store, metrics), server)
+    pb_grpc.add_RecommenderServicer_to_server(
+        RecommenderService(cfg, holder, store, metrics), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert and cfg.tls_key:
-        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        creds = grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+        )
         server.add_secure_port(address, creds)
     else:
         server.add_insecure_port(address)
@@ -341,39 +466,38 @@ async def serve_worker(cfg: ServerConfig, worker: int = 0, ready: threading.Even
     stop = asyncio.Event()
     reload_now = asyncio.Event()
 
-    async def load_current() -> None:
-        path = resolve_bundle(cfg.bundle)
-        ok = await loop.run_in_executor(None, holder.load, path)
+    async def load(target: Path) -> bool:
+        ok = await loop.run_in_executor(None, holder.load, target)
         if ok:
             for name in ("", SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return ok
+
+    target = resolve_bundle(cfg.bundle)
+    failed: Path | None = None if await load(target) else target
 
     async def watch() -> None:
-        """Reload when the pointer names another bundle, or on SIGHUP."""
+        """Reload when the pointer names another bundle (a refused one is not retried until
+        the pointer moves again), or on SIGHUP (always). Bundles are immutable directories."""
+        nonlocal failed
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reload_now.wait(), timeout=cfg.watch_interval_s)
-            except TimeoutError:
-                pass
             forced = reload_now.is_set()
             reload_now.clear()
             try:
                 target = resolve_bundle(cfg.bundle)
-            except OSError:
+            except OSError as e:
+                log.error(
+                    "bundle pointer unreadable", extra={"event": "pointer_error", "error": str(e)}
+                )
                 continue
-            if forced or (holder.path is not None and target != holder.path) or holder.engine is None:
-                if not forced and holder.engine is None and target == getattr(holder, "_last_failed", None):
-                    continue
-                await load_current()
-                if holder.engine is None or holder.path != target:
-                    holder._last_failed = target  # type: ignore[attr-defined]
+            if forced or (target != holder.path and target != failed):
+                failed = None if await load(target) else target
 
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    await load_current()
-    if holder.engine is None:
-        holder._last_failed = resolve_bundle(cfg.bundle)  # type: ignore[attr-defined]
     if ready is not None:
         ready.set()
     watcher = asyncio.create_task(watch())
@@ -409,14 +533,18 @@ def serve(cfg: ServerConfig) -> int:
     pin_threads()
     setup_logging()
     if cfg.metrics_port is not None:
-        mdir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="socialrec-metrics-"))
+        mdir = os.environ.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="socialrec-metrics-")
+        )
         for f in Path(mdir).glob("*.db"):
             f.unlink()
     ctx = mp.get_context("fork")
     procs: dict[int, mp.Process] = {}
 
     def start(i: int) -> None:
-        p = ctx.Process(target=_worker_main, args=(cfg, i), daemon=False, name=f"socialrec-worker-{i}")
+        p = ctx.Process(
+            target=_worker_main, args=(cfg, i), daemon=False, name=f"socialrec-worker-{i}"
+        )
         p.start()
         procs[i] = p
 
@@ -444,7 +572,10 @@ def serve(cfg: ServerConfig) -> int:
     while not stopping.is_set():
         for i, p in list(procs.items()):
             if not p.is_alive() and not stopping.is_set():
-                log.warning("worker died; restarting", extra={"event": "worker_restart", "worker": i, "exitcode": p.exitcode})
+                log.warning(
+                    "worker died; restarting",
+                    extra={"event": "worker_restart", "worker": i, "exitcode": p.exitcode},
+                )
                 if cfg.metrics_port is not None:
                     from prometheus_client import multiprocess
 

@@ -99,12 +99,111 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(a: argparse.Namespace) -> int:
+    from compression.run import CompressConfig, run
+
+    cfg = CompressConfig(
+        run_dir=a.run,
+        min_retention=a.min_retention,
+        quick=a.quick,
+        threads=a.compress_threads or 0,
+        progress=not a.no_progress,
+    )
+    path = run(cfg)
+    print(f"wrote {path} and {Path(a.run) / 'compression.json'}")
+    return 0
+
+
+def cmd_pipeline(a: argparse.Namespace) -> int:
+    """Train, then compress the run just written."""
+    if a.out is None:
+        a.out = f"runs/{a.dataset}"
+    if cmd_train(a) != 0:
+        return 1
+    a.run = a.out
+    return cmd_compress(a)
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from compression.export import _summary, export_run
 
     path = export_run(a.run, a.out)
     print(_summary(path))
     return 0
+
+
+def cmd_publish(a: argparse.Namespace) -> int:
+    from serving.publish import PublishConfig, run
+    from serving.store import StoreUnavailable
+
+    cfg = PublishConfig(
+        run=a.run,
+        redis_url=a.redis_url,
+        namespace=a.namespace,
+        train_only=a.train_only,
+        flush=a.flush,
+        progress=not a.no_progress,
+    )
+    try:
+        run(cfg)
+    except StoreUnavailable as e:
+        print(f"socialrec publish: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from serving.server import pin_threads
+
+    pin_threads()  # before onnxruntime / faiss / numpy start their thread pools
+    from serving.engine import EngineConfig
+    from serving.server import ServerConfig, serve
+
+    cfg = ServerConfig(
+        bundle=a.bundle,
+        redis_url=a.redis_url,
+        namespace=a.namespace,
+        host=a.host,
+        port=a.port,
+        workers=a.workers,
+        metrics_port=a.metrics_port,
+        max_k=a.max_k,
+        max_concurrent_rpcs=a.max_concurrent_rpcs,
+        token_file=a.token_file,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        watch_interval_s=a.watch_interval,
+        engine=EngineConfig(),
+    )
+    return serve(cfg)
+
+
+def _add_train_args(t: argparse.ArgumentParser) -> None:
+    _add_data_args(t)
+    t.add_argument("--out", help="run directory (default runs/DATASET)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--dim", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--patience", type=int)
+    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    t.add_argument("--ease-lambda", type=float, default=100.0)
+    t.add_argument(
+        "--max-eval-users", type=int, help="evaluate a seeded sample of users (large data)"
+    )
+    t.add_argument("--no-progress", action="store_true")
+
+
+def _add_compress_args(c: argparse.ArgumentParser) -> None:
+    g = c.add_argument_group("compress")
+    g.add_argument(
+        "--min-retention",
+        type=float,
+        default=0.97,
+        help="keep the smallest bundle with content and friends recall@20 >= this x teacher's",
+    )
+    g.add_argument("--quick", action="store_true", help="few variants and epochs (smoke test)")
+    g.add_argument("--compress-threads", type=int, help="torch threads while fine-tuning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,20 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="train + evaluate the teacher and the baselines; write RUN_DIR/report.json"
     )
-    _add_data_args(t)
-    t.add_argument("--out", help="run directory (default runs/DATASET)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--dim", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--patience", type=int)
-    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    t.add_argument("--ease-lambda", type=float, default=100.0)
-    t.add_argument(
-        "--max-eval-users", type=int, help="evaluate a seeded sample of users (large data)"
-    )
-    t.add_argument("--no-progress", action="store_true")
+    _add_train_args(t)
     t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser(
+        "compress",
+        help="compress a run's teacher (distill, low-rank, hash, prune, quantize); write RUN_DIR/bundle",
+    )
+    c.add_argument("--run", required=True, help="run directory written by `socialrec train`")
+    _add_compress_args(c)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_compress)
+
+    pl = sub.add_parser("pipeline", help="train, then compress (same data options as train)")
+    _add_train_args(pl)
+    _add_compress_args(pl)
+    pl.set_defaults(fn=cmd_pipeline)
 
     e = sub.add_parser(
         "export", help="bundle the run's fp32 teacher (ONNX user tower + FAISS) without compression"
@@ -142,6 +243,55 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory written by `socialrec train`")
     e.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
     e.set_defaults(fn=cmd_export)
+
+    pb = sub.add_parser("publish", help="bulk-load a run's interactions and friendships into Redis")
+    pb.add_argument("--run", required=True, help="run directory written by `socialrec train`")
+    pb.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
+    pb.add_argument("--namespace", default="socialrec", help="key prefix (default socialrec)")
+    pb.add_argument(
+        "--train-only",
+        action="store_true",
+        help="only the train split, so evaluation through the server matches report.json",
+    )
+    pb.add_argument(
+        "--flush",
+        action="store_true",
+        help="delete the namespace's features first (the event stream is kept)",
+    )
+    pb.add_argument("--no-progress", action="store_true")
+    pb.set_defaults(fn=cmd_publish)
+
+    v = sub.add_parser("serve", help="serve a bundle over gRPC with live features from Redis")
+    v.add_argument(
+        "--bundle",
+        required=True,
+        help="bundle directory, or a directory whose CURRENT file names the live bundle (watched)",
+    )
+    v.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    v.add_argument("--namespace", default="socialrec", help="Redis key namespace")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=50051)
+    v.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)"
+    )
+    v.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port")
+    v.add_argument("--max-k", type=int, default=500)
+    v.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=256,
+        help="per worker; beyond it RESOURCE_EXHAUSTED",
+    )
+    v.add_argument("--token-file", help="write token file (default: $SOCIALREC_WRITE_TOKEN)")
+    v.add_argument("--tls-cert")
+    v.add_argument("--tls-key")
+    v.add_argument(
+        "--watch-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the bundle pointer",
+    )
+    v.set_defaults(fn=cmd_serve)
     return p
 
 

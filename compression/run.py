@@ -1,0 +1,358 @@
+"""`socialrec compress`: every compression technique on a trained run, scored through the served path.
+
+``run(CompressConfig) -> RUN_DIR/bundle``. Each variant is written as a full bundle under
+RUN_DIR/compress/NAME, scored with ONNX Runtime + FAISS (``served_eval``), timed single
+threaded, and the smallest bundle that keeps ``min_retention`` of the served teacher's
+content recall@20 AND friends recall@20 is copied to RUN_DIR/bundle. The report goes to
+RUN_DIR/compression.json, compression.md and compression.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compression.distill import DistillConfig, distill
+from compression.export import bundle_meta, choose_index, export_onnx, write_bundle
+from compression.hashing import to_hashed
+from compression.lowrank import to_lowrank
+from compression.prune import finalize_masked, prune_dims, prune_unstructured, sparsity
+from compression.quantize import ort_dynamic, quantize_tables
+from compression.served_eval import bundle_bytes, served_evaluate, us_per_query
+from serving.bundle import MANIFEST
+from training.model import TwoTower
+from training.run import load_run
+from training.train import TrainConfig, load_checkpoint, tower_config
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    run_dir: str
+    min_retention: float = 0.97  # of the served teacher's recall@20, content and friends
+    quick: bool = False  # few variants, few epochs (tests, smoke runs)
+    student_dims: tuple[int, ...] = (64, 128)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lowrank_rank: int = 32
+    hash_bucket_fraction: float = 0.25
+    n_hashes: int = 2
+    prune_sparsity: float = 0.5
+    prune_keep_fraction: float = 0.5  # structured: fraction of embedding dims kept per head
+    epochs: int | None = None  # fine-tune epochs per head; None: the teacher's selected counts
+    max_eval_users: int | None = None
+    timing_queries: int = 300
+    threads: int = 0  # torch threads for fine-tuning; 0: torch's default
+    progress: bool = True
+
+
+@dataclass
+class Variant:
+    """One bundle to build: a torch model (or a prepared ONNX file) and its index kinds."""
+
+    name: str
+    techniques: list[str]
+    build: Callable[[], TwoTower]  # lazily: fine-tuning only runs when the variant is built
+    index: str = "flat"
+    onnx: Callable[[TwoTower, Path], Path] | None = None  # turns the exported tower into another
+    notes: dict = field(default_factory=dict)
+
+
+def _epochs(report: dict, cfg: CompressConfig) -> dict[str, int]:
+    refit = report["teacher"]["train_log"].get("refit", {}).get("epochs")
+    best = {t: v["epoch"] for t, v in report["teacher"]["train_log"]["best"].items()}
+    e = {t: max(int(v), 1) for t, v in (refit or best).items()}
+    if cfg.epochs is not None:
+        e = {t: cfg.epochs for t in e}
+    if cfg.quick:
+        e = {t: min(v, 3) for t, v in e.items()}
+    return e
+
+
+def variants(
+    teacher: TwoTower, split, tc: TrainConfig, cfg: CompressConfig, epochs
+) -> list[Variant]:
+    """Every technique alone on the teacher, then the distilled students with quantisation."""
+
+    def tune(student: TwoTower, desc: str) -> TwoTower:
+        model, _ = distill(teacher, student, split, tc, epochs, cfg.distill, cfg.progress, desc)
+        return model.eval()
+
+    def fresh(dim: int) -> TwoTower:
+        torch.manual_seed(tc.seed)
+        return TwoTower(replace(tower_config(tc, split.n_users, split.n_items), dim=dim))
+
+    def torch_dynamic() -> TwoTower:
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(teacher), {nn.Linear}, torch.qint8)
+        return q
+
+    d = teacher.cfg.dim
+    keep = max(int(d * cfg.prune_keep_fraction), 1)
+    pruned_notes: dict = {}
+
+    def unstructured() -> TwoTower:
+        m = tune(prune_unstructured(teacher, cfg.prune_sparsity), "prune-unstructured")
+        pruned_notes["sparsity_input_tables"] = round(sparsity(finalize_masked(m)), 4)
+        return finalize_masked(m)
+
+    out = [
+        Variant("teacher-fp32", [], lambda: teacher),
+        Variant(
+            "teacher-torch-dynamic-int8",
+            ["torch.ao quantize_dynamic(nn.Linear)"],
+            torch_dynamic,
+            notes={
+                "linear_modules": sum(isinstance(m, nn.Linear) for m in teacher.modules()),
+                "why": "quantize_dynamic only replaces nn.Linear; the tower is embeddings + "
+                "pooling + tanh with no nn.Linear, so nothing is quantised",
+            },
+        ),
+        Variant(
+            "teacher-ort-dynamic-int8",
+            ["onnxruntime quantize_dynamic"],
+            lambda: teacher,
+            onnx=lambda _m, p: ort_dynamic(p, p.with_name("tower.ortq.onnx")),
+        ),
+        Variant(
+            "teacher-int8", ["int8 rows", "faiss sq8"], lambda: quantize_tables(teacher, 8), "sq8"
+        ),
+        Variant(
+            "teacher-int4", ["int4 rows", "faiss sq8"], lambda: quantize_tables(teacher, 4), "sq8"
+        ),
+    ]
+    dims = cfg.student_dims[:1] if cfg.quick else cfg.student_dims
+    for dim in dims:
+        cache: dict[str, TwoTower] = {}
+
+        def student(dim: int = dim, cache: dict = cache) -> TwoTower:
+            if "m" not in cache:
+                cache["m"] = tune(fresh(dim), f"distill-d{dim}")
+            return cache["m"]
+
+        kd = f"KD d={dim} T={cfg.distill.temperature:g}"
+        out.append(Variant(f"distill-d{dim}", [kd], student))
+        out.append(
+            Variant(
+                f"distill-d{dim}-int8",
+                [kd, "int8 rows", "faiss sq8"],
+                lambda s=student: quantize_tables(s(), 8),
+                "sq8",
+            )
+        )
+        out.append(
+            Variant(
+                f"distill-d{dim}-int4",
+                [kd, "int4 rows", "faiss sq8"],
+                lambda s=student: quantize_tables(s(), 4),
+                "sq8",
+            )
+        )
+    if not cfg.quick:
+        out += [
+            Variant(
+                f"lowrank-r{cfg.lowrank_rank}",
+                [f"low-rank r={cfg.lowrank_rank} (SVD init)", "KD fine-tune"],
+                lambda: tune(to_lowrank(teacher, cfg.lowrank_rank), "lowrank"),
+            ),
+            Variant(
+                f"hashed-{cfg.hash_bucket_fraction:g}",
+                [
+                    f"hashed ids x{cfg.n_hashes} ({cfg.hash_bucket_fraction:g} buckets/id)",
+                    "KD fine-tune",
+                ],
+                lambda: tune(to_hashed(teacher, cfg.hash_bucket_fraction, cfg.n_hashes), "hashed"),
+            ),
+            Variant(
+                f"prune-unstructured-{cfg.prune_sparsity:g}",
+                [f"magnitude prune {cfg.prune_sparsity:.0%}", "KD fine-tune"],
+                unstructured,
+                notes=pruned_notes,
+            ),
+            Variant(
+                f"prune-structured-d{keep}",
+                [f"structured prune dims {d}->{keep}", "KD fine-tune"],
+                lambda: tune(prune_dims(teacher, keep), "prune-structured"),
+            ),
+        ]
+    return out
+
+
+def run(cfg: CompressConfig) -> Path:
+    """Build, score and time every variant; select one; write the bundle and the report."""
+    run_dir = Path(cfg.run_dir)
+    teacher, ck = load_checkpoint(run_dir / "teacher.pt")
+    ds, split, report = load_run(run_dir)
+    tc = TrainConfig(**{**ck["train_config"], "threads": cfg.threads})
+    epochs = _epochs(report, cfg)
+    work = run_dir / "compress"
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for v in variants(teacher, split, tc, cfg, epochs):
+        t0 = time.time()
+        model = v.build().eval()
+        t_build = time.time() - t0
+        bdir = work / v.name
+        if bdir.exists():
+            shutil.rmtree(bdir)
+        bdir.mkdir(parents=True)
+        onnx_file = None
+        if v.onnx is not None:
+            plain = export_onnx(model.user_tower, bdir / "tower.fp32.onnx")
+            onnx_file = v.onnx(model, plain)
+        kind = v.index if v.index == "flat" else choose_index(split.n_items, compact=True)
+        kinds = {
+            "items": kind,
+            "users": v.index if v.index == "flat" else choose_index(split.n_users, True),
+        }
+        meta = bundle_meta(
+            ds,
+            split,
+            ck["train_config"],
+            {"name": v.name, "techniques": v.techniques, "notes": v.notes},
+            {"teacher_torch": {t: report[t].get("teacher") for t in ("content", "friends")}},
+        )
+        write_bundle(model, split, ds.user_ids, ds.item_ids, bdir, meta, kinds, onnx_file=onnx_file)
+        for extra in bdir.glob("tower.*.onnx"):
+            extra.unlink()  # intermediate files are not part of the bundle
+        m = served_evaluate(bdir, split, max_users=cfg.max_eval_users)
+        _record_metrics(bdir, m)
+        row = {
+            "name": v.name,
+            "techniques": v.techniques,
+            "bytes": bundle_bytes(bdir),
+            "recall@20": m["content"]["recall@20"],
+            "ndcg@20": m["content"]["ndcg@20"],
+            "friends_recall@20": m["friends"]["recall@20"],
+            "friends_ndcg@20": m["friends"]["ndcg@20"],
+            "us_per_query": round(us_per_query(bdir, split, cfg.timing_queries), 1),
+            "index": kinds,
+            "build_s": round(t_build, 1),
+            "metrics": m,
+            "notes": v.notes,
+            "bundle": str(bdir),
+        }
+        rows.append(row)
+        if cfg.progress:
+            print(
+                f"[compress] {v.name:28s} {row['bytes'] / 1e6:8.2f} MB  R@20 {row['recall@20']:.4f}  "
+                f"friends R@20 {row['friends_recall@20']:.4f}  {row['us_per_query']:.0f} us  "
+                f"({t_build:.0f}s)",
+                flush=True,
+            )
+    teacher_row = rows[0]
+    for r in rows:
+        rc = r["recall@20"] / max(teacher_row["recall@20"], 1e-12)
+        rf = r["friends_recall@20"] / max(teacher_row["friends_recall@20"], 1e-12)
+        r["retention_content"], r["retention_friends"] = round(rc, 4), round(rf, 4)
+        r["retention"] = round(min(rc, rf), 4)
+        r["x_smaller"] = round(teacher_row["bytes"] / r["bytes"], 2)
+    ok = [r for r in rows if r["retention"] >= cfg.min_retention]
+    selected = min(ok, key=lambda r: r["bytes"]) if ok else teacher_row
+    bundle = run_dir / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(selected["bundle"], bundle)
+    out = {
+        "teacher": {
+            "bytes": teacher_row["bytes"],
+            "recall@20": teacher_row["recall@20"],
+            "ndcg@20": teacher_row["ndcg@20"],
+            "friends_recall@20": teacher_row["friends_recall@20"],
+            "us_per_query": teacher_row["us_per_query"],
+            "torch": {t: report[t].get("teacher") for t in ("content", "friends")},
+        },
+        "variants": rows,
+        "selected": selected["name"],
+        "bundle": str(bundle),
+        "min_retention": cfg.min_retention,
+        "fine_tune_epochs": epochs,
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "protocol": "every variant scored through ONNX Runtime + FAISS (compression/served_eval.py);"
+        " us_per_query = median of batch-1 tower run + k=20 FAISS search, 1 thread",
+    }
+    (run_dir / "compression.json").write_text(json.dumps(out, indent=2) + "\n")
+    (run_dir / "compression.md").write_text(format_table(out) + "\n")
+    plot(out, run_dir / "compression.png")
+    if cfg.progress:
+        print(format_table(out))
+    return bundle
+
+
+def _record_metrics(bundle_dir: Path, metrics: dict) -> None:
+    """Add the served metrics to the manifest (the manifest itself is not checksummed)."""
+    p = bundle_dir / MANIFEST
+    m = json.loads(p.read_text())
+    m["metrics"]["served"] = metrics
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(m, indent=2) + "\n")
+    tmp.replace(p)
+
+
+def format_table(out: dict) -> str:
+    """The variants as a markdown table, selected one marked."""
+    lines = [
+        "| variant | techniques | MB | x smaller | R@20 | N@20 | friends R@20 | retention | us/query |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in out["variants"]:
+        name = f"**{r['name']}** (selected)" if r["name"] == out["selected"] else r["name"]
+        lines.append(
+            f"| {name} | {', '.join(r['techniques']) or 'fp32'} | {r['bytes'] / 1e6:.2f} | "
+            f"{r['x_smaller']:.1f} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | "
+            f"{r['friends_recall@20']:.4f} | {r['retention']:.3f} | {r['us_per_query']:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"min retention {out['min_retention']} (of the served teacher's content and friends "
+        f"recall@20); selected: {out['selected']}; bytes = ONNX tower + items.faiss + users.faiss."
+    )
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> Path:
+    """Bytes (log x) vs content recall@20, one point per variant, teacher marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in out["variants"]:
+        is_t = r["name"] == "teacher-fp32"
+        ax.scatter(
+            r["bytes"],
+            r["recall@20"],
+            marker="*" if is_t else "o",
+            s=160 if is_t else 40,
+            c="crimson" if is_t else ("green" if r["name"] == out["selected"] else "steelblue"),
+        )
+        ax.annotate(
+            r["name"],
+            (r["bytes"], r["recall@20"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    t = out["teacher"]
+    ax.axhline(
+        t["recall@20"] * out["min_retention"],
+        ls="--",
+        c="grey",
+        lw=0.8,
+        label=f"{out['min_retention']:.0%} of teacher",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("served bytes (ONNX + FAISS indexes)")
+    ax.set_ylabel("content recall@20 (served path)")
+    ax.set_title("compression: size vs quality")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,452 @@
+"""The gRPC server as a real process (2 workers) against a real redis-server on a free port."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.redis_local import find_free_port, start_redis
+from socialrec.v1 import recommender_pb2 as pb
+from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-123"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A small trained run with an exported fp32 bundle at RUN/bundle."""
+    from compression.export import export_run
+    from training.data import DataConfig
+    from training.run import RunConfig, run
+    from training.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("run")
+    data = DataConfig(synthetic_users=400, synthetic_items=250, synthetic_interactions=8000, seed=5)
+    cfg = RunConfig(
+        out=str(out),
+        data=data,
+        train=TrainConfig(dim=16, epochs=6, threads=1, refit=False),
+        progress=False,
+    )
+    run(cfg)
+    export_run(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def published(run_dir, redis_server) -> str:
+    from serving.publish import PublishConfig
+    from serving.publish import run as publish
+
+    ns = f"srv-{uuid.uuid4().hex[:8]}"
+    publish(
+        PublishConfig(run=str(run_dir), redis_url=redis_server.url, namespace=ns, progress=False)
+    )
+    return ns
+
+
+class Server:
+    """`socialrec serve` in a subprocess on free ports; stopped with SIGTERM."""
+
+    def __init__(
+        self, bundle: Path, redis_url: str, namespace: str, workers: int = 2, *extra: str
+    ) -> None:
+        self.port = find_free_port()
+        self.metrics_port = find_free_port()
+        cmd = [
+            sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle),
+            "--redis-url", redis_url, "--namespace", namespace, "--port", str(self.port),
+            "--workers", str(workers), "--metrics-port", str(self.metrics_port),
+            "--max-k", "100", "--watch-interval", "0.3", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "SOCIALREC_WRITE_TOKEN": TOKEN}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.log = open(Path(bundle).parent / f"server-{self.port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.address = f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        # A separate subchannel pool per channel: each one opens its own connection, which
+        # SO_REUSEPORT hands to one of the workers.
+        return grpc.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+    def health(self, timeout: float = 1.0) -> int:
+        with self.channel() as ch:
+            req = health_pb2.HealthCheckRequest(service="socialrec.v1.Recommender")
+            return health_pb2_grpc.HealthStub(ch).Check(req, timeout=timeout).status
+
+    def wait_until(self, status: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_text()
+            try:
+                last = self.health()
+                if last == status:
+                    return
+            except grpc.RpcError as e:
+                last = e.code()
+            time.sleep(0.1)
+        raise AssertionError(
+            f"server never reached health {status} (last {last}):\n{self.log_text()}"
+        )
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, redis_server, published):
+    s = Server(run_dir / "bundle", redis_server.url, published, 2)
+    s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+    yield s
+    s.stop()
+
+
+def _user_ids(run_dir: Path) -> list[str]:
+    return (run_dir / "bundle" / "user_ids.txt").read_text().split("\n")[:-1]
+
+
+def _item_ids(run_dir: Path) -> list[str]:
+    return (run_dir / "bundle" / "item_ids.txt").read_text().split("\n")[:-1]
+
+
+def test_reads_every_rpc(server, run_dir) -> None:
+    manifest = json.loads((run_dir / "bundle" / "manifest.json").read_text())
+    user = _user_ids(run_dir)[3]
+    with server.channel() as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        r = stub.RecommendContent(pb.RecommendContentRequest(user_id=user, k=10), timeout=5)
+        assert len(r.items) == 10 and not r.cold_start and not r.degraded
+        assert r.bundle_version == manifest["bundle_version"]
+        scores = [x.score for x in r.items]
+        assert scores == sorted(scores, reverse=True) and len({x.id for x in r.items}) == 10
+        f = stub.RecommendFriends(pb.RecommendFriendsRequest(user_id=user, k=5), timeout=5)
+        assert 0 < len(f.users) <= 5 and all(x.id != user for x in f.users)
+        assert all(x.reason for x in f.users)
+
+
+def test_writes_and_realtime_visibility_across_workers(server, run_dir) -> None:
+    """A write is visible to the next read on any worker; cold start turns personal."""
+    items = _item_ids(run_dir)
+    users = _user_ids(run_dir)
+    newbie = f"newbie-{uuid.uuid4().hex[:8]}"
+    with server.channel() as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        cold = stub.RecommendContent(pb.RecommendContentRequest(user_id=newbie, k=10), timeout=5)
+        assert cold.cold_start and len(cold.items) == 10
+        logged = [cold.items[0].id, items[7], items[11]]
+        for item in logged:
+            r = stub.LogInteraction(
+                pb.LogInteractionRequest(user_id=newbie, item_id=item, weight=3.0),
+                metadata=AUTH,
+                timeout=5,
+            )
+            assert r.event_id
+        stub.AddFriendship(
+            pb.FriendshipRequest(user_id=newbie, friend_id=users[0]), metadata=AUTH, timeout=5
+        )
+    workers = set()
+    for _ in range(12):  # fresh connections land on both workers
+        with server.channel() as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            r, call = stub.RecommendContent.with_call(
+                pb.RecommendContentRequest(user_id=newbie, k=10), timeout=5
+            )
+            workers.add(dict(call.trailing_metadata())["x-socialrec-worker"])
+            assert not r.cold_start
+            assert not {x.id for x in r.items} & set(logged)  # seen items are excluded at once
+            assert [x.id for x in r.items] != [x.id for x in cold.items]
+            f = stub.RecommendFriends(pb.RecommendFriendsRequest(user_id=newbie, k=20), timeout=5)
+            assert users[0] not in {x.id for x in f.users} and newbie not in {x.id for x in f.users}
+    assert len(workers) == 2, workers
+    with server.channel() as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        stub.RemoveFriendship(
+            pb.FriendshipRequest(user_id=newbie, friend_id=users[0]), metadata=AUTH, timeout=5
+        )
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "field"),
+    [
+        ("RecommendContent", pb.RecommendContentRequest(user_id="u1", k=0), "k"),
+        ("RecommendContent", pb.RecommendContentRequest(user_id="u1", k=101), "k"),
+        ("RecommendContent", pb.RecommendContentRequest(user_id="", k=5), "user_id"),
+        ("RecommendFriends", pb.RecommendFriendsRequest(user_id="u1", k=-3), "k"),
+        (
+            "LogInteraction",
+            pb.LogInteractionRequest(user_id="u1", item_id="i1", weight=math.nan),
+            "weight",
+        ),
+        (
+            "LogInteraction",
+            pb.LogInteractionRequest(user_id="u1", item_id="i1", weight=math.inf),
+            "weight",
+        ),
+        (
+            "LogInteraction",
+            pb.LogInteractionRequest(user_id="u1", item_id="", weight=1.0),
+            "item_id",
+        ),
+        ("AddFriendship", pb.FriendshipRequest(user_id="u1", friend_id="u1"), "friend_id"),
+    ],
+)
+def test_invalid_argument_names_the_field(server, method, request_, field) -> None:
+    with server.channel() as ch, pytest.raises(grpc.RpcError) as e:
+        getattr(pb_grpc.RecommenderStub(ch), method)(request_, metadata=AUTH, timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+
+@pytest.mark.parametrize(
+    "metadata", [(), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]
+)
+def test_writes_need_the_token(server, metadata) -> None:
+    with server.channel() as ch, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.RecommenderStub(ch).LogInteraction(
+            pb.LogInteractionRequest(user_id="u1", item_id="i1", weight=1.0),
+            metadata=metadata,
+            timeout=5,
+        )
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_deadline_exceeded(server) -> None:
+    with server.channel() as ch, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.RecommenderStub(ch).RecommendContent(
+            pb.RecommendContentRequest(user_id="u1", k=50), timeout=1e-6
+        )
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with server.channel() as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=5)))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"socialrec.v1.Recommender", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint(server, run_dir) -> None:
+    with server.channel() as ch:
+        pb_grpc.RecommenderStub(ch).RecommendContent(
+            pb.RecommendContentRequest(user_id=_user_ids(run_dir)[1], k=5), timeout=5
+        )
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert (
+        'socialrec_rpc_seconds_bucket{le="0.005",method="RecommendContent"}' in text
+        or "socialrec_rpc_seconds_bucket" in text
+    )
+    for stage in ("redis", "onnx", "faiss"):
+        assert f'stage="{stage}"' in text, stage
+    assert 'socialrec_requests_total{code="OK",method="RecommendContent"}' in text
+    assert "socialrec_bundle_info" in text
+
+
+def test_resource_exhausted_when_overloaded(run_dir, redis_server, published) -> None:
+    s = Server(run_dir / "bundle", redis_server.url, published, 1, "--max-concurrent-rpcs", "1")
+    try:
+        s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+        user = _user_ids(run_dir)[2]
+        codes = []
+        with s.channel() as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            futures = [
+                stub.RecommendFriends.future(
+                    pb.RecommendFriendsRequest(user_id=user, k=100), timeout=10
+                )
+                for _ in range(64)
+            ]
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert s.health() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.stop()
+
+
+def _copy_bundle(src: Path, dst: Path, version: str) -> Path:
+    """A copy of a bundle with a new version (manifest rewritten, checksums recomputed)."""
+    from serving.bundle import write_manifest
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    keep = {
+        k: v
+        for k, v in m.items()
+        if k not in ("format_version", "bundle_version", "created", "tower", "files")
+    }
+    write_manifest(dst, {**keep, "bundle_version": version})
+    return dst
+
+
+def test_unavailable_before_bundle_then_hot_reload(
+    run_dir, redis_server, published, tmp_path
+) -> None:
+    """No bundle yet -> UNAVAILABLE; pointer set -> serving; swap under load -> no failures;
+    corrupted bundle -> refused, the old one keeps serving."""
+    root = tmp_path / "bundles"
+    root.mkdir()
+    s = Server(root, redis_server.url, published, 2)
+    try:
+        s.wait_until(health_pb2.HealthCheckResponse.NOT_SERVING)
+        with s.channel() as ch, pytest.raises(grpc.RpcError) as e:
+            pb_grpc.RecommenderStub(ch).RecommendContent(
+                pb.RecommendContentRequest(user_id="u1", k=5), timeout=5
+            )
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        _copy_bundle(run_dir / "bundle", root / "v1", "v1")
+        _copy_bundle(run_dir / "bundle", root / "v2", "v2")
+        bad = _copy_bundle(run_dir / "bundle", root / "v3-bad", "v3-bad")
+        data = bytearray((bad / "items.faiss").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bad / "items.faiss").write_bytes(bytes(data))
+        (root / "CURRENT").write_text("v1\n")
+        s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+
+        user = _user_ids(run_dir)[4]
+
+        def hammer(seconds: float) -> tuple[int, set[str], list[str]]:
+            ok, versions, errors = 0, set(), []
+            end = time.monotonic() + seconds
+            with s.channel() as ch:
+                stub = pb_grpc.RecommenderStub(ch)
+                while time.monotonic() < end:
+                    try:
+                        versions.add(
+                            stub.RecommendContent(
+                                pb.RecommendContentRequest(user_id=user, k=10), timeout=5
+                            ).bundle_version
+                        )
+                        ok += 1
+                    except grpc.RpcError as err:
+                        errors.append(err.code().name)
+            return ok, versions, errors
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            futs = [pool.submit(hammer, 4.0) for _ in range(2)]
+            time.sleep(1.0)  # let the load run before the swap (timing only, not synchronisation)
+            (root / "CURRENT").write_text("v2\n")
+            results = [f.result() for f in futs]
+        assert all(not errors for _, _, errors in results), results
+        assert sum(ok for ok, _, _ in results) > 20
+        seen = set().union(*(v for _, v, _ in results))
+        assert "v2" in seen and seen <= {"v1", "v2"}
+
+        def refusals() -> list[str]:
+            return [
+                line
+                for line in s.log_text().splitlines()
+                if "bundle_refused" in line and "v3-bad" in line
+            ]
+
+        (root / "CURRENT").write_text("v3-bad\n")
+        deadline = time.monotonic() + 15
+        while len(refusals()) < 2 and time.monotonic() < deadline:  # both workers refuse it
+            time.sleep(0.1)
+        assert len(refusals()) == 2 and all("sha256" in line for line in refusals()), s.log_text()
+        ok, versions, errors = hammer(1.0)
+        assert versions == {"v2"} and not errors and ok > 0
+        assert s.health() == health_pb2.HealthCheckResponse.SERVING
+
+        # SIGHUP forces a reload of the current pointer (here back to v1).
+        (root / "CURRENT").write_text("v1\n")
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and hammer(0.2)[1] != {"v1"}:
+            pass
+        assert hammer(0.5)[1] == {"v1"}
+    finally:
+        s.stop()
+
+
+def test_redis_down_degrades_reads_fails_writes_and_recovers(run_dir, tmp_path) -> None:
+    from serving.publish import PublishConfig
+    from serving.publish import run as publish
+
+    redis = start_redis(dir=tmp_path / "redis")
+    s = None
+    try:
+        publish(replace(PublishConfig(run=str(run_dir), redis_url=redis.url), progress=False))
+        s = Server(run_dir / "bundle", redis.url, "socialrec", 1)
+        s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+        user = _user_ids(run_dir)[5]
+        with s.channel() as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            assert not stub.RecommendContent(
+                pb.RecommendContentRequest(user_id=user, k=5), timeout=5
+            ).degraded
+            redis.kill()
+            r = stub.RecommendContent(pb.RecommendContentRequest(user_id=user, k=5), timeout=5)
+            assert r.degraded and len(r.items) == 5
+            assert stub.RecommendFriends(
+                pb.RecommendFriendsRequest(user_id=user, k=5), timeout=5
+            ).degraded
+            with pytest.raises(grpc.RpcError) as e:
+                stub.LogInteraction(
+                    pb.LogInteractionRequest(user_id=user, item_id="x", weight=1.0),
+                    metadata=AUTH,
+                    timeout=5,
+                )
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            redis.restart()
+            deadline = time.monotonic() + 10
+            while stub.RecommendContent(
+                pb.RecommendContentRequest(user_id=user, k=5), timeout=5
+            ).degraded:
+                assert time.monotonic() < deadline, "server did not recover after Redis came back"
+                time.sleep(0.1)
+            stub.LogInteraction(
+                pb.LogInteractionRequest(user_id=user, item_id="x", weight=1.0),
+                metadata=AUTH,
+                timeout=5,
+            )
+        assert s.proc.poll() is None
+    finally:
+        if s is not None:
+            s.stop()
+        redis.stop()
