@@ -128,7 +128,28 @@ class Metrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        buckets = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+        buckets = (
+            5e-5,
+            1e-4,
+            1.5e-4,
+            2e-4,
+            3e-4,
+            4e-4,
+            5e-4,
+            7.5e-4,
+            1e-3,
+            1.5e-3,
+            2e-3,
+            3e-3,
+            5e-3,
+            7.5e-3,
+            0.01,
+            0.025,
+            0.05,
+            0.1,
+            0.25,
+            1.0,
+        )
         self.latency = Histogram(
             "socialrec_rpc_seconds", "RPC latency", ["method"], buckets=buckets
         )

@@ -61,6 +61,12 @@ def make_bundle(loaded, model: TwoTower, out: Path, index: str = "flat", **kw) -
 
 
 @pytest.fixture(scope="session")
+def bundle_factory(loaded):
+    """``make(model, out_dir, index="flat", **write_bundle_kwargs) -> bundle dir``."""
+    return lambda model, out, index="flat", **kw: make_bundle(loaded, model, out, index, **kw)
+
+
+@pytest.fixture(scope="session")
 def bundles(loaded, student, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """fp32 teacher, fp32 student and int8 student bundles (+ their torch models)."""
     root = tmp_path_factory.mktemp("bundles")

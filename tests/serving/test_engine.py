@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from compression.export import write_bundle
+from compression.export import INDEX_KINDS, build_index, write_bundle
 from serving.bundle import BundleError, load_manifest, open_bundle
-from serving.engine import Engine, EngineConfig, Result, index_vectors
+from serving.engine import Engine, EngineConfig, Result, ensure_reconstruct
 from training.model import TowerConfig, TwoTower
 from training.split import Split
 
@@ -343,38 +343,63 @@ def test_version_warmup_and_threads(
     assert all(got[t] == expected for t in range(4))
 
 
-def test_hnsw_and_other_indexes_give_the_same_answers(
-    model_and_bundle: tuple[TwoTower, Path], engine: Engine
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_every_index_kind_the_exporter_writes(
+    model_and_bundle: tuple[TwoTower, Path], engine: Engine, kind: str
 ) -> None:
-    """Large bundles use HNSW (approximate; exact at this size) and may use other index types:
-    the stored vectors are read back as a view (flat storage) or a copy (anything else)."""
-    flat = index_vectors(engine.users)
-    assert not flat.flags.owndata  # a view into the index, not a second copy
-    np.testing.assert_array_equal(flat, engine.users.reconstruct_n(0, N_USERS))
-    hnsw = []
-    for index in (engine.items, engine.users):
-        x = index.reconstruct_n(0, index.ntotal)  # (N, D + 1)
-        h = faiss.IndexHNSWFlat(x.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
-        h.hnsw.efSearch = 128
-        h.add(x)
-        hnsw.append(h)
-    np.testing.assert_array_equal(index_vectors(hnsw[1]), flat)
-    sq = faiss.IndexScalarQuantizer(
-        flat.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-    )
-    sq.train(flat)
-    sq.add(flat)
-    np.testing.assert_allclose(index_vectors(sq), flat, atol=1e-3)  # fp16 storage
-    eng = Engine(open_bundle(model_and_bundle[1]), engine.session, hnsw[0], hnsw[1])
-    history = [("item-5", 2.0), ("item-6", 7.0)]
-    for k in (5, 1000):
-        assert eng.recommend_content(history, ["user 2"], k).items == (
-            engine.recommend_content(history, ["user 2"], k).items
-        )
-        fof = {"user 30": 3}
-        assert eng.recommend_friends("user 1", history, ["user 2"], fof, k).items == (
-            engine.recommend_friends("user 1", history, ["user 2"], fof, k).items
-        )
+    """Approximate and compressed indexes (HNSW, SQ8, IVF-PQ + SQ8 refine) serve the same
+    contract; each returned score is the exact one up to the 8-bit quantisation error."""
+    model, bundle = model_and_bundle
+    indexes = []
+    bounds = []
+    for vecs in (model.item_vectors(), model.user_vectors()):
+        x = vecs.detach().numpy()  # (N, D + 1)
+        index = faiss.deserialize_index(faiss.serialize_index(build_index(x, kind)))
+        indexes.append(index)
+        # SQ8 decodes each coordinate to within half a step of (max - min) / 255, and every
+        # query coordinate is in [-1, 1] (tanh, bias slot 1): |error| <= sum of half steps.
+        exact = kind in ("flat", "hnsw")
+        bounds.append(TOL if exact else float((x.max(0) - x.min(0)).sum() / 255 / 2) + TOL)
+    eng = Engine(open_bundle(bundle), engine.session, indexes[0], indexes[1])
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        me, hist, friends = _user(rng)
+        s_c, s_f = _towers(model, hist, friends)
+        history = [(ITEM_IDS[i], w) for i, w in hist.items()]
+        names = [USER_IDS[u] for u in friends]
+        others = [u for u in range(N_USERS) if u not in (me, *friends)]
+        fof = {USER_IDS[u]: 2 for u in others[:3]}
+        for k in (5, 1000):
+            res = eng.recommend_content(history, names, k)
+            _ranked(res)
+            assert len(res.items) == min(k, N_ITEMS - len(hist))
+            for r in res.items:
+                i = ITEM_IDS.index(r.id)
+                assert i not in hist and abs(r.score - s_c[i]) <= bounds[0]
+            res = eng.recommend_friends(USER_IDS[me], history, names, dict(fof), k)
+            _ranked(res)
+            assert len(res.items) == min(k, N_USERS - 1 - len(friends))
+            for r in res.items:
+                u = USER_IDS.index(r.id)
+                bonus = math.log1p(fof.get(r.id, 0))
+                assert u not in (me, *friends) and abs(r.score - bonus - s_f[u]) <= bounds[1]
+            if kind in ("flat", "hnsw"):  # exact at this size: the very same answers
+                assert (
+                    res.items
+                    == engine.recommend_friends(USER_IDS[me], history, names, dict(fof), k).items
+                )
+
+
+def test_bare_ivf_gets_a_direct_map() -> None:
+    """An IVF index without a direct map cannot reconstruct by id until the engine builds it."""
+    x = np.random.default_rng(6).normal(size=(500, 8)).astype(np.float32)  # (N, D)
+    index = faiss.index_factory(8, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    with pytest.raises(RuntimeError):
+        index.reconstruct(3)
+    ensure_reconstruct(index, "users.faiss")
+    np.testing.assert_array_equal(index.reconstruct_batch(np.array([3, 7])), x[[3, 7]])
 
 
 def test_serving_engine_imports_no_torch() -> None:

@@ -1,0 +1,199 @@
+"""Serving microbenchmark: full RPCs against an empty RPC, side by side, on one server.
+
+Starts a private redis-server, publishes the run's training data, starts `socialrec serve`
+(one worker by default), then sends interleaved sequential calls from one client: the
+gRPC health Check (the empty RPC: same server, same transport, no work), RecommendContent
+and RecommendFriends. Prints client latency (median, p99) of each, the ratio
+RecommendContent / empty, and the server's own per-stage latency from its Prometheus
+histograms (median and p99 interpolated inside buckets).
+
+    python benchmarks/serving_latency.py --run runs/lastfm [--bundle DIR] [--n 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.redis_local import find_free_port, start_redis  # noqa: E402
+from socialrec.v1 import recommender_pb2 as pb  # noqa: E402
+from socialrec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
+
+
+def histogram_quantiles(
+    text: str, name: str, labels: dict[str, str], qs=(0.5, 0.99)
+) -> dict[str, float]:
+    """Quantiles (ms) of one Prometheus histogram series, linear inside the bucket."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if not line.startswith(f"{name}_bucket{{"):
+            continue
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', line[line.index("{") : line.index("}")]))
+        if any(lab.get(k) != v for k, v in labels.items()):
+            continue
+        le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
+        buckets.append((le, float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    out = {}
+    for q in qs:
+        target = q * total
+        prev_le, prev_c = 0.0, 0.0
+        for le, c in buckets:
+            if c >= target:
+                hi = le if np.isfinite(le) else prev_le
+                frac = 0.0 if c == prev_c else (target - prev_c) / (c - prev_c)
+                out[f"p{int(q * 100)}_ms"] = 1000 * (prev_le + frac * (hi - prev_le))
+                break
+            prev_le, prev_c = le, c
+    out["count"] = total
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--run", required=True, help="run directory (socialrec train)")
+    ap.add_argument(
+        "--bundle",
+        help="bundle directory (default RUN/bundle; exported from the teacher if missing)",
+    )
+    ap.add_argument("--n", type=int, default=3000, help="calls of each kind")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", help="write the results as JSON here")
+    a = ap.parse_args()
+
+    run = Path(a.run)
+    bundle = Path(a.bundle) if a.bundle else run / "bundle"
+    if not (bundle / "manifest.json").exists():
+        from compression.export import export_run
+
+        export_run(run, bundle)
+    users = (bundle / "user_ids.txt").read_text().split("\n")[:-1]
+
+    redis = start_redis()
+    server = None
+    try:
+        from serving.publish import PublishConfig
+        from serving.publish import run as publish
+
+        publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
+        port, mport = find_free_port(), find_free_port()
+        env = {**os.environ, "SOCIALREC_WRITE_TOKEN": "bench"}
+        cmd = [sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle), "--redis-url", redis.url,
+               "--port", str(port), "--workers", str(a.workers), "--metrics-port", str(mport)]  # fmt: skip
+        server = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.RecommenderStub(channel)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("server did not become SERVING within 60 s")
+            time.sleep(0.1)
+
+        rng = np.random.default_rng(0)
+        ranks = np.arange(1, len(users) + 1, dtype=np.float64) ** -1.1
+        picks = rng.choice(len(users), size=a.n + 200, p=ranks / ranks.sum())
+        calls = {
+            "empty (health.Check)": lambda u: health.Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            ),
+            "RecommendContent": lambda u: stub.RecommendContent(
+                pb.RecommendContentRequest(user_id=u, k=a.k), timeout=5
+            ),
+            "RecommendFriends": lambda u: stub.RecommendFriends(
+                pb.RecommendFriendsRequest(user_id=u, k=a.k), timeout=5
+            ),
+        }
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for i, j in enumerate(picks):
+            for name, fn in calls.items():  # interleaved: the machine's noise hits all alike
+                t0 = time.perf_counter()
+                fn(users[j])
+                if i >= 200:  # warm-up
+                    times[name].append(time.perf_counter() - t0)
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        )
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=20)
+        redis.stop()
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    print(
+        f"bundle {manifest['bundle_version']} ({manifest.get('variant', {}).get('name', '?')}, {size / 1e6:.1f} MB, index {manifest.get('index')}); {a.n} calls each, k={a.k}, {a.workers} worker(s)"
+    )
+    print(f"{'client latency':28s} {'median ms':>10s} {'p99 ms':>9s}")
+    res: dict = {"client": {}, "server": {}}
+    for name, t in times.items():
+        ms = 1000 * np.array(t)
+        res["client"][name] = {
+            "median_ms": float(np.median(ms)),
+            "p99_ms": float(np.percentile(ms, 99)),
+        }
+        print(f"{name:28s} {np.median(ms):10.3f} {np.percentile(ms, 99):9.3f}")
+    empty = res["client"]["empty (health.Check)"]["median_ms"]
+    for name in ("RecommendContent", "RecommendFriends"):
+        ratio = res["client"][name]["median_ms"] / empty
+        res[f"ratio_{name}_over_empty"] = ratio
+        print(f"ratio {name} / empty (medians): {ratio:.2f}x")
+    print(f"\n{'server-side (histograms)':28s} {'stage':8s} {'median ms':>10s} {'p99 ms':>9s}")
+    for method in ("RecommendContent", "RecommendFriends"):
+        rpc = histogram_quantiles(text, "socialrec_rpc_seconds", {"method": method})
+        res["server"][method] = {"rpc": rpc}
+        print(
+            f"{method:28s} {'total':8s} {rpc.get('p50_ms', float('nan')):10.3f} {rpc.get('p99_ms', float('nan')):9.3f}"
+        )
+        for stage in ("redis", "onnx", "faiss", "rank"):
+            q = histogram_quantiles(
+                text, "socialrec_stage_seconds", {"method": method, "stage": stage}
+            )
+            res["server"][method][stage] = q
+            print(
+                f"{'':28s} {stage:8s} {q.get('p50_ms', float('nan')):10.3f} {q.get('p99_ms', float('nan')):9.3f}"
+            )
+    res["bundle"] = {
+        "version": manifest["bundle_version"],
+        "bytes": size,
+        "index": manifest.get("index"),
+    }
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
