@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -89,8 +90,11 @@ def variants(
         return TwoTower(replace(tower_config(tc, split.n_users, split.n_items), dim=dim))
 
     def torch_dynamic() -> TwoTower:
-        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(teacher), {nn.Linear}, torch.qint8)
-        return q
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao is deprecated in 2.13
+            return torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(teacher), {nn.Linear}, torch.qint8
+            )
 
     d = teacher.cfg.dim
     keep = max(int(d * cfg.prune_keep_fraction), 1)

@@ -224,7 +224,7 @@ class Engine:
             if j is None:
                 unknown += 1
             elif w > 0 and math.isfinite(w):
-                acc[j] = w
+                acc[j] = acc.get(j, 0.0) + w
         users = self.user_index
         fr: dict[int, None] = {}
         for user in friends[: cfg.max_friends]:

@@ -159,9 +159,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from serving.engine import EngineConfig
     from serving.server import ServerConfig, serve
 
+    local = None
+    redis_url = a.redis_url
+    if redis_url == "local":
+        # A first run on a laptop: a throwaway redis-server, never an in-memory fake.
+        from serving.redis_local import RedisNotInstalled, start_redis
+
+        try:
+            local = start_redis()
+        except RedisNotInstalled as e:
+            print(f"socialrec serve: error: {e}", file=sys.stderr)
+            return 2
+        redis_url = local.url
+        print(f"started a local redis-server at {redis_url} (data is thrown away on exit)")
+    if a.publish:
+        from serving.publish import PublishConfig
+        from serving.publish import run as publish
+
+        publish(PublishConfig(run=a.publish, redis_url=redis_url, namespace=a.namespace))
     cfg = ServerConfig(
         bundle=a.bundle,
-        redis_url=a.redis_url,
+        redis_url=redis_url,
         namespace=a.namespace,
         host=a.host,
         port=a.port,
@@ -175,7 +193,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         watch_interval_s=a.watch_interval,
         engine=EngineConfig(),
     )
-    return serve(cfg)
+    try:
+        return serve(cfg)
+    finally:
+        if local is not None:
+            local.stop()
 
 
 def _add_train_args(t: argparse.ArgumentParser) -> None:
@@ -267,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="bundle directory, or a directory whose CURRENT file names the live bundle (watched)",
     )
-    v.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    v.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="'local' starts a throwaway redis-server on a free port",
+    )
+    v.add_argument(
+        "--publish", metavar="RUN_DIR", help="bulk-load this run's data into Redis before serving"
+    )
     v.add_argument("--namespace", default="socialrec", help="Redis key namespace")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=50051)

@@ -1,0 +1,288 @@
+"""Locust plumbing for gRPC: a timing interceptor, a base user, Zipf id pools, a steps shape.
+
+Locustfiles import from here and declare only tasks (STYLE.md). Everything is configured
+through environment variables set by ``loadtest/run.py`` (see :class:`Settings`), so a
+locustfile also runs by hand: ``SOCIALREC_USER_IDS=... python -m locust -f ...``.
+
+gevent: Locust monkey-patches the standard library; gRPC's C core needs its own hook
+(:func:`grpc.experimental.gevent.init_gevent`) before the first channel exists, or a blocking
+call stalls every greenlet of the process. Importing this module does it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import User, events
+from locust.env import Environment
+from locust.shape import LoadTestShape
+
+grpc_gevent.init_gevent()  # before any channel is created (module docstring)
+
+STEP_P99_LIMIT_MS = 25.0  # the knee: the last step whose client p99 stays within this
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the load generator needs to know, read once from the environment."""
+
+    user_ids: str  # SOCIALREC_USER_IDS: the bundle's user_ids.txt (one id per line)
+    item_ids: str  # SOCIALREC_ITEM_IDS: the bundle's item_ids.txt
+    out: str  # SOCIALREC_LOADTEST_OUT: where write logs and status counts go
+    tag: str = "ours"  # SOCIALREC_LOADTEST_TAG: file-name prefix (ours | peer)
+    token: str = ""  # SOCIALREC_WRITE_TOKEN: bearer token for writes
+    zipf: float = 1.1  # SOCIALREC_ZIPF: P(rank r) ~ r^-zipf
+    k: int = 10  # SOCIALREC_K
+    seed: int = 0  # SOCIALREC_SEED: id popularity order and per-user draws
+    timeout_s: float = 5.0  # SOCIALREC_TIMEOUT_S: per-call deadline
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        e = os.environ
+        return cls(
+            user_ids=e.get("SOCIALREC_USER_IDS", ""),
+            item_ids=e.get("SOCIALREC_ITEM_IDS", ""),
+            out=e.get("SOCIALREC_LOADTEST_OUT", "."),
+            tag=e.get("SOCIALREC_LOADTEST_TAG", "ours"),
+            token=e.get("SOCIALREC_WRITE_TOKEN", ""),
+            zipf=float(e.get("SOCIALREC_ZIPF", "1.1")),
+            k=int(e.get("SOCIALREC_K", "10")),
+            seed=int(e.get("SOCIALREC_SEED", "0")),
+            timeout_s=float(e.get("SOCIALREC_TIMEOUT_S", "5")),
+        )
+
+
+class ZipfIds:
+    """Ids drawn with P(rank r) proportional to r^-s; ranks are a seeded shuffle of the file.
+
+    Shuffled so the hot ids are not simply the smallest ones (ids are often sorted).
+    """
+
+    def __init__(self, path: str | Path, s: float, seed: int) -> None:
+        text = Path(path).read_text(encoding="utf-8")
+        ids = text.split("\n")[:-1] if text else []
+        if not ids:
+            raise ValueError(f"{path}: no ids")
+        random.Random(seed).shuffle(ids)
+        self.ids = ids
+        self.cum = list(itertools.accumulate(r**-s for r in range(1, len(ids) + 1)))
+
+    def draw(self, rng: random.Random) -> str:
+        return self.ids[bisect.bisect_left(self.cum, rng.random() * self.cum[-1])]
+
+
+class RpcStatusError(Exception):
+    """A non-OK gRPC status, as Locust records it: ``CODE: details``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
+        super().__init__(f"{code.name}: {details or ''}")
+        self.code = code
+
+
+STATUS: Counter[tuple[str, str]] = Counter()  # (method, code) -> calls, this process
+
+
+class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Fires one Locust request event per unary call: type "grpc", name = the method name,
+    time in ms, length = serialized reply size, exception on a non-OK status."""
+
+    def __init__(self, environment: Environment) -> None:
+        self.env = environment
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        name = client_call_details.method.rsplit("/", 1)[-1]
+        t0 = time.perf_counter()
+        call = continuation(client_call_details, request)
+        code = call.code()  # blocks until the call is done
+        ms = (time.perf_counter() - t0) * 1000.0
+        exc, length, reply = None, 0, None
+        if code == grpc.StatusCode.OK:
+            reply = call.result()
+            length = reply.ByteSize()
+        else:
+            exc = RpcStatusError(code, call.details())
+        STATUS[(name, code.name)] += 1
+        self.env.events.request.fire(
+            request_type="grpc",
+            name=name,
+            response_time=ms,
+            response_length=length,
+            response=reply,
+            context=None,
+            exception=exc,
+        )
+        return call
+
+
+class GrpcUser(User):
+    """A simulated app backend with its own channel (own connection, so SO_REUSEPORT spreads
+    users over server workers), an interceptor that reports to Locust, and id pools."""
+
+    abstract = True
+    stub_class: Any = None
+    _pools: dict[tuple[str, float, int], ZipfIds] = {}
+    _counter = itertools.count()
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        if self.host is None or self.stub_class is None:
+            raise ValueError("GrpcUser needs --host HOST:PORT and a stub_class")
+        self.settings = Settings.from_env()
+        s = self.settings
+        self.users = self._pool(s.user_ids, s)
+        self.items = self._pool(s.item_ids, s)
+        self.rng = random.Random(s.seed * 1_000_003 + next(self._counter))
+        host = self.host.removeprefix("http://").removeprefix("grpc://")
+        raw = grpc.insecure_channel(host, options=[("grpc.use_local_subchannel_pool", 1)])
+        self._channel = grpc.intercept_channel(raw, LocustInterceptor(environment))
+        self.stub = self.stub_class(self._channel)
+        self.auth = (("authorization", f"Bearer {s.token}"),)
+
+    @classmethod
+    def _pool(cls, path: str, s: Settings) -> ZipfIds:
+        key = (path, s.zipf, s.seed)
+        if key not in cls._pools:
+            cls._pools[key] = ZipfIds(path, s.zipf, s.seed)
+        return cls._pools[key]
+
+    def user(self) -> str:
+        return self.users.draw(self.rng)
+
+    def item(self) -> str:
+        return self.items.draw(self.rng)
+
+    def call(self, method: str, request: Any, write: bool = False) -> Any:
+        """Call ``method``; the reply, or None on a non-OK status (already reported)."""
+        try:
+            return getattr(self.stub, method)(
+                request,
+                timeout=self.settings.timeout_s,
+                metadata=self.auth if write else None,
+            )
+        except grpc.RpcError:
+            return None
+
+    def log_write(self, record: dict) -> None:
+        """Append an acknowledged write to this process's JSONL log (checked after the run)."""
+        _write_log(self.settings).write(json.dumps(record) + "\n")
+
+    def on_stop(self) -> None:
+        self._channel.close()
+
+
+_LOG_LOCK = threading.Lock()
+_LOG: dict[str, Any] = {}
+
+
+def _write_log(s: Settings):
+    with _LOG_LOCK:
+        if "f" not in _LOG:
+            path = Path(s.out) / f"writes-{s.tag}-{os.getpid()}.jsonl"
+            _LOG["f"] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        return _LOG["f"]
+
+
+@events.quitting.add_listener
+def _dump_status(environment: Environment, **_: Any) -> None:
+    """Per-method status counts of this process, for the fault reports."""
+    s = Settings.from_env()
+    out = Path(s.out) / f"status-{s.tag}-{os.getpid()}.json"
+    rows = [{"method": m, "code": c, "count": n} for (m, c), n in sorted(STATUS.items())]
+    out.write_text(json.dumps(rows, indent=1))
+    if "f" in _LOG:
+        _LOG["f"].close()
+
+
+class StepsShape(LoadTestShape):
+    """Users step up (SOCIALREC_STEPS, e.g. "1,2,4,8") over equal slices of
+    SOCIALREC_STEP_S seconds; per-step client stats go to OUT/steps-TAG.json.
+
+    Active only when SOCIALREC_SHAPE=steps (a shape class in a locustfile otherwise
+    overrides -u/-r). Per-step percentiles come from the difference of Locust's response
+    time histograms at the step boundaries, so each step is measured on its own requests.
+    """
+
+    abstract = os.environ.get("SOCIALREC_SHAPE", "constant") != "steps"
+
+    def __init__(self) -> None:
+        super().__init__()
+        e = os.environ
+        self.steps = [int(x) for x in e.get("SOCIALREC_STEPS", "1,2,4,8").split(",")]
+        self.step_s = float(e.get("SOCIALREC_STEP_S", "10"))
+        self.settle_s = float(e.get("SOCIALREC_STEP_SETTLE_S", "1"))
+        self.current = -1
+        self.mark: tuple[float, dict[int, int], int, int] | None = None
+        self.results: list[dict] = []
+
+    def _snapshot(self) -> tuple[float, dict[int, int], int, int]:
+        total = self.runner.stats.total
+        return (
+            time.perf_counter(),
+            dict(total.response_times),
+            total.num_requests,
+            total.num_failures,
+        )
+
+    def _close_step(self) -> None:
+        if self.mark is None:
+            return
+        t1, hist1, n1, f1 = self._snapshot()
+        t0, hist0, n0, f0 = self.mark
+        diff = {ms: c - hist0.get(ms, 0) for ms, c in hist1.items() if c > hist0.get(ms, 0)}
+        n = n1 - n0
+        self.results.append(
+            {
+                "users": self.steps[self.current],
+                "seconds": round(t1 - t0, 2),
+                "requests": n,
+                "failures": f1 - f0,
+                "rps": round(n / max(t1 - t0, 1e-9), 1),
+                **{f"p{q}_ms": _percentile(diff, q / 100) for q in (50, 95, 99)},
+            }
+        )
+        self.mark = None
+
+    def tick(self) -> tuple[int, float] | None:
+        t = self.get_run_time()
+        step = int(t // self.step_s)
+        if step != self.current:
+            self._close_step()
+            self.current = step
+            if step >= len(self.steps):
+                self._write()
+                return None
+        if self.mark is None and t - step * self.step_s >= self.settle_s:
+            self.mark = self._snapshot()  # measure after users have spawned and settled
+        return self.steps[step], 100.0
+
+    def _write(self) -> None:
+        s = Settings.from_env()
+        ok = [r for r in self.results if r["failures"] == 0 and r["p99_ms"] <= STEP_P99_LIMIT_MS]
+        knee = max(ok, key=lambda r: r["rps"]) if ok else None
+        out = {"p99_limit_ms": STEP_P99_LIMIT_MS, "steps": self.results, "capacity": knee}
+        (Path(s.out) / f"steps-{s.tag}.json").write_text(json.dumps(out, indent=1))
+
+
+def _percentile(hist: dict[int, int], q: float) -> float | None:
+    """q-quantile of a {rounded ms: count} histogram (Locust's own rounding)."""
+    n = sum(hist.values())
+    if n == 0:
+        return None
+    rank, seen = q * n, 0
+    for ms in sorted(hist):
+        seen += hist[ms]
+        if seen >= rank:
+            return float(ms)
+    return float(max(hist))
