@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, events
+from locust import User, constant, events
 from locust.env import Environment
 from locust.shape import LoadTestShape
 
@@ -131,6 +131,7 @@ class GrpcUser(User):
     users over server workers), an interceptor that reports to Locust, and id pools."""
 
     abstract = True
+    wait_time = constant(0)  # closed loop: the next call as soon as the last one returns
     stub_class: Any = None
     _pools: dict[tuple[str, float, int], ZipfIds] = {}
     _counter = itertools.count()

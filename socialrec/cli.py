@@ -200,6 +200,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
             local.stop()
 
 
+def cmd_loadtest(a: argparse.Namespace) -> int:
+    from loadtest.run import LoadTestConfig, print_summary, run
+
+    cfg = LoadTestConfig(
+        run=a.run,
+        duration=a.duration,
+        out=a.out,
+        users=a.users,
+        spawn_rate=a.spawn_rate if a.spawn_rate is not None else float(a.users),
+        workers=a.workers,
+        shape=a.shape,
+        fault=a.fault,
+        peer=not a.no_peer,
+    )
+    print_summary(run(cfg))
+    return 0
+
+
 def _add_train_args(t: argparse.ArgumentParser) -> None:
     _add_data_args(t)
     t.add_argument("--out", help="run directory (default runs/DATASET)")
@@ -321,6 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks of the bundle pointer",
     )
     v.set_defaults(fn=cmd_serve)
+
+    lt = sub.add_parser(
+        "loadtest",
+        help="Locust load test of the server vs a naive peer, side by side; write OUT/summary.json",
+    )
+    lt.add_argument("--run", required=True, help="run directory (RUN/bundle exported if missing)")
+    lt.add_argument("--duration", type=float, required=True, help="seconds of load per server")
+    lt.add_argument("--out", help="output directory (default RUN/loadtest)")
+    lt.add_argument("--users", type=int, default=8, help="simulated users, one channel each")
+    lt.add_argument("--spawn-rate", type=float, help="users started per second (default --users)")
+    lt.add_argument("--workers", type=int, default=2, help="server worker processes")
+    lt.add_argument("--shape", choices=("constant", "steps"), default="constant")
+    lt.add_argument(
+        "--fault",
+        choices=("none", "kill-worker", "restart-redis", "swap-bundle"),
+        default="none",
+        help="inject one fault into our server's run, halfway through",
+    )
+    lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
+    lt.set_defaults(fn=cmd_loadtest)
     return p
 
 

@@ -450,3 +450,62 @@ def test_redis_down_degrades_reads_fails_writes_and_recovers(run_dir, tmp_path) 
         if s is not None:
             s.stop()
         redis.stop()
+
+
+def test_tls_and_token_file(run_dir, redis_server, published, tmp_path) -> None:
+    """Optional TLS: a client trusting the self-signed cert gets answers; the token can come
+    from a file instead of the environment."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    s = Server(
+        run_dir / "bundle",
+        redis_server.url,
+        published,
+        1,
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--token-file",
+        str(token_file),
+    )
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with grpc.secure_channel(s.address, creds) as ch:
+                    stub = pb_grpc.RecommenderStub(ch)
+                    r = stub.RecommendContent(
+                        pb.RecommendContentRequest(user_id=_user_ids(run_dir)[0], k=3), timeout=2
+                    )
+                    break
+            except grpc.RpcError as e:
+                assert time.monotonic() < deadline, f"{e.code()}: {s.log_text()}"
+                time.sleep(0.2)
+        assert len(r.items) == 3
+        with grpc.secure_channel(s.address, creds) as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            req = pb.LogInteractionRequest(
+                user_id="tls-user", item_id=_item_ids(run_dir)[0], weight=1.0
+            )
+            assert stub.LogInteraction(
+                req, metadata=(("authorization", "Bearer file-token"),), timeout=5
+            ).event_id
+            with pytest.raises(grpc.RpcError) as e:
+                stub.LogInteraction(
+                    req, metadata=AUTH, timeout=5
+                )  # the env token is not the file's
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(s.address) as ch, pytest.raises(grpc.RpcError):
+            pb_grpc.RecommenderStub(ch).RecommendContent(
+                pb.RecommendContentRequest(user_id="u", k=3), timeout=2
+            )
+    finally:
+        s.stop()

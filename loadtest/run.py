@@ -1,0 +1,646 @@
+"""`socialrec loadtest`: our server and the naive peer under the same Locust load, side by side.
+
+One command, one machine, one report: a private redis-server gets the run published (train
+part) into two namespaces; `socialrec serve` runs as a subprocess on free ports and Locust
+(headless, a subprocess) drives it; then the naive peer (loadtest/naive_server.py) gets the
+same Locust settings right after. The machine is shared and noisy, so what counts are the
+ratios measured in the same run (DESIGN.md "Performance rules").
+
+Measured per server: client percentiles (Locust CSV, Aggregated row), per-stage server
+histograms (Prometheus /metrics before/after), server CPU-seconds per request (/proc stat of
+the server and its workers, before/after) and a check that every acknowledged write is in the
+event stream and in the user's features. ``fault`` injects one failure mid-run into our
+server's run: SIGKILL a worker, restart Redis, or hot-swap the bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.redis_local import RedisProcess, find_free_port, start_redis
+from serving.store import FeatureStore, StoreConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+SHAPES = ("constant", "steps")
+FAULTS = ("none", "kill-worker", "restart-redis", "swap-bundle")
+PEER_NAME = "naive-torch"
+THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class LoadTestConfig:
+    run: str  # run directory (teacher.pt; RUN/bundle is exported if missing)
+    duration: float = 60.0  # seconds of Locust load per server
+    out: str | None = None  # default RUN/loadtest
+    users: int = 8  # simulated app backends (one channel each), closed loop
+    spawn_rate: float = 8.0
+    workers: int = 2  # our server's worker processes
+    shape: str = "constant"  # or "steps": 1, 2, 4, ... users up to `users`
+    fault: str = "none"
+    peer: bool = True  # also run the naive peer with the same Locust settings
+    k: int = 10
+    zipf: float = 1.1
+    seed: int = 0
+    fault_at: float = 0.5  # fraction of the duration at which the fault hits
+    redis_pause_s: float = 1.0  # restart-redis: how long Redis stays down
+
+
+# ---- processes --------------------------------------------------------------------------
+
+
+class Proc:
+    """A subprocess with its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]) -> None:
+        self.cmd = cmd
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115  (closed in stop)
+        self.p = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.pid = self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def tail(self, n: int = 30) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_rusage(self, timeout_s: float) -> tuple[int, float]:
+        """Exit code and CPU seconds of the finished process (wait4: the kernel's account)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.p.returncode = os.waitstatus_to_exitcode(status)
+                self._log.close()
+                return self.p.returncode, ru.ru_utime + ru.ru_stime
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.cmd[:4]} did not finish in {timeout_s}s:\n{self.tail()}")
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.alive():
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (a /proc scan; no psutil in the serve install)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (f := _stat(int(d.name))) is not None and int(f[1]) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid``, its reaped children and all live descendants.
+
+    A worker that died and was reaped lands in the parent's cutime/cstime, so a kill between
+    two readings still counts (its time before the first reading cancels out).
+    """
+    f = _stat(pid)
+    if f is None:
+        return 0.0
+    own = sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
+    return own + sum(tree_cpu_s(c) for c in children(pid))
+
+
+def wait_serving(address: str, proc: Proc, timeout_s: float = 120.0) -> None:
+    """Poll gRPC health until the Recommender service is SERVING."""
+    deadline = time.monotonic() + timeout_s
+    req = health_pb2.HealthCheckRequest(service="socialrec.v1.Recommender")
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"server exited before serving:\n{proc.tail()}")
+            try:
+                if stub.Check(req, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)  # poll interval
+    raise RuntimeError(f"server at {address} not SERVING after {timeout_s}s:\n{proc.tail()}")
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, ...], dict]:
+    """Histograms and counters from /metrics: (metric, labels...) -> {buckets, sum, count}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[tuple[str, ...], dict] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = dict(s.labels)
+            le = labels.pop("le", None)
+            key = (fam.name, *(f"{k}={v}" for k, v in sorted(labels.items())))
+            h = out.setdefault(key, {"buckets": {}, "sum": 0.0, "count": 0.0, "value": 0.0})
+            if s.name.endswith("_bucket") and le is not None:
+                h["buckets"][float(le)] = s.value
+            elif s.name.endswith("_sum"):
+                h["sum"] = s.value
+            elif s.name.endswith("_count"):
+                h["count"] = s.value
+            else:
+                h["value"] = s.value
+    return out
+
+
+def _hist_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Prometheus-style quantile: linear inside the bucket that holds the rank (seconds)."""
+    edges = sorted(buckets)
+    total = buckets[edges[-1]] if edges else 0.0
+    if total <= 0:
+        return None
+    rank, lo, prev = q * total, 0.0, 0.0
+    for le in edges:
+        c = buckets[le]
+        if c >= rank:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * (rank - prev) / max(c - prev, 1e-12)
+        lo, prev = le, c
+    return lo
+
+
+def histogram_diff(before: dict, after: dict, metric: str) -> dict[str, dict[str, dict]]:
+    """{method: {stage or "rpc": {count, mean_ms, p50_ms, p99_ms}}} over the window."""
+    out: dict[str, dict[str, dict]] = {}
+    for key, h in after.items():
+        if key[0] != metric:
+            continue
+        labels = dict(kv.split("=", 1) for kv in key[1:])
+        b = before.get(key, {"buckets": {}, "sum": 0.0, "count": 0.0})
+        n = h["count"] - b["count"]
+        if n <= 0:
+            continue
+        buckets = {le: c - b["buckets"].get(le, 0.0) for le, c in h["buckets"].items()}
+        p50, p99 = _hist_quantile(buckets, 0.5), _hist_quantile(buckets, 0.99)
+        out.setdefault(labels.get("method", ""), {})[labels.get("stage", "rpc")] = {
+            "count": int(n),
+            "mean_ms": round((h["sum"] - b["sum"]) / n * 1000, 4),
+            "p50_ms": round(p50 * 1000, 4) if p50 is not None else None,
+            "p99_ms": round(p99 * 1000, 4) if p99 is not None else None,
+        }
+    return out
+
+
+def counter_values(snap: dict, metric: str) -> dict[str, float]:
+    return {",".join(k[1:]): v["value"] for k, v in snap.items() if k[0] == metric}
+
+
+# ---- client side --------------------------------------------------------------------------
+
+
+def read_locust_csv(prefix: Path) -> dict:
+    """Aggregated and per-method client numbers from Locust's PREFIX_stats.csv."""
+
+    def num(row: dict, col: str) -> float | None:
+        v = row.get(col, "N/A")
+        return None if v in ("N/A", "", None) else float(v)
+
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out: dict = {"methods": {}}
+    for row in rows:
+        entry = {
+            "requests": int(row["Request Count"]),
+            "failures": int(row["Failure Count"]),
+            "rps": num(row, "Requests/s"),
+            "mean_ms": num(row, "Average Response Time"),
+            "p50_ms": num(row, "50%"),
+            "p95_ms": num(row, "95%"),
+            "p99_ms": num(row, "99%"),
+        }
+        if row["Name"] == "Aggregated":
+            out.update(entry)
+        else:
+            out["methods"][row["Name"]] = entry
+    return out
+
+
+def read_status(out: Path, tag: str) -> dict[str, dict[str, int]]:
+    """{method: {status code: calls}} summed over the Locust processes' status files."""
+    res: dict[str, dict[str, int]] = {}
+    for f in sorted(out.glob(f"status-{tag}-*.json")):
+        for r in json.loads(f.read_text()):
+            m = res.setdefault(r["method"], {})
+            m[r["code"]] = m.get(r["code"], 0) + r["count"]
+    return res
+
+
+def verify_writes(store: FeatureStore, out: Path, tag: str, after_id: str) -> dict:
+    """Every acknowledged write (logged by the locustfile) must be in the event stream and in
+    the user's features. An item the history cap pushed out counts as ``evicted``, not lost."""
+    acked = [
+        json.loads(line)
+        for f in sorted(out.glob(f"writes-{tag}-*.jsonl"))
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+    events: dict[str, dict[str, str]] = {}
+    cursor = after_id
+    while batch := store.events(after=cursor, count=10_000):
+        events.update(batch)
+        cursor = batch[-1][0]
+    friend_events = {
+        (e["user"], e["friend"]) for e in events.values() if e.get("type") == "friend_add"
+    }
+    missing_stream, missing_features, evicted, n_lost, lost = 0, 0, 0, 0, []
+    for w in acked:
+        in_stream, in_features = True, True
+        if w["type"] == "interaction":
+            e = events.get(w["event_id"])
+            in_stream = (
+                e is not None
+                and e.get("user") == w["user"]
+                and e.get("item") == w["item"]
+                and int(e.get("ts", -1)) == w["ts"]
+                and abs(float(e.get("weight", "nan")) - w["weight"]) < 1e-6
+            )
+            hist = store.read(w["user"]).history
+            if w["item"] not in {i for i, _ in hist}:
+                if len(hist) >= store.cfg.history_cap:
+                    evicted += 1
+                else:
+                    in_features = False
+        else:
+            in_stream = (w["user"], w["friend"]) in friend_events
+            in_features = (
+                w["friend"] in store.read(w["user"]).friends
+                and w["user"] in store.read(w["friend"]).friends
+            )
+        missing_stream += not in_stream
+        missing_features += not in_features
+        if not (in_stream and in_features):
+            n_lost += 1
+            if len(lost) < 5:
+                lost.append({**w, "in_stream": in_stream, "in_features": in_features})
+    return {
+        "acknowledged": len(acked),
+        "interactions": sum(w["type"] == "interaction" for w in acked),
+        "friendships": sum(w["type"] == "friend_add" for w in acked),
+        "stream_events": len(events),
+        "missing_in_stream": missing_stream,
+        "missing_in_features": missing_features,
+        "evicted_by_history_cap": evicted,
+        "lost": n_lost,
+        "lost_examples": lost,
+    }
+
+
+# ---- one server under load ----------------------------------------------------------------
+
+
+def _copy_bundle(src: Path, dst: Path, version: str) -> Path:
+    """A copy of a bundle with a new version (manifest rewritten, checksums recomputed)."""
+    from serving.bundle import write_manifest
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    drop = ("format_version", "bundle_version", "created", "tower", "files")
+    write_manifest(
+        dst, {**{k: v for k, v in m.items() if k not in drop}, "bundle_version": version}
+    )
+    return dst
+
+
+def _point(root: Path, name: str) -> None:
+    """Move the root's CURRENT pointer atomically (write a temp file, rename over)."""
+    tmp = root / "CURRENT.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "CURRENT")
+
+
+def _steps(users: int) -> list[int]:
+    steps, n = [], 1
+    while n < users:
+        steps.append(n)
+        n *= 2
+    return [*steps, users]
+
+
+def locust_env(cfg: LoadTestConfig, bundle: Path, out: Path, tag: str, token: str) -> dict:
+    env = {
+        **os.environ,
+        **THREAD_ENV,
+        "SOCIALREC_USER_IDS": str(bundle / "user_ids.txt"),
+        "SOCIALREC_ITEM_IDS": str(bundle / "item_ids.txt"),
+        "SOCIALREC_LOADTEST_OUT": str(out),
+        "SOCIALREC_LOADTEST_TAG": tag,
+        "SOCIALREC_WRITE_TOKEN": token,
+        "SOCIALREC_ZIPF": str(cfg.zipf),
+        "SOCIALREC_K": str(cfg.k),
+        "SOCIALREC_SEED": str(cfg.seed),
+        "SOCIALREC_SHAPE": cfg.shape,
+    }
+    if cfg.shape == "steps":
+        steps = _steps(cfg.users)
+        env["SOCIALREC_STEPS"] = ",".join(map(str, steps))
+        env["SOCIALREC_STEP_S"] = str(cfg.duration / len(steps))
+    return env
+
+
+def drive(
+    cfg: LoadTestConfig,
+    tag: str,
+    server: Proc,
+    address: str,
+    bundle: Path,
+    out: Path,
+    token: str,
+    redis: RedisProcess,
+    store: FeatureStore,
+    metrics_port: int | None = None,
+    fault=None,
+) -> dict:
+    """Run Locust against a SERVING server and measure it; ``fault()`` is called mid-run."""
+    for f in [*out.glob(f"writes-{tag}-*.jsonl"), *out.glob(f"status-{tag}-*.json")]:
+        f.unlink()
+    after_id = f"{int(time.time() * 1000) - 1}-0"
+    before = scrape(metrics_port) if metrics_port else {}
+    cpu0, rcpu0 = tree_cpu_s(server.pid), tree_cpu_s(redis.proc.pid)
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(cfg.users), "-r", str(cfg.spawn_rate), "-t", f"{int(round(cfg.duration))}s",
+        "--csv", str(out / tag), "--html", str(out / f"{tag}.html"),
+        "--host", address, "--stop-timeout", "5", "--exit-code-on-error", "0",
+    ]  # fmt: skip
+    locust = Proc(cmd, out / f"{tag}-locust.log", locust_env(cfg, bundle, out, tag, token))
+    fault_info = None
+    if fault is not None:
+        t_fault = time.monotonic() + cfg.fault_at * cfg.duration
+        while time.monotonic() < t_fault and locust.alive():
+            time.sleep(0.05)
+        fault_info = fault()
+    code, locust_cpu = locust.wait_rusage(cfg.duration + 60)
+    if code != 0:
+        raise RuntimeError(f"locust exited with {code}:\n{locust.tail()}")
+    cpu1 = tree_cpu_s(server.pid)
+    rcpu1 = tree_cpu_s(redis.proc.pid) if redis.running else None
+    after = scrape(metrics_port) if metrics_port else {}
+    client = read_locust_csv(out / tag)
+    n = max(client.get("requests", 0), 1)
+    res = {
+        "rps": client.get("rps"),
+        "p50_ms": client.get("p50_ms"),
+        "p95_ms": client.get("p95_ms"),
+        "p99_ms": client.get("p99_ms"),
+        "mean_ms": client.get("mean_ms"),
+        "failures": client.get("failures"),
+        "requests": client.get("requests"),
+        "server_cpu_us_per_request": round((cpu1 - cpu0) / n * 1e6, 1),
+        "redis_cpu_us_per_request": (
+            round((rcpu1 - rcpu0) / n * 1e6, 1) if rcpu1 is not None and rcpu1 >= rcpu0 else None
+        ),
+        "locust_cpu_s": round(locust_cpu, 2),
+        "server_cpu_s": round(cpu1 - cpu0, 2),
+        "methods": client["methods"],
+        "status": read_status(out, tag),
+        "writes": verify_writes(store, out, tag, after_id),
+    }
+    if metrics_port:
+        res["stages"] = histogram_diff(before, after, "socialrec_stage_seconds")
+        res["server_rpc"] = histogram_diff(before, after, "socialrec_rpc_seconds")
+        res["bundle_info"] = counter_values(after, "socialrec_bundle_info")
+        res["bundle_reloads"] = counter_values(after, "socialrec_bundle_reloads")
+    if fault_info is not None:
+        res["fault"] = fault_info
+    if cfg.shape == "steps" and (f := out / f"steps-{tag}.json").exists():
+        steps = json.loads(f.read_text())
+        res["steps"], res["capacity"] = steps["steps"], steps["capacity"]
+    return res
+
+
+def make_fault(
+    cfg: LoadTestConfig, server: Proc, redis: RedisProcess, root: Path | None, src: Path
+):
+    """The callable that injects ``cfg.fault`` and returns what it did (timings, pids)."""
+
+    def kill_worker() -> dict:
+        victims = sorted(children(server.pid))
+        if not victims:
+            return {"kind": cfg.fault, "error": "no worker process found"}
+        victim = victims[0]
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        new: list[int] = []
+        while time.monotonic() - t0 < 30 and not new:  # the supervisor restarts it
+            new = [p for p in children(server.pid) if p not in victims]
+            time.sleep(0.05)
+        return {
+            "kind": cfg.fault,
+            "killed_pid": victim,
+            "replacement_pid": new[0] if new else None,
+            "replaced_after_s": round(time.monotonic() - t0, 2) if new else None,
+        }
+
+    def restart_redis() -> dict:
+        t0 = time.monotonic()
+        redis.kill()
+        time.sleep(cfg.redis_pause_s)
+        redis.restart()
+        return {"kind": cfg.fault, "down_s": round(time.monotonic() - t0, 2)}
+
+    def swap_bundle() -> dict:
+        assert root is not None
+        t0 = time.monotonic()
+        _copy_bundle(src, root / "b", "loadtest-b")
+        _point(root, "b")
+        return {"kind": cfg.fault, "from": "loadtest-a", "to": "loadtest-b",
+                "copy_s": round(time.monotonic() - t0, 2)}  # fmt: skip
+
+    return {
+        "none": None,
+        "kill-worker": kill_worker,
+        "restart-redis": restart_redis,
+        "swap-bundle": swap_bundle,
+    }[cfg.fault]
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def ensure_bundle(run_dir: Path) -> Path:
+    """RUN/bundle, exported from RUN/teacher.pt first if it is not there yet."""
+    bundle = run_dir / "bundle"
+    if not (bundle / "manifest.json").exists():
+        from compression.export import export_run
+
+        export_run(run_dir, bundle)
+    return bundle
+
+
+def run(cfg: LoadTestConfig) -> Path:
+    """Run the load test (ours, then the peer) and write OUT/summary.json; returns its path."""
+    if cfg.shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {cfg.shape!r}")
+    if cfg.fault not in FAULTS:
+        raise ValueError(f"fault must be one of {FAULTS}, got {cfg.fault!r}")
+    if cfg.duration <= 0 or cfg.users <= 0 or cfg.workers <= 0:
+        raise ValueError("duration, users and workers must be positive")
+    run_dir = Path(cfg.run).resolve()
+    if not (run_dir / "teacher.pt").exists():
+        raise FileNotFoundError(f"{run_dir / 'teacher.pt'}: not a trained run")
+    out = Path(cfg.out or run_dir / "loadtest").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = ensure_bundle(run_dir)
+    token = secrets.token_hex(16)
+    summary: dict = {}
+
+    from serving.publish import PublishConfig
+    from serving.publish import run as publish
+
+    redis = start_redis(dir=out / "redis-data")
+    try:
+        namespaces = {"ours": "lt-ours", "peer": "lt-peer"}
+        for tag, ns in namespaces.items():
+            if tag == "peer" and not cfg.peer:
+                continue
+            with FeatureStore(StoreConfig(url=redis.url, namespace=ns)) as s:
+                s.flush(events=True)
+            publish(PublishConfig(run=str(run_dir), redis_url=redis.url, namespace=ns,
+                                  train_only=True, progress=False))  # fmt: skip
+
+        # ---- ours
+        serve_bundle, root = bundle, None
+        if cfg.fault == "swap-bundle":
+            root = out / "bundles"
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            _copy_bundle(bundle, root / "a", "loadtest-a")
+            _point(root, "a")
+            serve_bundle = root
+        port, mport = find_free_port(), find_free_port()
+        env = {**os.environ, **THREAD_ENV, "SOCIALREC_WRITE_TOKEN": token}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        cmd = [
+            sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(serve_bundle),
+            "--redis-url", redis.url, "--namespace", namespaces["ours"], "--port", str(port),
+            "--workers", str(cfg.workers), "--metrics-port", str(mport), "--watch-interval", "0.5",
+        ]  # fmt: skip
+        server = Proc(cmd, out / "ours-server.log", env)
+        address = f"127.0.0.1:{port}"
+        try:
+            wait_serving(address, server)
+            with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["ours"])) as store:
+                fault = make_fault(cfg, server, redis, root, bundle)
+                ours = drive(cfg, "ours", server, address, bundle, out, token, redis, store,
+                             mport, fault)  # fmt: skip
+        finally:
+            server.stop()
+        summary.update(ours)
+
+        # ---- the naive peer, same Locust settings, right after
+        peer = None
+        if cfg.peer:
+            pport = find_free_port()
+            pcmd = [
+                sys.executable, "-m", "loadtest.naive_server", "--run", str(run_dir),
+                "--redis-url", redis.url, "--namespace", namespaces["peer"], "--port", str(pport),
+            ]  # fmt: skip
+            pserver = Proc(pcmd, out / "peer-server.log", env)
+            paddress = f"127.0.0.1:{pport}"
+            try:
+                wait_serving(paddress, pserver)
+                with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["peer"])) as s:
+                    p = drive(cfg, "peer", pserver, paddress, bundle, out, token, redis, s)
+            finally:
+                pserver.stop()
+            peer = {"name": PEER_NAME, **p}
+    finally:
+        redis.cleanup()
+        shutil.rmtree(out / "redis-data", ignore_errors=True)
+
+    summary["peer"] = peer
+    summary["ratios"] = _ratios(summary, peer)
+    summary["config"] = {
+        **asdict(cfg),
+        "run": str(run_dir),
+        "out": str(out),
+        "bundle": str(bundle),
+        "locustfile": str(LOCUSTFILE.relative_to(ROOT)),
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=1))
+    return path
+
+
+def _ratios(ours: dict, peer: dict | None) -> dict | None:
+    if not peer:
+        return None
+
+    def div(a, b):
+        return round(a / b, 2) if a is not None and b else None
+
+    return {
+        "rps_vs_peer": div(ours["rps"], peer["rps"]),
+        "cpu_per_request_peer_over_ours": div(
+            peer["server_cpu_us_per_request"], ours["server_cpu_us_per_request"]
+        ),
+        "p99_peer_over_ours": div(peer["p99_ms"], ours["p99_ms"]),
+    }
+
+
+def print_summary(path: Path) -> None:
+    """A few lines for the terminal; the full numbers are in summary.json."""
+    s = json.loads(path.read_text())
+
+    def line(name: str, r: dict) -> str:
+        return (
+            f"{name:12s} {r['rps'] or 0:8.1f} rps  p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  "
+            f"p99 {r['p99_ms']} ms  failures {r['failures']}/{r['requests']}  "
+            f"server CPU {r['server_cpu_us_per_request']} us/request  "
+            f"writes lost {r['writes']['lost']}/{r['writes']['acknowledged']}"
+        )
+
+    print(line("socialrec", s))
+    if s.get("peer"):
+        print(line(s["peer"]["name"], s["peer"]))
+        print(f"ratios: {s['ratios']}")
+    if s.get("fault"):
+        print(f"fault: {s['fault']}  status: {s['status']}")
+    if s.get("capacity") is not None or s.get("steps"):
+        print(f"capacity (p99 <= 25 ms): {s.get('capacity')}")
+    print(f"wrote {path}")
