@@ -1,8 +1,9 @@
 """Low-rank embeddings: E (N, D) ~ A (N, r) @ B (r, D), initialised by truncated SVD.
 
-The ONNX graph keeps A and B (a Gather then a MatMul), so the tower's input tables shrink
-from N*D to (N + D)*r numbers. Candidate tables are materialised into FAISS vectors at
-bundle time, so factorising them would not change served bytes; only inputs are factorised.
+Input tables: the ONNX graph keeps A and B (a Gather then a MatMul), so they shrink from
+N*D to (N + D)*r numbers. Candidate tables: u . (A_i B) = (u B^T) . A_i, so the served tower
+ends with the small projection B^T and FAISS holds the r-dim rows of A (plus the bias
+slot): the index shrinks by D/r too, with exactly the same scores.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compression.tables import INPUT_TABLES, replace_tables
+from compression.tables import INPUT_TABLES, OUTPUT_TABLES, replace_tables
 from training.model import TwoTower
 
 
@@ -23,21 +24,55 @@ def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class LowRankEmbedding(nn.Module):
-    """Embedding rows computed as a[ids] @ b."""
+    """Embedding rows computed as a(ids) @ b; ``a`` is itself a table (so it can be quantised)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
         super().__init__()
-        self.a = nn.Parameter(a.clone())  # (N, r)
+        self.a = nn.Embedding(*a.shape)  # (N, r)
+        self.a.weight.data.copy_(a)
         self.b = nn.Parameter(b.clone())  # (r, D)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.a) @ self.b  # (..., D)
+        return self.a(ids) @ self.b  # (..., D)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.a @ self.b  # (N, D)
+        return self.a.weight @ self.b  # (N, D)
 
 
-def to_lowrank(model: TwoTower, rank: int, names: tuple[str, ...] = INPUT_TABLES) -> TwoTower:
+def to_lowrank(
+    model: TwoTower, rank: int, names: tuple[str, ...] = INPUT_TABLES + OUTPUT_TABLES
+) -> TwoTower:
     """Copy of ``model`` whose named tables are rank-``rank`` SVD factorisations of the originals."""
     return replace_tables(model, names, lambda t: LowRankEmbedding(*svd_factors(t.weight, rank)))
+
+
+def factor_tables(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``A`` factor of each named low-rank table (the big part: quantise these)."""
+    return tuple(f"{n}.a" for n in names)
+
+
+class ProjectedTower(nn.Module):
+    """User tower followed by the candidate tables' B^T: queries live in the r-dim A space."""
+
+    def __init__(self, tower: nn.Module, b_c: torch.Tensor, b_f: torch.Tensor) -> None:
+        super().__init__()
+        self.tower = tower
+        self.b_c = nn.Parameter(b_c.detach().clone(), requires_grad=False)  # (r, D)
+        self.b_f = nn.Parameter(b_f.detach().clone(), requires_grad=False)  # (r, D)
+
+    def forward(self, hist_ids, hist_w, friend_ids, friend_w) -> tuple[torch.Tensor, torch.Tensor]:
+        u_c, u_f = self.tower(hist_ids, hist_w, friend_ids, friend_w)  # (B, D) each
+        return u_c @ self.b_c.T, u_f @ self.b_f.T  # (B, r) each
+
+
+def factored_serving(model: TwoTower) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(tower to export, item vectors (I, r + 1), user vectors (U, r + 1)) of a model whose
+    candidate tables are low-rank; inner products equal the full model's logits."""
+    item, user = model.item_out, model.user_out
+    if not (isinstance(item, LowRankEmbedding) and isinstance(user, LowRankEmbedding)):
+        raise ValueError("factored_serving needs low-rank item_out and user_out")
+    with torch.no_grad():
+        items = torch.cat([item.a.weight, model.item_bias[:, None]], dim=1)
+        users = torch.cat([user.a.weight, model.user_bias[:, None]], dim=1)
+    return ProjectedTower(model.user_tower, item.b, user.b).eval(), items, users

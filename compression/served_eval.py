@@ -153,20 +153,31 @@ def served_evaluate(
 
 
 def us_per_query(
-    bundle_dir: str | Path, split: Split, n_queries: int = 200, k: int = 20, seed: int = 0
-) -> float:
-    """Median microseconds of one batch-1 tower run + one k=20 content search, single thread."""
+    bundle_dirs: list[str | Path],
+    split: Split,
+    n_queries: int = 200,
+    k: int = 20,
+    seed: int = 0,
+) -> list[float]:
+    """Median microseconds of one batch-1 tower run + one k=20 content search, single thread.
+
+    Bundles are timed side by side, query by query in turn, so the noise of a shared machine
+    falls on every bundle alike and the ratios between them hold.
+    """
     faiss.omp_set_num_threads(1)
-    sm = ServedModel(bundle_dir, threads=1)
-    feats = sm.features(split)
+    models = [ServedModel(d, threads=1) for d in bundle_dirs]
     users = np.random.default_rng(seed).choice(split.n_users, n_queries, replace=True)
-    inputs = [tower_inputs(feats, users[i : i + 1]) for i in range(n_queries)]
-    for x in inputs[:10]:  # warm-up
-        sm.items.search(sm.vectors(x)[0], k)
-    times = []
-    for x in inputs:
-        t0 = time.perf_counter()
-        u_c, _ = sm.vectors(x)
-        sm.items.search(u_c, k)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e6)
+    inputs = []
+    for sm in models:
+        feats = sm.features(split)
+        inputs.append([tower_inputs(feats, users[i : i + 1]) for i in range(n_queries)])
+    times = np.zeros((len(models), n_queries))
+    for i in range(-10, n_queries):  # 10 warm-up rounds
+        for j, sm in enumerate(models):
+            x = inputs[j][max(i, 0)]
+            t0 = time.perf_counter()
+            u_c, _ = sm.vectors(x)
+            sm.items.search(u_c, k)
+            if i >= 0:
+                times[j, i] = time.perf_counter() - t0
+    return [float(t) for t in np.median(times, axis=1) * 1e6]

@@ -1,4 +1,5 @@
-# Training pipeline image: `socialrec train` / `socialrec split` (build context: the repo root).
+# Training pipeline image: `socialrec train` / `split` / `compress` / `retrain`, and the Locust
+# load generator (compose's locust service) (build context: the repo root).
 #   docker build -f docker/pipeline.Dockerfile -t socialrec-pipeline .
 #   docker run --rm -v "$PWD/runs:/runs" socialrec-pipeline
 FROM python:3.11-slim
@@ -20,7 +21,7 @@ COPY loadtest/ loadtest/
 
 # torch first, with the same pin as the train extra, then the package itself.
 RUN pip install torch==2.13.0 \
-    && pip install ".[train]"
+    && pip install ".[train,loadtest]"
 
 VOLUME ["/runs"]
 ENTRYPOINT ["socialrec"]

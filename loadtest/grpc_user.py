@@ -12,6 +12,7 @@ call stalls every greenlet of the process. Importing this module does it.
 from __future__ import annotations
 
 import bisect
+import csv
 import itertools
 import json
 import os
@@ -195,13 +196,31 @@ def _write_log(s: Settings):
         return _LOG["f"]
 
 
-@events.quitting.add_listener
-def _dump_status(environment: Environment, **_: Any) -> None:
-    """Per-method status counts of this process, for the fault reports."""
+_ENV: dict[str, Environment] = {}
+
+
+@events.init.add_listener
+def _remember(environment: Environment, **_: Any) -> None:
+    _ENV["env"] = environment
+
+
+@events.quit.add_listener
+def _final_reports(**_: Any) -> None:
+    """After the runner has stopped: the complete stats CSV and per-method status counts.
+
+    Locust's own PREFIX_stats.csv is rewritten once a second by a greenlet that shutdown
+    kills, so it misses the last second; TAG_final_stats.csv has every request, in the same
+    format (same columns, same percentile code).
+    """
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
     s = Settings.from_env()
-    out = Path(s.out) / f"status-{s.tag}-{os.getpid()}.json"
+    out = Path(s.out)
+    if "env" in _ENV:
+        with open(out / f"{s.tag}_final_stats.csv", "w", newline="") as f:
+            StatsCSV(_ENV["env"], PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
     rows = [{"method": m, "code": c, "count": n} for (m, c), n in sorted(STATUS.items())]
-    out.write_text(json.dumps(rows, indent=1))
+    (out / f"status-{s.tag}-{os.getpid()}.json").write_text(json.dumps(rows, indent=1))
     if "f" in _LOG:
         _LOG["f"].close()
 

@@ -230,14 +230,15 @@ def counter_values(snap: dict, metric: str) -> dict[str, float]:
 # ---- client side --------------------------------------------------------------------------
 
 
-def read_locust_csv(prefix: Path) -> dict:
-    """Aggregated and per-method client numbers from Locust's PREFIX_stats.csv."""
+def read_locust_csv(path: Path) -> dict:
+    """Aggregated and per-method client numbers from a Locust stats CSV (TAG_final_stats.csv,
+    written by grpc_user.py once the runner has stopped: see its ``_final_reports``)."""
 
     def num(row: dict, col: str) -> float | None:
         v = row.get(col, "N/A")
         return None if v in ("N/A", "", None) else float(v)
 
-    with open(f"{prefix}_stats.csv", newline="") as f:
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     out: dict = {"methods": {}}
     for row in rows:
@@ -322,6 +323,9 @@ def verify_writes(store: FeatureStore, out: Path, tag: str, after_id: str) -> di
         "missing_in_stream": missing_stream,
         "missing_in_features": missing_features,
         "evicted_by_history_cap": evicted,
+        # writes Redis applied whose reply never reached the client (e.g. cut by a fault):
+        # not acknowledged, so not lost; a client retry would apply them twice
+        "unacknowledged_in_stream": max(len(events) - len(acked), 0),
         "lost": n_lost,
         "lost_examples": lost,
     }
@@ -393,11 +397,13 @@ def drive(
     fault=None,
 ) -> dict:
     """Run Locust against a SERVING server and measure it; ``fault()`` is called mid-run."""
-    for f in [*out.glob(f"writes-{tag}-*.jsonl"), *out.glob(f"status-{tag}-*.json")]:
-        f.unlink()
+    old = [*out.glob(f"writes-{tag}-*.jsonl"), *out.glob(f"status-{tag}-*.json")]
+    for f in [*old, out / f"{tag}_final_stats.csv", out / f"steps-{tag}.json"]:
+        f.unlink(missing_ok=True)
     after_id = f"{int(time.time() * 1000) - 1}-0"
     before = scrape(metrics_port) if metrics_port else {}
-    cpu0, rcpu0 = tree_cpu_s(server.pid), tree_cpu_s(redis.proc.pid)
+    redis_pid = redis.proc.pid
+    cpu0, rcpu0 = tree_cpu_s(server.pid), tree_cpu_s(redis_pid)
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(cfg.users), "-r", str(cfg.spawn_rate), "-t", f"{int(round(cfg.duration))}s",
@@ -415,9 +421,10 @@ def drive(
     if code != 0:
         raise RuntimeError(f"locust exited with {code}:\n{locust.tail()}")
     cpu1 = tree_cpu_s(server.pid)
-    rcpu1 = tree_cpu_s(redis.proc.pid) if redis.running else None
+    # a restarted Redis is a new process: its CPU before the fault is gone, so no number
+    rcpu1 = tree_cpu_s(redis_pid) if redis.running and redis.proc.pid == redis_pid else None
     after = scrape(metrics_port) if metrics_port else {}
-    client = read_locust_csv(out / tag)
+    client = read_locust_csv(out / f"{tag}_final_stats.csv")
     n = max(client.get("requests", 0), 1)
     res = {
         "rps": client.get("rps"),
@@ -429,7 +436,7 @@ def drive(
         "requests": client.get("requests"),
         "server_cpu_us_per_request": round((cpu1 - cpu0) / n * 1e6, 1),
         "redis_cpu_us_per_request": (
-            round((rcpu1 - rcpu0) / n * 1e6, 1) if rcpu1 is not None and rcpu1 >= rcpu0 else None
+            round((rcpu1 - rcpu0) / n * 1e6, 1) if rcpu1 is not None else None
         ),
         "locust_cpu_s": round(locust_cpu, 2),
         "server_cpu_s": round(cpu1 - cpu0, 2),
@@ -442,6 +449,10 @@ def drive(
         res["server_rpc"] = histogram_diff(before, after, "socialrec_rpc_seconds")
         res["bundle_info"] = counter_values(after, "socialrec_bundle_info")
         res["bundle_reloads"] = counter_values(after, "socialrec_bundle_reloads")
+        res["degraded_reads"] = {
+            k: v - counter_values(before, "socialrec_degraded").get(k, 0.0)
+            for k, v in counter_values(after, "socialrec_degraded").items()
+        }
     if fault_info is not None:
         res["fault"] = fault_info
     if cfg.shape == "steps" and (f := out / f"steps-{tag}.json").exists():
@@ -597,7 +608,10 @@ def run(cfg: LoadTestConfig) -> Path:
         "run": str(run_dir),
         "out": str(out),
         "bundle": str(bundle),
+        "bundle_variant": _manifest(bundle).get("variant", {}).get("name"),
+        "bundle_version": _manifest(bundle).get("bundle_version"),
         "locustfile": str(LOCUSTFILE.relative_to(ROOT)),
+        "argv": sys.argv,
         "cpus": os.cpu_count(),
         "loadavg_at_end": os.getloadavg(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -605,6 +619,10 @@ def run(cfg: LoadTestConfig) -> Path:
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=1))
     return path
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
 
 
 def _ratios(ours: dict, peer: dict | None) -> dict | None:

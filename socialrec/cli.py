@@ -218,6 +218,128 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(a: argparse.Namespace) -> int:
+    from compression.retrain import RetrainConfig, run
+    from serving.store import StoreUnavailable
+
+    cfg = RetrainConfig(
+        run_dir=a.run,
+        redis_url=a.redis_url,
+        bundles=a.bundles,
+        namespace=a.namespace,
+        gate_margin=a.gate_margin,
+        epochs=a.epochs,
+        compress=a.compress,
+        work_dir=a.work_dir,
+        max_eval_users=a.max_eval_users,
+        threads=a.threads or 0,
+        progress=not a.no_progress,
+    )
+    try:
+        out = run(cfg)
+    except StoreUnavailable as e:
+        print(f"socialrec retrain: error: {e}", file=sys.stderr)
+        return 1
+    if out is not None:  # rank 0 under torchrun
+        import json
+
+        r = json.loads(out.read_text())
+        verdict = "published" if r["published"] else "refused (CURRENT unchanged)"
+        print(f"bundle {r['version']}: {verdict}: {r['gate']['reason']}; wrote {out}")
+    return 0
+
+
+def cmd_rollout(a: argparse.Namespace) -> int:
+    from serving.bundle import BundleError
+    from serving.rollout import rollout
+
+    try:
+        e = rollout(a.bundles, a.to)
+    except BundleError as err:  # a corrupted version is never made live
+        print(f"socialrec rollout: error: {err}", file=sys.stderr)
+        return 1
+    print(f"CURRENT: {e['from']} -> {e['to']}")
+    return 0
+
+
+def cmd_rollback(a: argparse.Namespace) -> int:
+    from serving.bundle import BundleError
+    from serving.rollout import rollback
+
+    try:
+        e = rollback(a.bundles)
+    except BundleError as err:
+        print(f"socialrec rollback: error: {err}", file=sys.stderr)
+        return 1
+    print(f"CURRENT: {e['from']} -> {e['to']} (rollback)")
+    return 0
+
+
+def cmd_publish_bundle(a: argparse.Namespace) -> int:
+    from serving.bundle import BundleError
+    from serving.rollout import publish_bundle
+
+    try:
+        e = publish_bundle(a.bundles, getattr(a, "from"))
+    except BundleError as err:
+        print(f"socialrec publish-bundle: error: {err}", file=sys.stderr)
+        return 1
+    print(f"CURRENT: {e['from']} -> {e['to']}")
+    return 0
+
+
+def _add_rollout_parsers(sub) -> None:
+    """retrain, rollout, rollback, publish-bundle: the versioned bundle root (ROOT/CURRENT)."""
+    r = sub.add_parser(
+        "retrain",
+        help="events since the last run + base data -> retrain, compress, gate, publish to ROOT",
+    )
+    r.add_argument(
+        "--run",
+        "--base-run",
+        dest="run",
+        required=True,
+        help="base run directory (its run.json and settings); under torchrun spell it --base-run",
+    )
+    r.add_argument("--redis-url", required=True, help="the store whose event stream is consumed")
+    r.add_argument("--bundles", required=True, help="bundle root watched by the servers")
+    r.add_argument("--namespace", default="socialrec", help="Redis key namespace")
+    r.add_argument(
+        "--gate-margin",
+        type=float,
+        default=0.02,
+        help="publish only if content and friends recall@20 >= live - this (absolute)",
+    )
+    r.add_argument("--epochs", type=int, help="override the base run's epochs")
+    r.add_argument(
+        "--compress",
+        choices=("auto", "quick", "export"),
+        default="auto",
+        help="auto: as the base run (compression.json settings, else fp32 export)",
+    )
+    r.add_argument("--work-dir", help="retraining run directories (default ROOT/retrain-runs)")
+    r.add_argument("--max-eval-users", type=int, help="gate on a seeded sample of users")
+    r.add_argument("--threads", type=int, help="torch threads")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=cmd_retrain)
+
+    ro = sub.add_parser("rollout", help="point ROOT/CURRENT at a bundle version")
+    ro.add_argument("--bundles", required=True, help="bundle root")
+    ro.add_argument("--to", required=True, help="bundle version (a directory under ROOT)")
+    ro.set_defaults(fn=cmd_rollout)
+
+    rb = sub.add_parser("rollback", help="point ROOT/CURRENT back at the previous version")
+    rb.add_argument("--bundles", required=True, help="bundle root")
+    rb.set_defaults(fn=cmd_rollback)
+
+    pb = sub.add_parser(
+        "publish-bundle", help="copy a bundle into ROOT/VERSION (checksums verified), make it live"
+    )
+    pb.add_argument("--bundles", required=True, help="bundle root")
+    pb.add_argument("--from", required=True, help="bundle directory (e.g. RUN_DIR/bundle)")
+    pb.set_defaults(fn=cmd_publish_bundle)
+
+
 def _add_train_args(t: argparse.ArgumentParser) -> None:
     _add_data_args(t)
     t.add_argument("--out", help="run directory (default runs/DATASET)")
@@ -359,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
     lt.set_defaults(fn=cmd_loadtest)
+    _add_rollout_parsers(sub)
     return p
 
 

@@ -435,3 +435,138 @@ def test_parser_handles_continuations_comments_and_shell_operators(tmp_path: Pat
     assert socialrec_invocations(["pip", "show", "socialrec"]) is None
     assert dockerignored("runs/lastfm/report.json") and dockerignored("training/__pycache__")
     assert not dockerignored("training/train.py")
+
+
+# --------------------------------------------------------------------------- compose + envoy
+
+COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
+SHELLS = {"sh", "bash"}
+
+
+def _compose() -> dict:
+    yaml = pytest.importorskip("yaml")  # in the dev extra
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+
+def _image_entrypoints() -> dict[str, list[str]]:
+    """Compose image name -> the ENTRYPOINT (exec form) of the Dockerfile that builds it."""
+    out = {}
+    for name, svc in _compose()["services"].items():
+        build = svc.get("build")
+        if not build or "image" not in svc:
+            continue
+        stages = parse_dockerfile(COMPOSE.parent / build["context"] / build["dockerfile"])
+        entry = [i for i in stages[-1].instructions if i.keyword == "ENTRYPOINT"]
+        out[svc["image"]] = exec_form(entry[-1].args) if entry else []
+        assert out[svc["image"]] is not None, f"{name}: use an exec-form ENTRYPOINT"
+    return out
+
+
+def _service_argvs(svc: dict, entrypoints: dict[str, list[str]]) -> list[list[str]]:
+    """The simple commands a service runs: its entrypoint + command, shell scripts split."""
+    entry = svc.get("entrypoint", entrypoints.get(svc.get("image", ""), []))
+    entry = shlex.split(entry) if isinstance(entry, str) else list(entry)
+    command = svc.get("command", [])
+    command = shlex.split(command) if isinstance(command, str) else list(command)
+    argv = entry + command
+    if argv and posixpath.basename(argv[0]) in SHELLS:
+        script = argv[-1].replace("$$", "$")  # compose escapes $ as $$
+        return [c[1:] if c[0] == "exec" else c for c in simple_commands(script)]
+    return [argv] if argv else []
+
+
+def test_compose_services_and_wiring() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert {"redis", "pipeline", "serve-a", "serve-b", "envoy", "retrain", "locust"} <= set(
+        services
+    )
+    redis_cmd = services["redis"]["command"]
+    assert "--appendonly" in redis_cmd and redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    declared = set(compose.get("volumes") or {})
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", []):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (COMPOSE.parent / source).exists(), f"{name}: no {source}"
+            else:
+                assert source in declared, f"{name}: volume {source} not declared"
+        build = svc.get("build")
+        if build:
+            context = (COMPOSE.parent / build["context"]).resolve()
+            assert context == REPO_ROOT, f"{name}: build context should be the repository root"
+            assert (context / build["dockerfile"]).is_file(), f"{name}: no {build['dockerfile']}"
+        if "image" in svc and not build and svc["image"].startswith("socialrec-"):
+            built = {s["image"] for s in services.values() if s.get("build")}
+            assert svc["image"] in built, f"{name}: image {svc['image']} is built by no service"
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    assert set(services["retrain"]["profiles"]) == {"retrain"}
+    # the serve image is the torch-free one, and both replicas watch the shared bundle root
+    for name in ("serve-a", "serve-b"):
+        assert services[name]["build"]["dockerfile"] == "docker/serve.Dockerfile"
+        assert "bundles:/bundles:ro" in services[name]["volumes"]
+
+
+def test_compose_socialrec_commands_are_real_subcommands() -> None:
+    subcommands = socialrec_subcommands()
+    entrypoints = _image_entrypoints()
+    used = set()
+    for name, svc in _compose()["services"].items():
+        for argv in _service_argvs(svc, entrypoints):
+            args = socialrec_invocations(argv)
+            if args is None:
+                continue
+            assert args and args[0] in subcommands, f"{name}: `socialrec {args[:1]}` unknown"
+            used.add(args[0])
+            if any("$" in a for a in args):
+                continue
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr), contextlib.suppress(SystemExit):
+                build_parser().parse_args(args)
+            assert not stderr.getvalue(), f"{name}: {stderr.getvalue()}"
+    assert {"train", "publish-bundle", "serve", "retrain"} <= used
+
+
+def test_compose_locust_service_uses_a_real_locustfile() -> None:
+    svc = _compose()["services"]["locust"]
+    argvs = _service_argvs(svc, _image_entrypoints())
+    files = [a[a.index("-f") + 1] for a in argvs if a and a[0] == "locust" and "-f" in a]
+    assert files, "locust service runs no locustfile"
+    for f in files:
+        assert (REPO_ROOT / f).is_file(), f"locust service: no {f}"
+    # locust is installed in the image the service uses
+    dockerfile = REPO_ROOT / "docker" / "pipeline.Dockerfile"
+    assert svc["image"] == "socialrec-pipeline" and "loadtest" in dockerfile.read_text()
+
+
+def test_envoy_balances_grpc_round_robin_over_the_replicas() -> None:
+    yaml = pytest.importorskip("yaml")
+    envoy = yaml.safe_load((REPO_ROOT / "docker" / "envoy.yaml").read_text(encoding="utf-8"))
+    (cluster,) = envoy["static_resources"]["clusters"]
+    assert cluster["lb_policy"] == "ROUND_ROBIN"
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"]  # gRPC is HTTP/2
+    endpoints = {
+        (e["endpoint"]["address"]["socket_address"]["address"],
+         e["endpoint"]["address"]["socket_address"]["port_value"])
+        for group in cluster["load_assignment"]["endpoints"]
+        for e in group["lb_endpoints"]
+    }  # fmt: skip
+    services = _compose()["services"]
+    replicas = {n for n, s in services.items() if s.get("command", [None])[0] == "serve"}
+    assert replicas == {"serve-a", "serve-b"}
+    for name in replicas:
+        cmd = services[name]["command"]
+        port = int(cmd[cmd.index("--port") + 1])
+        assert (name, port) in endpoints, f"envoy does not route to {name}:{port}"
+        assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    routes = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    vhost = routes["typed_config"]["route_config"]["virtual_hosts"][0]
+    assert vhost["routes"][0]["route"]["cluster"] == cluster["name"]
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == (
+        "socialrec.v1.Recommender"
+    )

@@ -154,3 +154,41 @@ def test_corrupted_or_wrong_checksum_refused(bundles, tmp_path: Path) -> None:
     (wrong / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="user_tower.onnx: sha256"):
         ServedModel(wrong)
+
+
+def test_factored_serving_scores_equal_full_model(loaded, bundle_factory, tmp_path: Path) -> None:
+    """Low-rank candidates served in r-space: (u B^T) . A_i == u . (A_i B), bias included."""
+    from compression.export import export_onnx
+    from compression.lowrank import factored_serving
+
+    teacher, _, _, split, _ = loaded
+    model = to_lowrank(teacher, 8)
+    tower, items, users = factored_serving(model)
+    assert items.shape == (split.n_items, 9) and users.shape == (split.n_users, 9)
+    onnx = export_onnx(tower, tmp_path / "t.onnx")
+    sm = ServedModel(
+        bundle_factory(
+            None, tmp_path / "b", onnx_file=onnx, items=items.numpy(), users=users.numpy()
+        )
+    )
+    x = _sample_inputs(split, sm)
+    u_c, u_f = sm.vectors(x)
+    with torch.no_grad():
+        ref_c, ref_f = model(*(torch.from_numpy(a) for a in x))  # (B, I), (B, U) logits
+    assert np.allclose(u_c @ items.numpy().T, ref_c.numpy(), atol=1e-4)
+    assert np.allclose(u_f @ users.numpy().T, ref_f.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["student-int8", "student-int4"])
+def test_server_engine_loads_compressed_bundles(bundles, name: str) -> None:
+    """The gRPC server's engine accepts the compressed bundles (padded SQ8 indexes read back)."""
+    from serving.bundle import open_bundle
+    from serving.engine import Engine
+
+    eng = Engine.load(bundles[name])
+    b = open_bundle(bundles[name])
+    history = [(b.item_ids[3], 1.0), (b.item_ids[10], 2.0)]
+    res = eng.recommend_content(history, [b.user_ids[1]], k=5)
+    assert len(res.items) == 5 and not res.cold_start
+    fr = eng.recommend_friends(b.user_ids[0], history, [b.user_ids[1]], {b.user_ids[2]: 1}, k=5)
+    assert len(fr.items) == 5

@@ -1,0 +1,88 @@
+"""`socialrec loadtest` end to end on a tiny synthetic run: ours + the naive peer, and a fault.
+
+Real processes (redis-server, `socialrec serve`, the naive server, Locust), short durations;
+no timing assertions (those live in benchmarks): only completeness and correctness.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("locust") is None:  # found, not imported: importing it would
+    pytest.skip("locust not installed", allow_module_level=True)  # gevent-patch pytest
+
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {
+    "rps", "p50_ms", "p95_ms", "p99_ms", "failures", "requests", "server_cpu_us_per_request",
+    "stages", "peer", "ratios", "config",
+}  # fmt: skip
+
+
+def _socialrec(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "socialrec.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    out = tmp_path_factory.mktemp("lt") / "run"
+    r = _socialrec(
+        "train", "--synthetic-users", "400", "--synthetic-items", "250",
+        "--synthetic-interactions", "8000", "--epochs", "3", "--dim", "16", "--threads", "1",
+        "--no-progress", "--out", str(out), timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_loadtest_with_peer_writes_complete_summary(run_dir, tmp_path) -> None:
+    out = tmp_path / "lt"
+    r = _socialrec(
+        "loadtest", "--run", str(run_dir), "--duration", "8", "--users", "4",
+        "--out", str(out), timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) >= KEYS
+    assert s["requests"] > 0 and s["failures"] == 0
+    assert set(s["stages"]["RecommendContent"]) == {"redis", "onnx", "faiss", "rank"}
+    assert s["server_cpu_us_per_request"] > 0
+    assert s["writes"]["acknowledged"] > 0 and s["writes"]["lost"] == 0
+    peer = s["peer"]
+    assert peer["name"] == "naive-torch"
+    assert {"rps", "p99_ms", "server_cpu_us_per_request"} <= set(peer)
+    assert peer["requests"] > 0 and peer["failures"] == 0 and peer["writes"]["lost"] == 0
+    assert set(s["ratios"]) >= {"rps_vs_peer", "cpu_per_request_peer_over_ours"}
+    for name in ("ours_stats.csv", "ours.html", "peer_stats.csv", "peer.html"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_swap_bundle_under_load_loses_nothing(run_dir, tmp_path) -> None:
+    out = tmp_path / "swap"
+    r = _socialrec(
+        "loadtest", "--run", str(run_dir), "--duration", "8", "--users", "4",
+        "--fault", "swap-bundle", "--no-peer", "--out", str(out), timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["fault"]["kind"] == "swap-bundle"
+    assert s["failures"] == 0
+    assert all(set(codes) == {"OK"} for codes in s["status"].values()), s["status"]
+    assert s["writes"]["acknowledged"] > 0 and s["writes"]["lost"] == 0
+    assert s["bundle_info"].get("version=loadtest-b") == 1.0  # the new bundle went live
+    assert s["peer"] is None and s["ratios"] is None
