@@ -6,7 +6,10 @@ split, writes a bundle (see serving/bundle.py for the contract) and returns its 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -51,7 +54,12 @@ def export_onnx(tower: UserTower, path: str | Path, opset: int = 18) -> Path:
         {0: "batch", 1: "friends"},
         {0: "batch", 1: "friends"},
     )
-    with warnings.catch_warnings():
+    # The exporter logs a line per missing optional torchvision op and prints its progress:
+    # noise for our users, so both are muted here (errors still raise).
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -65,6 +73,7 @@ def export_onnx(tower: UserTower, path: str | Path, opset: int = 18) -> Path:
             verbose=False,
             external_data=False,
         )
+    onnx_log.setLevel(level)
     return path
 
 
