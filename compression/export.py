@@ -264,7 +264,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     return write_bundle(model, split, ds.user_ids, ds.item_ids, out_dir or run / "bundle", meta)
 
 
-def _summary(path: Path) -> str:
+def describe_bundle(path: Path) -> str:
     m = json.loads((path / "manifest.json").read_text())
     size = sum(f["bytes"] for f in m["files"].values())
     return f"bundle {m['bundle_version']} at {path}: {size / 1e6:.1f} MB, index {m['index']}"

@@ -125,10 +125,10 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from compression.export import _summary, export_run
+    from compression.export import describe_bundle, export_run
 
     path = export_run(a.run, a.out)
-    print(_summary(path))
+    print(describe_bundle(path))
     return 0
 
 
