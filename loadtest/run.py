@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.bundle import copy_bundle
 from serving.redis_local import RedisProcess, find_free_port, start_redis
 from serving.store import FeatureStore, StoreConfig
 
@@ -334,19 +335,6 @@ def verify_writes(store: FeatureStore, out: Path, tag: str, after_id: str) -> di
 # ---- one server under load ----------------------------------------------------------------
 
 
-def _copy_bundle(src: Path, dst: Path, version: str) -> Path:
-    """A copy of a bundle with a new version (manifest rewritten, checksums recomputed)."""
-    from serving.bundle import write_manifest
-
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    drop = ("format_version", "bundle_version", "created", "tower", "files")
-    write_manifest(
-        dst, {**{k: v for k, v in m.items() if k not in drop}, "bundle_version": version}
-    )
-    return dst
-
-
 def _point(root: Path, name: str) -> None:
     """Move the root's CURRENT pointer atomically (write a temp file, rename over)."""
     tmp = root / "CURRENT.tmp"
@@ -494,7 +482,7 @@ def make_fault(
     def swap_bundle() -> dict:
         assert root is not None
         t0 = time.monotonic()
-        _copy_bundle(src, root / "b", "loadtest-b")
+        copy_bundle(src, root / "b", "loadtest-b")
         _point(root, "b")
         return {"kind": cfg.fault, "from": "loadtest-a", "to": "loadtest-b",
                 "copy_s": round(time.monotonic() - t0, 2)}  # fmt: skip
@@ -557,7 +545,7 @@ def run(cfg: LoadTestConfig) -> Path:
             root = out / "bundles"
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir()
-            _copy_bundle(bundle, root / "a", "loadtest-a")
+            copy_bundle(bundle, root / "a", "loadtest-a")
             _point(root, "a")
             serve_bundle = root
         port, mport = find_free_port(), find_free_port()

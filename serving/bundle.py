@@ -166,3 +166,18 @@ def open_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleFiles:
         popular_items=np.load(d / "popular_items.npy", allow_pickle=False),
         popular_users=np.load(d / "popular_users.npy", allow_pickle=False),
     )
+
+
+def copy_bundle(src: str | Path, dst: str | Path, version: str) -> Path:
+    """A copy of a bundle under a new version: files copied, manifest rewritten with fresh
+    checksums (tests, fault runs and demos need two distinct live versions of one model)."""
+    import shutil
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    drop = ("format_version", "bundle_version", "created", "tower", "files")
+    write_manifest(
+        dst, {**{k: v for k, v in m.items() if k not in drop}, "bundle_version": version}
+    )
+    return dst

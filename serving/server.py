@@ -282,27 +282,41 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             self.metrics.stage.labels(method, stage).observe(secs)
 
     # ---- reads -----------------------------------------------------------------------------
-    async def RecommendContent(
-        self, request: pb.RecommendContentRequest, context
-    ) -> pb.RecommendContentResponse:
-        method = "RecommendContent"
+    async def _recommend(
+        self, method: str, request, context, friends: bool
+    ) -> tuple[Result, Engine, bool]:
+        """Shared read path: validate, read features (one Redis round trip), rank or fall back."""
         t0 = time.perf_counter()
         err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
         if err:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
         engine = await self._engine(context, method)
         t1 = time.perf_counter()
-        feats = self._read(request.user_id, False)
+        feats = self._read(request.user_id, friends)
         redis_s = time.perf_counter() - t1 if feats is not None else None
-        degraded = feats is None
         await self._deadline(context, method)
         if feats is None:
             if self.metrics:
                 self.metrics.degraded.labels(method).inc()
-            result = engine.popular_content(request.k)
+            if friends:
+                result = engine.popular_friends(request.user_id, request.k)
+            else:
+                result = engine.popular_content(request.k)
+        elif friends:
+            result = engine.recommend_friends(
+                request.user_id, feats.history, feats.friends, feats.fof, request.k
+            )
         else:
             result = engine.recommend_content(feats.history, feats.friends, request.k)
         self._observe(context, method, t0, result, redis_s)
+        return result, engine, feats is None
+
+    async def RecommendContent(
+        self, request: pb.RecommendContentRequest, context
+    ) -> pb.RecommendContentResponse:
+        result, engine, degraded = await self._recommend(
+            "RecommendContent", request, context, friends=False
+        )
         return pb.RecommendContentResponse(
             items=[
                 pb.Recommendation(id=s.id, score=s.score, reason=s.reason) for s in result.items
@@ -315,26 +329,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     async def RecommendFriends(
         self, request: pb.RecommendFriendsRequest, context
     ) -> pb.RecommendFriendsResponse:
-        method = "RecommendFriends"
-        t0 = time.perf_counter()
-        err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
-        if err:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
-        engine = await self._engine(context, method)
-        t1 = time.perf_counter()
-        feats = self._read(request.user_id, True)
-        redis_s = time.perf_counter() - t1 if feats is not None else None
-        degraded = feats is None
-        await self._deadline(context, method)
-        if feats is None:
-            if self.metrics:
-                self.metrics.degraded.labels(method).inc()
-            result = engine.popular_friends(request.user_id, request.k)
-        else:
-            result = engine.recommend_friends(
-                request.user_id, feats.history, feats.friends, feats.fof, request.k
-            )
-        self._observe(context, method, t0, result, redis_s)
+        result, engine, degraded = await self._recommend(
+            "RecommendFriends", request, context, friends=True
+        )
         return pb.RecommendFriendsResponse(
             users=[
                 pb.Recommendation(

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from serving.bundle import BundleError, write_manifest
+from serving.bundle import BundleError, copy_bundle, write_manifest
 from serving.rollout import current, history, previous, publish_bundle, versions
 from socialrec.cli import main
-
-
-def _copy(src: Path, dst: Path, version: str) -> Path:
-    """A copy of a bundle under a new version (manifest rewritten, checksums recomputed)."""
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    drop = ("format_version", "bundle_version", "created", "tower", "files")
-    write_manifest(
-        dst, {**{k: v for k, v in m.items() if k not in drop}, "bundle_version": version}
-    )
-    return dst
 
 
 def test_publish_rollout_rollback(base_run: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     for v in ("v1", "v2", "v3"):
-        src = _copy(base_run / "bundle", tmp_path / f"src-{v}", v)
+        src = copy_bundle(base_run / "bundle", tmp_path / f"src-{v}", v)
         assert main(["publish-bundle", "--bundles", str(root), "--from", str(src)]) == 0
         assert current(root) == v
     assert versions(root) == ["v1", "v2", "v3"]
@@ -55,14 +43,14 @@ def test_publish_rollout_rollback(base_run: Path, tmp_path: Path) -> None:
 
 def test_bad_bundles_are_refused_and_current_stays(base_run: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
-    publish_bundle(root, _copy(base_run / "bundle", tmp_path / "good", "good"))
-    bad = _copy(base_run / "bundle", tmp_path / "bad", "bad")
+    publish_bundle(root, copy_bundle(base_run / "bundle", tmp_path / "good", "good"))
+    bad = copy_bundle(base_run / "bundle", tmp_path / "bad", "bad")
     with (bad / "items.faiss").open("ab") as f:
         f.write(b"x")  # size and checksum no longer match the manifest
     assert main(["publish-bundle", "--bundles", str(root), "--from", str(bad)]) == 1
     assert current(root) == "good" and versions(root) == ["good"]
     # a version already under ROOT is immutable: different files under the same name refused
-    other = _copy(base_run / "bundle", tmp_path / "other", "good")
+    other = copy_bundle(base_run / "bundle", tmp_path / "other", "good")
     (other / "user_ids.txt").write_text("someone\n" * 200)
     write_manifest(other, {"bundle_version": "good"})
     with pytest.raises(BundleError, match="exists with different files"):

@@ -6,7 +6,6 @@ import concurrent.futures as cf
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.bundle import copy_bundle
 from serving.redis_local import find_free_port, start_redis
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -308,21 +308,6 @@ def test_resource_exhausted_when_overloaded(run_dir, redis_server, published) ->
         s.stop()
 
 
-def _copy_bundle(src: Path, dst: Path, version: str) -> Path:
-    """A copy of a bundle with a new version (manifest rewritten, checksums recomputed)."""
-    from serving.bundle import write_manifest
-
-    shutil.copytree(src, dst)
-    m = json.loads((dst / "manifest.json").read_text())
-    keep = {
-        k: v
-        for k, v in m.items()
-        if k not in ("format_version", "bundle_version", "created", "tower", "files")
-    }
-    write_manifest(dst, {**keep, "bundle_version": version})
-    return dst
-
-
 def test_unavailable_before_bundle_then_hot_reload(
     run_dir, redis_server, published, tmp_path
 ) -> None:
@@ -339,9 +324,9 @@ def test_unavailable_before_bundle_then_hot_reload(
             )
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
-        _copy_bundle(run_dir / "bundle", root / "v1", "v1")
-        _copy_bundle(run_dir / "bundle", root / "v2", "v2")
-        bad = _copy_bundle(run_dir / "bundle", root / "v3-bad", "v3-bad")
+        copy_bundle(run_dir / "bundle", root / "v1", "v1")
+        copy_bundle(run_dir / "bundle", root / "v2", "v2")
+        bad = copy_bundle(run_dir / "bundle", root / "v3-bad", "v3-bad")
         data = bytearray((bad / "items.faiss").read_bytes())
         data[len(data) // 2] ^= 0xFF
         (bad / "items.faiss").write_bytes(bytes(data))
