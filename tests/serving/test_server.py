@@ -241,12 +241,26 @@ def test_writes_need_the_token(server, metadata) -> None:
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_deadline_exceeded(server) -> None:
-    with server.channel() as ch, pytest.raises(grpc.RpcError) as e:
-        pb_grpc.RecommenderStub(ch).RecommendContent(
-            pb.RecommendContentRequest(user_id="u1", k=50), timeout=1e-6
-        )
+def test_deadline_exceeded(server, redis_server, run_dir) -> None:
+    """A request stuck behind a hung Redis (SIGSTOP) ends with DEADLINE_EXCEEDED at the client's
+    deadline, and the server keeps serving once Redis answers again."""
+    user = _user_ids(run_dir)[1]
+    req = pb.RecommendContentRequest(user_id=user, k=5)
+    redis_server.pause()
+    try:
+        with server.channel() as ch, pytest.raises(grpc.RpcError) as e:
+            # The store's socket timeout is 0.25 s, so the read outlives this 0.1 s deadline.
+            pb_grpc.RecommenderStub(ch).RecommendContent(req, timeout=0.1)
+    finally:
+        redis_server.resume()
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    with server.channel() as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        # Reads skip Redis briefly after a failure (circuit breaker), then come back.
+        while stub.RecommendContent(req, timeout=5).degraded:
+            assert time.monotonic() < deadline, "reads stayed degraded after Redis resumed"
+            time.sleep(0.05)
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
 
 
