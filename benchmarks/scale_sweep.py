@@ -54,7 +54,6 @@ import faiss
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -63,6 +62,7 @@ sys.path.insert(0, str(HERE))
 from serving_latency import histogram_quantiles  # noqa: E402
 
 from compression.export import bundle_meta, write_bundle  # noqa: E402
+from serving.client import wait_serving  # noqa: E402
 from serving.publish import _timestamps  # noqa: E402
 from serving.redis_local import find_free_port, start_redis  # noqa: E402
 from serving.store import FeatureStore, StoreConfig  # noqa: E402
@@ -277,19 +277,8 @@ def serve_and_measure(
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
         stub = pb_grpc.RecommenderStub(channel)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                req = health_pb2.HealthCheckRequest()
-                if health.Check(req, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("server did not become SERVING within 300 s")
-            time.sleep(0.1)
+        wait_serving(f"127.0.0.1:{port}", 300, alive=lambda: server.poll() is None)
         res["ready_s"] = round(time.perf_counter() - t0, 2)
         wpid = worker_pid(server.pid)
         res["rss_ready_mib"] = proc_mem_mib(wpid)["VmRSS"]

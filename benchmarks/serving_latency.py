@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving.client import wait_serving  # noqa: E402
 from serving.redis_local import find_free_port, start_redis  # noqa: E402
 from socialrec.v1 import recommender_pb2 as pb  # noqa: E402
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
@@ -107,19 +108,7 @@ def main() -> int:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
         stub = pb_grpc.RecommenderStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become SERVING within 60 s")
-            time.sleep(0.1)
+        wait_serving(f"127.0.0.1:{port}", 60, alive=lambda: server.poll() is None)
 
         rng = np.random.default_rng(0)
         ranks = np.arange(1, len(users) + 1, dtype=np.float64) ** -1.1

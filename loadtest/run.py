@@ -28,10 +28,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from serving.bundle import copy_bundle
+from serving.client import wait_serving
 from serving.redis_local import RedisProcess, find_free_port, start_redis
 from serving.store import FeatureStore, StoreConfig
 
@@ -139,24 +137,6 @@ def tree_cpu_s(pid: int) -> float:
         return 0.0
     own = sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
     return own + sum(tree_cpu_s(c) for c in children(pid))
-
-
-def wait_serving(address: str, proc: Proc, timeout_s: float = 120.0) -> None:
-    """Poll gRPC health until the Recommender service is SERVING."""
-    deadline = time.monotonic() + timeout_s
-    req = health_pb2.HealthCheckRequest(service="socialrec.v1.Recommender")
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"server exited before serving:\n{proc.tail()}")
-            try:
-                if stub.Check(req, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)  # poll interval
-    raise RuntimeError(f"server at {address} not SERVING after {timeout_s}s:\n{proc.tail()}")
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -559,7 +539,7 @@ def run(cfg: LoadTestConfig) -> Path:
         server = Proc(cmd, out / "ours-server.log", env)
         address = f"127.0.0.1:{port}"
         try:
-            wait_serving(address, server)
+            wait_serving(address, alive=server.alive, describe=server.tail)
             with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["ours"])) as store:
                 fault = make_fault(cfg, server, redis, root, bundle)
                 ours = drive(cfg, "ours", server, address, bundle, out, token, redis, store,
@@ -579,7 +559,7 @@ def run(cfg: LoadTestConfig) -> Path:
             pserver = Proc(pcmd, out / "peer-server.log", env)
             paddress = f"127.0.0.1:{pport}"
             try:
-                wait_serving(paddress, pserver)
+                wait_serving(paddress, alive=pserver.alive, describe=pserver.tail)
                 with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["peer"])) as s:
                     p = drive(cfg, "peer", pserver, paddress, bundle, out, token, redis, s)
             finally:
