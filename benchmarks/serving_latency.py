@@ -81,6 +81,14 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument(
+        "--unix-socket",
+        action="store_true",
+        help="the server talks to Redis over a Unix socket instead of loopback TCP",
+    )
+    ap.add_argument(
+        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-spin-us 50'"
+    )
     a = ap.parse_args()
 
     run = Path(a.run)
@@ -91,7 +99,8 @@ def main() -> int:
         export_run(run, bundle)
     users = (bundle / "user_ids.txt").read_text().split("\n")[:-1]
 
-    redis = start_redis()
+    redis = start_redis(unixsocket=a.unix_socket)
+    redis_url = redis.unix_url if a.unix_socket else redis.url
     server = None
     try:
         from serving.publish import PublishConfig
@@ -100,8 +109,8 @@ def main() -> int:
         publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
         port, mport = find_free_port(), find_free_port()
         env = {**os.environ, "SOCIALREC_WRITE_TOKEN": "bench"}
-        cmd = [sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle), "--redis-url", redis.url,
-               "--port", str(port), "--workers", str(a.workers), "--metrics-port", str(mport)]  # fmt: skip
+        cmd = [sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle), "--redis-url", redis_url,
+               "--port", str(port), "--workers", str(a.workers), "--metrics-port", str(mport), *a.serve_args.split()]  # fmt: skip
         server = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -145,6 +154,7 @@ def main() -> int:
     print(
         f"bundle {manifest['bundle_version']} ({manifest.get('variant', {}).get('name', '?')}, {size / 1e6:.1f} MB, index {manifest.get('index')}); {a.n} calls each, k={a.k}, {a.workers} worker(s)"
     )
+    print(f"redis over {'unix socket' if a.unix_socket else 'loopback TCP'}; serve flags: {a.serve_args or '(defaults)'}")
     print(f"{'client latency':28s} {'median ms':>10s} {'p99 ms':>9s}")
     res: dict = {"client": {}, "server": {}}
     for name, t in times.items():
@@ -174,6 +184,7 @@ def main() -> int:
             print(
                 f"{'':28s} {stage:8s} {q.get('p50_ms', float('nan')):10.3f} {q.get('p99_ms', float('nan')):9.3f}"
             )
+    res["setup"] = {"unix_socket": a.unix_socket, "serve_args": a.serve_args, "workers": a.workers}
     res["bundle"] = {
         "version": manifest["bundle_version"],
         "bytes": size,

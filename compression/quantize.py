@@ -2,8 +2,13 @@
 
 Each row r of a table is stored as codes q in [0, 2^bits - 1] with a per-row fp16 scale s
 and offset o: w ~ q * s + o. Only the rows a query touches are dequantised, so the graph
-stays small and the lookup cheap. int4 packs two codes per byte (even column in the low
-nibble, odd column in the high one) and the graph unpacks them with bit operations.
+stays small and the lookup cheap. int4 packs two codes per byte (column j of the first half
+in the low nibble, column j of the second half in the high one), so the graph unpacks a row
+with one AND, one shift and one concatenation.
+
+Pooling (a weighted sum of rows, what the user tower does with every table) folds the
+dequantisation in: sum_l w_l (q_l s_l + o_l) = sum_l (w_l s_l) q_l + sum_l w_l o_l, so the
+per-element multiply-add over (L, D) rows becomes one (1, L) x (L, D) product (``pool``).
 
 ``ort_dynamic`` is onnxruntime's dynamic int8 quantisation (file in, file out) for any
 MatMul/Gather weights of an already exported graph.
@@ -14,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compression.tables import INPUT_TABLES, replace_tables
@@ -44,17 +50,22 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, even column low nibble.  (N, D) uint8 -> (N, ceil(D/2)) uint8"""
+    """Two 4-bit codes per byte: column j low nibble, column j + ceil(D/2) high nibble.
+    (N, D) uint8 -> (N, ceil(D/2)) uint8"""
     if codes.shape[1] % 2:
         codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+    h = codes.shape[1] // 2
+    return codes[:, :h] | (codes[:, h:] << 4)
 
 
 def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4` with bit ops (what the ONNX graph does).  (..., ceil(D/2)) -> (..., D)"""
+    """Inverse of :func:`pack_int4` with bit ops (what the ONNX graph does).  (..., ceil(D/2)) -> (..., D) float"""
+    # High nibble as (byte - low) / 16 in float: exact, and it exports as two plain ops, where
+    # a uint8 right shift exports with sign-extension emulation (five more ops per table).
     lo = torch.bitwise_and(packed, 15).float()
-    hi = torch.bitwise_right_shift(packed, 4).float()
-    return torch.stack([lo, hi], dim=-1).flatten(-2)[..., :dim]
+    hi = (packed.float() - lo) * 0.0625
+    q = torch.cat([lo, hi], dim=-1)
+    return q if q.shape[-1] == dim else q[..., :dim]
 
 
 class QuantEmbedding(nn.Module):
@@ -69,10 +80,27 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scale", scale)  # (N,) fp16
         self.register_buffer("offset", offset)  # (N,) fp16
 
+    def _gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes (..., D) float, scale (..., 1), offset (..., 1) of the rows ``ids``.
+
+        ``F.embedding`` exports as one ONNX Gather (tensor indexing would add GatherND and
+        negative-index handling per table).
+        """
+        c = F.embedding(ids, self.codes)  # (..., D) or (..., ceil(D/2)) uint8
+        q = unpack_int4(c, self.dim) if self.bits == 4 else c
+        s = F.embedding(ids, self.scale[:, None]).float()  # (..., 1)
+        o = F.embedding(ids, self.offset[:, None]).float()  # (..., 1)
+        return q.float(), s, o
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        c = self.codes[ids]  # (..., D) or (..., D/2) uint8
-        q = unpack_int4(c, self.dim) if self.bits == 4 else c.float()  # (..., D)
-        return q * self.scale[ids].float()[..., None] + self.offset[ids].float()[..., None]
+        q, s, o = self._gather(ids)
+        return q * s + o  # (..., D)
+
+    def pool(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_l w_l row(ids_l) with the dequantisation folded in.  ids, w: (B, L) -> (B, D)"""
+        q, s, o = self._gather(ids)  # (B, L, D), (B, L, 1), (B, L, 1)
+        w3 = w.unsqueeze(1)  # (B, 1, L)
+        return ((w3 * s.transpose(1, 2)) @ q + w3 @ o).squeeze(1)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -41,18 +41,32 @@ class RedisProcess:
     """One ``redis-server`` subprocess on a fixed port and data directory."""
 
     def __init__(
-        self, port: int, dir: Path, appendonly: bool, binary: str, owns_dir: bool = False
+        self,
+        port: int,
+        dir: Path,
+        appendonly: bool,
+        binary: str,
+        owns_dir: bool = False,
+        unixsocket: bool = False,
     ) -> None:
         self.port = port
         self.dir = dir
         self.appendonly = appendonly
         self.binary = binary
         self.owns_dir = owns_dir  # created by start_redis: cleanup() removes it
+        self.unixsocket = unixsocket  # also listen on dir/redis.sock (see unix_url)
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """The Unix-socket URL (only when started with ``unixsocket=True``)."""
+        if not self.unixsocket:
+            raise RuntimeError("this redis-server was started without a unix socket")
+        return f"unix://{self.dir / 'redis.sock'}?db=0"
 
     @property
     def running(self) -> bool:
@@ -74,6 +88,8 @@ class RedisProcess:
             "--appendonly", "yes" if self.appendonly else "no",
             "--dir", str(self.dir),
         ]  # fmt: skip
+        if self.unixsocket:
+            cmd += ["--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout_s)
@@ -170,8 +186,12 @@ def start_redis(
     appendonly: bool = True,
     binary: str = "redis-server",
     timeout_s: float = 10.0,
+    unixsocket: bool = False,
 ) -> RedisProcess:
     """Start ``redis-server`` on 127.0.0.1 (a free port if none given) and wait until it answers.
+
+    ``unixsocket`` also opens ``dir/redis.sock`` (:attr:`RedisProcess.unix_url`): a server on the
+    same machine as Redis skips the TCP stack with it.
 
     ``dir`` defaults to a new temporary directory, removed by ``cleanup()`` / ``with``.
     """
@@ -184,7 +204,7 @@ def start_redis(
     # A free port can be taken between find_free_port() and redis binding it: try a few.
     attempts = 1 if port is not None else 5
     for attempt in range(attempts):
-        rp = RedisProcess(port or find_free_port(), data_dir, appendonly, path, owns)
+        rp = RedisProcess(port or find_free_port(), data_dir, appendonly, path, owns, unixsocket)
         try:
             return rp.start(timeout_s)
         except RuntimeError:

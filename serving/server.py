@@ -58,6 +58,7 @@ class ServerConfig:
     tls_key: str | None = None
     watch_interval_s: float = 2.0
     history_cap: int = 256
+    redis_spin_us: int = 0  # see StoreConfig.spin_us
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -453,7 +454,12 @@ async def serve_worker(
     metrics = Metrics() if cfg.metrics_port is not None else None
     holder = EngineHolder(cfg, metrics)
     store = FeatureStore(
-        StoreConfig(url=cfg.redis_url, namespace=cfg.namespace, history_cap=cfg.history_cap)
+        StoreConfig(
+            url=cfg.redis_url,
+            namespace=cfg.namespace,
+            history_cap=cfg.history_cap,
+            spin_us=cfg.redis_spin_us,
+        )
     )
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],

@@ -32,13 +32,17 @@ pipeline across slots (more than one round trip) or precomputed into a per-user 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from serving import resp
 
 SCHEMA_VERSION = "v1"
 
@@ -57,6 +61,10 @@ class StoreConfig:
     socket_timeout_s: float = 0.25  # connect and read timeout: how fast "Redis down" is noticed
     stream_maxlen: int | None = None  # approximate cap on the event stream (None: unbounded)
     health_check_interval_s: int = 30  # PING a pooled connection idle this long before use
+    # Request-path calls (read, log, friend) go over serving.resp (one raw socket per thread)
+    # when the URL is redis:// or unix://; False, or any other URL, uses redis-py throughout.
+    fast_path: bool = True
+    spin_us: int = 0  # fast path: busy-poll this long for a reply before sleeping on the socket
 
 
 @dataclass
@@ -223,6 +231,11 @@ class FeatureStore:
         self._log = self._r.register_script(_LOG)
         self._upsert = self._r.register_script(_UPSERT)
         self._friend = self._r.register_script(_FRIEND)
+        self._fast_scripts = {
+            id(s): resp.Script(s.script) for s in (self._read, self._log, self._friend)
+        }
+        self._fast = cfg.fast_path and urlparse(cfg.url).scheme in resp.SUPPORTED_SCHEMES
+        self._local = threading.local()
 
     # ---- keys --------------------------------------------------------------------------------
     def key(self, kind: str, user: str = "") -> str:
@@ -304,10 +317,31 @@ class FeatureStore:
         return self._call(self._friend, keys, args)
 
     def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._fast:
+            return self._call_fast(self._fast_scripts[id(script)], keys, args)
         try:
             return script(keys=keys, args=args)
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
+
+    def _call_fast(self, script: resp.Script, keys: list[str], args: list[Any]) -> Any:
+        """One EVALSHA on this thread's raw connection; like redis-py above, one immediate
+        retry after a connection error (a Redis restart closes the socket under us), none after
+        a timeout (a timed-out write may have been applied)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cfg = self.cfg
+            conn = resp.RespConnection(cfg.url, timeout_s=cfg.socket_timeout_s, spin_us=cfg.spin_us)
+            self._local.conn = conn
+        for attempt in (0, 1):
+            try:
+                return conn.evalsha(script, keys, args)
+            except ConnectionError as e:
+                if attempt:
+                    raise StoreUnavailable(f"redis: {e}") from e
+            except (TimeoutError, resp.RespError) as e:
+                raise StoreUnavailable(f"redis: {e}") from e
+        raise AssertionError("unreachable")
 
     # ---- offline -----------------------------------------------------------------------------
     def bulk_load(
@@ -394,7 +428,10 @@ class FeatureStore:
         return n
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (and this thread's fast-path connection)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
         self._r.close()
 
     def __enter__(self) -> FeatureStore:

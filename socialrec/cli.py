@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 
+SPIN_DEFAULT_US = 0  # `serve --redis-spin-us`: see serving.store.StoreConfig.spin_us
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
@@ -191,6 +193,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         watch_interval_s=a.watch_interval,
+        redis_spin_us=a.redis_spin_us,
         engine=EngineConfig(),
     )
     try:
@@ -450,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="per worker; beyond it RESOURCE_EXHAUSTED",
+    )
+    v.add_argument(
+        "--redis-spin-us",
+        type=int,
+        default=SPIN_DEFAULT_US,
+        help="busy-poll this long for a Redis reply before sleeping (0: never spin); trades a "
+        "little CPU for the wake-up of a sleeping thread",
     )
     v.add_argument("--token-file", help="write token file (default: $SOCIALREC_WRITE_TOKEN)")
     v.add_argument("--tls-cert")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,8 +34,19 @@ class TowerConfig:
         return asdict(self)
 
 
-def pool(table: nn.Embedding, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of embedding rows.  ids, w: (B, L) -> (B, D)"""
+def pool(table: nn.Module, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of embedding rows.  ids, w: (B, L) -> (B, D)
+
+    A compressed table may pool cheaper than gather-then-sum (low-rank: pool in the factor
+    space; quantised: fold the dequantisation into the sum): it then has a ``pool`` method.
+    """
+    own = getattr(table, "pool", None)
+    if own is not None:
+        return own(ids, w)
+    if type(table) is nn.Embedding:  # subclasses may change what forward returns
+        # F.embedding exports as one ONNX Gather; the product as one MatMul (Einsum is slower
+        # in onnxruntime and tensor indexing adds GatherND).
+        return (w.unsqueeze(1) @ F.embedding(ids, table.weight)).squeeze(1)
     return torch.einsum("bl,bld->bd", w, table(ids))
 
 

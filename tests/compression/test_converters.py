@@ -32,6 +32,9 @@ def test_lowrank_embedding_matches_its_weight() -> None:
     e = LowRankEmbedding(torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0, 4.0]]))
     assert torch.equal(e.weight, torch.tensor([[3.0, 4.0], [6.0, 8.0]]))
     assert torch.equal(e(torch.tensor([[1, 0]])), torch.tensor([[[6.0, 8.0], [3.0, 4.0]]]))
+    # pooled in the factor space: (0.5 * 2 + 1 * 1) * [3, 4]
+    pooled = e.pool(torch.tensor([[1, 0]]), torch.tensor([[0.5, 1.0]]))
+    assert torch.equal(pooled, torch.tensor([[6.0, 8.0]]))
 
 
 def test_to_lowrank_full_rank_reproduces_teacher() -> None:
@@ -60,7 +63,8 @@ def test_quantize_rows_int4_exact_grid_and_int8_bound() -> None:
 def test_int4_pack_unpack_literal() -> None:
     codes = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
     packed = pack_int4(codes)
-    assert packed.tolist() == [[0x21, 0x03]]  # even column low nibble, odd column high
+    # padded to [1, 2, 3, 0]; column j low nibble, column j + 2 high nibble
+    assert packed.tolist() == [[0x31, 0x02]]
     assert unpack_int4(packed, 3).tolist() == [[1.0, 2.0, 3.0]]
 
 
@@ -72,6 +76,9 @@ def test_quant_embedding_gathers_dequantised_rows() -> None:
         half_step = 4.0 / (2 * ((1 << bits) - 1)) + 1e-3
         assert torch.allclose(e(torch.tensor([[1, 0]]))[0], w[[1, 0]], atol=half_step)
         assert e.weight.shape == (2, 3)
+        # pool (dequantisation folded into the weighted sum) == weighted sum of the rows
+        ids, wts = torch.tensor([[1, 0, 1]]), torch.tensor([[0.5, 2.0, 0.25]])
+        assert torch.allclose(e.pool(ids, wts), (wts[..., None] * e(ids)).sum(1), atol=1e-5)
     assert QuantEmbedding(w, 4).codes.shape == (2, 2)  # two codes per byte
 
 

@@ -1,0 +1,193 @@
+"""A small Redis client for the server's hot path: one socket, RESP2, hiredis parsing.
+
+Why not redis-py here: the server sends one ``EVALSHA`` per request and waits for it. redis-py
+spends about as long in Python around that call (pool checkout, retry wrapper, command
+packing, response callbacks) as the loopback round trip itself, and always sleeps in the
+kernel while it waits. This connection packs the command, writes it, and reads the reply
+with a non-blocking socket; it can busy-poll for a short, bounded time before it sleeps
+(``spin_us``), which on an idle machine saves the wake-up of a sleeping thread. Offline work
+(bulk loads, scans, the event stream) stays on redis-py.
+
+Supported URLs: ``redis://[[user]:password@]host[:port][/db]`` and
+``unix://[[user]:password@]/path/to/socket[?db=N]``. Anything else (``rediss://`` TLS, for
+one) raises :class:`ValueError` so the caller can fall back to redis-py.
+
+Not thread-safe: one connection per thread (the store keeps one per thread and process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import time
+from urllib.parse import parse_qs, unquote, urlparse
+
+import hiredis
+
+SUPPORTED_SCHEMES = ("redis", "unix")
+
+
+class RespError(Exception):
+    """Redis answered with an error reply (the connection itself is fine)."""
+
+
+class Script:
+    """A Lua script run by SHA1 (``EVALSHA``), loaded on first use or after a Redis restart."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+def _pack(args: tuple) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class RespConnection:
+    """One Redis connection: ``execute(*args)`` sends a command and returns its reply.
+
+    Raises ``ConnectionError`` (refused, reset, closed), ``TimeoutError`` (no reply within
+    ``timeout_s``; the connection is then closed, since a late reply would be read by the
+    next command) or :class:`RespError` (an error reply). The socket is (re)opened lazily, so
+    a failed call leaves a connection that reconnects on the next one.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 0.25, spin_us: int = 0) -> None:
+        u = urlparse(url)
+        if u.scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(f"unsupported redis url scheme {u.scheme!r} (use redis:// or unix://)")
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        self.spin_s = max(0, int(spin_us)) / 1e6
+        self._unix = u.scheme == "unix"
+        if self._unix:
+            self._address: object = unquote(u.path)
+            db = parse_qs(u.query).get("db", ["0"])[0]
+        else:
+            self._address = (u.hostname or "127.0.0.1", u.port or 6379)
+            db = u.path.lstrip("/") or "0"
+        try:
+            self._db = int(db)
+        except ValueError:
+            raise ValueError(f"redis url {url!r}: database {db!r} is not an integer") from None
+        self._user = unquote(u.username) if u.username else None
+        self._password = unquote(u.password) if u.password else None
+        self._sock: socket.socket | None = None
+        self._poll: select.poll | None = None
+        self._reader: hiredis.Reader | None = None
+        self._pid = 0
+
+    # ---- connection --------------------------------------------------------------------------
+    def _connect(self) -> None:
+        family = socket.AF_UNIX if self._unix else socket.AF_INET
+        if not self._unix and ":" in self._address[0]:
+            family = socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout_s)
+            sock.connect(self._address)
+            if not self._unix:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
+                raise TimeoutError(f"connect to {self._address}: timed out") from None
+            raise ConnectionError(f"connect to {self._address}: {e}") from None
+        self._sock, self._pid = sock, os.getpid()
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._reader = hiredis.Reader(encoding="utf-8")
+        try:
+            if self._password is not None:
+                auth = (self._user, self._password) if self._user else (self._password,)
+                self._roundtrip(_pack(("AUTH", *auth)))
+            if self._db:
+                self._roundtrip(_pack(("SELECT", self._db)))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = self._poll = self._reader = None
+
+    # ---- commands ----------------------------------------------------------------------------
+    def execute(self, *args: object) -> object:
+        """Send one command and return its reply (strings decoded as UTF-8)."""
+        if self._sock is None or self._pid != os.getpid():  # never share a socket across fork
+            self._sock = None
+            self._connect()
+        return self._roundtrip(_pack(args))
+
+    def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
+        """Run ``script`` by SHA1; on NOSCRIPT (fresh or restarted Redis) send the source once."""
+        try:
+            return self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RespError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        return self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    def _roundtrip(self, packed: bytes) -> object:
+        sock, reader = self._sock, self._reader
+        try:
+            self._send(sock, packed)
+            reply = self._read(sock, reader)
+        except (TimeoutError, ConnectionError):
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise ConnectionError(f"redis {self._address}: {e}") from None
+        if isinstance(reply, hiredis.ReplyError):
+            raise RespError(str(reply))
+        return reply
+
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = time.monotonic() + self.timeout_s
+        while view:
+            try:
+                n = sock.send(view)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"redis {self._address}: send timed out") from None
+                select.select([], [sock], [], remaining)
+                continue
+            view = view[n:]
+
+    def _read(self, sock: socket.socket, reader: hiredis.Reader) -> object:
+        start = time.perf_counter()
+        spin_until = start + self.spin_s
+        deadline = start + self.timeout_s
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                now = time.perf_counter()
+                if now < spin_until:
+                    continue  # busy-poll: the reply is usually a few microseconds away
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"redis {self._address}: no reply within {self.timeout_s}s"
+                    ) from None
+                self._poll.poll(remaining * 1000)
+                continue
+            if not data:
+                raise ConnectionError(f"redis {self._address}: connection closed")
+            reader.feed(data)

@@ -1,0 +1,118 @@
+"""serving.resp, the server's hot-path Redis connection, against real redis-servers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+
+from serving.redis_local import start_redis
+from serving.resp import RespConnection, RespError, Script
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory):
+    """Own server (TCP + Unix socket, a password) so AUTH/SELECT can be checked."""
+    server = start_redis(dir=tmp_path_factory.mktemp("resp"), appendonly=False, unixsocket=True)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("spin_us", [0, 200])
+def test_commands_replies_and_large_values(redis_server, spin_us: int) -> None:
+    c = RespConnection(redis_server.url, spin_us=spin_us)
+    assert c.execute("PING") == "PONG"
+    big = "x" * 300_000  # several socket reads
+    assert c.execute("SET", "resp:big", big) == "OK"
+    assert c.execute("GET", "resp:big") == big
+    assert c.execute("GET", "resp:missing") is None
+    assert c.execute("RPUSH", "resp:list", "a", "b", "ü") == 3
+    assert c.execute("LRANGE", "resp:list", 0, -1) == ["a", "b", "ü"]
+    c.execute("DEL", "resp:big", "resp:list")
+    c.close()
+
+
+def test_error_reply_raises_and_connection_stays_usable(redis_server) -> None:
+    c = RespConnection(redis_server.url)
+    with pytest.raises(RespError, match="unknown command"):
+        c.execute("NOSUCHCOMMAND", "x")
+    with pytest.raises(RespError, match="WRONGTYPE"):
+        c.execute("SET", "resp:s", "1") and c.execute("LPUSH", "resp:s", "x")
+    assert c.execute("PING") == "PONG"
+    c.execute("DEL", "resp:s")
+
+
+def test_evalsha_loads_the_script_once(redis_server) -> None:
+    script = Script(f"return {{ARGV[1], KEYS[1], '{time.time_ns()}'}}")  # new to this server
+    c = RespConnection(redis_server.url)
+    c.execute("CONFIG", "RESETSTAT")
+    assert c.evalsha(script, ["k"], ["a"])[:2] == ["a", "k"]  # NOSCRIPT -> EVAL
+    assert c.evalsha(script, ["k"], ["b"])[:2] == ["b", "k"]  # cached now: EVALSHA only
+    stats = c.execute("INFO", "commandstats")
+    assert "cmdstat_eval:calls=1," in stats and "cmdstat_evalsha:calls=2," in stats
+
+
+def test_unix_socket_password_and_database(private_redis) -> None:
+    admin = RespConnection(private_redis.url)
+    admin.execute("CONFIG", "SET", "requirepass", "s3cret")
+    try:
+        with pytest.raises(RespError, match="NOAUTH"):
+            RespConnection(private_redis.url).execute("PING")
+        with pytest.raises(RespError, match="WRONGPASS|invalid password"):
+            RespConnection(private_redis.url.replace("//", "//:nope@")).execute("PING")
+        tcp = RespConnection(private_redis.url.replace("//", "//:s3cret@").replace("/0", "/3"))
+        unix = RespConnection(private_redis.unix_url.replace("//", "//:s3cret@").replace("db=0", "db=3"))
+        assert tcp.execute("SET", "resp:db", "three") == "OK"
+        assert unix.execute("GET", "resp:db") == "three"  # same database 3, other transport
+        db0 = RespConnection(private_redis.unix_url.replace("//", "//default:s3cret@"))
+        assert db0.execute("GET", "resp:db") is None
+    finally:
+        admin.execute("CONFIG", "SET", "requirepass", "")
+
+
+def test_bad_urls_are_refused() -> None:
+    with pytest.raises(ValueError, match="scheme 'rediss'"):
+        RespConnection("rediss://127.0.0.1:6379/0")
+    with pytest.raises(ValueError, match="database 'x'"):
+        RespConnection("redis://127.0.0.1:6379/x")
+
+
+def test_refused_then_timeout_then_recovers(tmp_path) -> None:
+    server = start_redis(dir=tmp_path, appendonly=False)
+    with server:
+        c = RespConnection(server.url, timeout_s=0.2)
+        assert c.execute("PING") == "PONG"
+        server.pause()  # accepts bytes, never answers
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                c.execute("PING")
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            server.resume()
+        assert c.execute("PING") == "PONG"  # reconnected: the late PONG is not read as ours
+        server.kill()
+        with pytest.raises(ConnectionError):
+            c.execute("PING")
+        with pytest.raises(ConnectionError):  # nothing listens: refused, not hung
+            c.execute("PING")
+        server.restart()
+        assert c.execute("PING") == "PONG"
+
+
+def _child_ping(conn: RespConnection, q) -> None:
+    q.put((conn.execute("CLIENT", "ID"), conn.execute("PING")))
+
+
+def test_a_forked_child_opens_its_own_socket(redis_server) -> None:
+    c = RespConnection(redis_server.url)
+    parent_id = c.execute("CLIENT", "ID")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_ping, args=(c, q))
+    p.start()
+    child_id, pong = q.get(timeout=10)
+    p.join(10)
+    assert pong == "PONG" and child_id != parent_id
+    assert c.execute("CLIENT", "ID") == parent_id  # the parent's socket was left alone
