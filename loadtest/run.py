@@ -58,6 +58,7 @@ class LoadTestConfig:
     seed: int = 0
     fault_at: float = 0.5  # fraction of the duration at which the fault hits
     redis_pause_s: float = 1.0  # restart-redis: how long Redis stays down
+    serve_args: tuple[str, ...] = ()  # extra `socialrec serve` flags for our server
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -534,7 +535,7 @@ def run(cfg: LoadTestConfig) -> Path:
         cmd = [
             sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(serve_bundle),
             "--redis-url", redis.url, "--namespace", namespaces["ours"], "--port", str(port),
-            "--workers", str(cfg.workers), "--metrics-port", str(mport), "--watch-interval", "0.5",
+            "--workers", str(cfg.workers), "--metrics-port", str(mport), "--watch-interval", "0.5", *cfg.serve_args,
         ]  # fmt: skip
         server = Proc(cmd, out / "ours-server.log", env)
         address = f"127.0.0.1:{port}"

@@ -176,6 +176,15 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._version: str | None = None
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, cached: the lookup costs about as much as the update."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def set_version(self, version: str) -> None:
         if self._version is not None:
@@ -218,7 +227,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
     ):
         if self.metrics:
-            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.child(self.metrics.requests, method, code.name).inc()
         await context.abort(code, msg)
 
     def _check_id(self, name: str, value: str) -> str | None:
@@ -275,12 +284,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         context.set_trailing_metadata((("x-socialrec-worker", str(os.getpid())),))
         if not self.metrics:
             return
-        self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
-        self.metrics.requests.labels(method, "OK").inc()
+        m = self.metrics
+        m.child(m.latency, method).observe(time.perf_counter() - t0)
+        m.child(m.requests, method, "OK").inc()
         if redis_s is not None:
-            self.metrics.stage.labels(method, "redis").observe(redis_s)
+            m.child(m.stage, method, "redis").observe(redis_s)
         for stage, secs in result.timings.items():
-            self.metrics.stage.labels(method, stage).observe(secs)
+            m.child(m.stage, method, stage).observe(secs)
 
     # ---- reads -----------------------------------------------------------------------------
     async def _recommend(
@@ -298,7 +308,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         await self._deadline(context, method)
         if feats is None:
             if self.metrics:
-                self.metrics.degraded.labels(method).inc()
+                self.metrics.child(self.metrics.degraded, method).inc()
             if friends:
                 result = engine.popular_friends(request.user_id, request.k)
             else:
@@ -361,9 +371,10 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except ValueError as e:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.metrics:
-            self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
-            self.metrics.stage.labels(method, "redis").observe(time.perf_counter() - t0)
-            self.metrics.requests.labels(method, "OK").inc()
+            m, dt = self.metrics, time.perf_counter() - t0
+            m.child(m.latency, method).observe(dt)
+            m.child(m.stage, method, "redis").observe(dt)
+            m.child(m.requests, method, "OK").inc()
         return event_id
 
     async def LogInteraction(

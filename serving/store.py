@@ -127,15 +127,30 @@ if ARGV[2] == '1' and #friends > 0 then
       if not exclude[c] then counts[c] = (counts[c] or 0) + 1 end
     end
   end
-  local ids = {}
-  for c in pairs(counts) do ids[#ids + 1] = c end
-  table.sort(ids, function(a, b)
-    if counts[a] ~= counts[b] then return counts[a] > counts[b] end
-    return a < b
-  end)
-  for i = 1, math.min(#ids, tonumber(ARGV[4])) do
-    fof[#fof + 1] = ids[i]
-    fof[#fof + 1] = counts[ids[i]]
+  -- Highest count first, ties by id: bucket by count and sort each bucket with the default
+  -- comparator (no Lua function call per comparison), only until fof_cap ids are taken.
+  local buckets, top = {}, 0
+  for c, n in pairs(counts) do
+    local b = buckets[n]
+    if b == nil then
+      b = {}
+      buckets[n] = b
+      if n > top then top = n end
+    end
+    b[#b + 1] = c
+  end
+  local want = 2 * tonumber(ARGV[4])
+  for n = top, 1, -1 do
+    local b = buckets[n]
+    if b ~= nil then
+      table.sort(b)
+      for _, c in ipairs(b) do
+        if #fof >= want then break end
+        fof[#fof + 1] = c
+        fof[#fof + 1] = n
+      end
+      if #fof >= want then break end
+    end
   end
 end
 return {items, weights, friends, fof}

@@ -216,6 +216,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         shape=a.shape,
         fault=a.fault,
         peer=not a.no_peer,
+        serve_args=tuple(a.serve_args.split()),
     )
     print_summary(run(cfg))
     return 0
@@ -488,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "kill-worker", "restart-redis", "swap-bundle"),
         default="none",
         help="inject one fault into our server's run, halfway through",
+    )
+    lt.add_argument(
+        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-spin-us 50'"
     )
     lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
     lt.set_defaults(fn=cmd_loadtest)
