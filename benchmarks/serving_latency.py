@@ -154,7 +154,9 @@ def main() -> int:
     print(
         f"bundle {manifest['bundle_version']} ({manifest.get('variant', {}).get('name', '?')}, {size / 1e6:.1f} MB, index {manifest.get('index')}); {a.n} calls each, k={a.k}, {a.workers} worker(s)"
     )
-    print(f"redis over {'unix socket' if a.unix_socket else 'loopback TCP'}; serve flags: {a.serve_args or '(defaults)'}")
+    print(
+        f"redis over {'unix socket' if a.unix_socket else 'loopback TCP'}; serve flags: {a.serve_args or '(defaults)'}"
+    )
     print(f"{'client latency':28s} {'median ms':>10s} {'p99 ms':>9s}")
     res: dict = {"client": {}, "server": {}}
     for name, t in times.items():

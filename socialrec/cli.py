@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
 SPIN_DEFAULT_US = 0  # `serve --redis-spin-us`: see serving.store.StoreConfig.spin_us
+
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")

@@ -62,7 +62,9 @@ def test_unix_socket_password_and_database(private_redis) -> None:
         with pytest.raises(RespError, match="WRONGPASS|invalid password"):
             RespConnection(private_redis.url.replace("//", "//:nope@")).execute("PING")
         tcp = RespConnection(private_redis.url.replace("//", "//:s3cret@").replace("/0", "/3"))
-        unix = RespConnection(private_redis.unix_url.replace("//", "//:s3cret@").replace("db=0", "db=3"))
+        unix = RespConnection(
+            private_redis.unix_url.replace("//", "//:s3cret@").replace("db=0", "db=3")
+        )
         assert tcp.execute("SET", "resp:db", "three") == "OK"
         assert unix.execute("GET", "resp:db") == "three"  # same database 3, other transport
         db0 = RespConnection(private_redis.unix_url.replace("//", "//default:s3cret@"))
