@@ -17,11 +17,14 @@ Not thread-safe: one connection per thread (the store keeps one per thread and p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import select
 import socket
 import time
+from collections import deque
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
@@ -191,3 +194,140 @@ class RespConnection:
             if not data:
                 raise ConnectionError(f"redis {self._address}: connection closed")
             reader.feed(data)
+
+
+_NOTHING = object()
+
+
+class AsyncRespConnection:
+    """A pipelined connection for one asyncio event loop: many commands in flight at once.
+
+    The server's handlers run on the event loop; a blocking round trip would stall every
+    other request of the worker while Redis answers. Here a handler writes its command and
+    awaits a future; replies come back in order and resolve the futures first in, first out.
+    When nothing else is in flight the reply is awaited by a bounded busy-poll first
+    (``spin_us``), so a lone request does not pay a trip through the event loop.
+
+    A timeout or a lost connection fails every command in flight (their replies could no
+    longer be matched) and the next command reconnects. Errors as :class:`RespConnection`.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 0.25, spin_us: int = 0) -> None:
+        self._c = RespConnection(url, timeout_s=timeout_s, spin_us=spin_us)
+        self._pending: deque[tuple[asyncio.Future, asyncio.TimerHandle]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: socket.socket | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def execute(self, *args: object) -> object:
+        c = self._c
+        if c._sock is None or c._pid != os.getpid():
+            self._reset(None)
+            c._sock = None
+            c._connect()  # blocking connect, bounded by timeout_s (loopback or LAN)
+        sock, reader = c._sock, c._reader
+        try:
+            c._send(sock, _pack(args))
+            if not self._pending:
+                reply = self._spin(sock, reader)
+                if reply is not _NOTHING:
+                    return _check(reply)
+        except (TimeoutError, ConnectionError) as e:
+            self._reset(e)
+            raise
+        except OSError as e:
+            err = ConnectionError(f"redis {c._address}: {e}")
+            self._reset(err)
+            raise err from None
+        loop = asyncio.get_running_loop()
+        if self._watched is not sock:
+            loop.add_reader(sock, self._on_readable)
+            self._watched, self._loop = sock, loop
+        fut = loop.create_future()
+        timer = loop.call_later(c.timeout_s, self._on_timeout, fut)
+        self._pending.append((fut, timer))
+        return _check(await fut)
+
+    async def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
+        """As :meth:`RespConnection.evalsha`."""
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RespError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        self._reset(ConnectionError("connection closed"))
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _spin(self, sock: socket.socket, reader: hiredis.Reader) -> object:
+        """The reply if it arrives within spin_us, else _NOTHING (it will come via the loop)."""
+        until = time.perf_counter() + self._c.spin_s
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                if time.perf_counter() >= until:
+                    return _NOTHING
+                continue
+            if not data:
+                raise ConnectionError(f"redis {self._c._address}: connection closed")
+            reader.feed(data)
+
+    def _on_readable(self) -> None:
+        c = self._c
+        sock, reader = c._sock, c._reader
+        if sock is None:
+            return
+        try:
+            while True:
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                if not data:
+                    raise ConnectionError(f"redis {c._address}: connection closed")
+                reader.feed(data)
+                if len(data) < (1 << 16):
+                    break
+            while self._pending:
+                reply = reader.gets()
+                if reply is False:
+                    break
+                fut, timer = self._pending.popleft()
+                timer.cancel()
+                if not fut.done():
+                    fut.set_result(reply)
+        except (OSError, hiredis.ProtocolError) as e:
+            err = e if isinstance(e, ConnectionError) else ConnectionError(f"redis: {e}")
+            self._reset(err)
+
+    def _on_timeout(self, fut: asyncio.Future) -> None:
+        if not fut.done():
+            self._reset(TimeoutError(f"redis {self._c._address}: no reply within {self._c.timeout_s}s"))
+
+    def _reset(self, err: BaseException | None) -> None:
+        """Close the socket and fail everything in flight with ``err``."""
+        if self._watched is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._watched)
+        self._watched = None
+        pending, self._pending = self._pending, deque()
+        for fut, timer in pending:
+            timer.cancel()
+            if not fut.done():
+                fut.set_exception(err or ConnectionError("connection reset"))
+        self._c.close()
+
+
+def _check(reply: object) -> object:
+    if isinstance(reply, hiredis.ReplyError):
+        raise RespError(str(reply))
+    return reply

@@ -2,8 +2,9 @@
 
 One process per worker, forked before any gRPC server exists, all bound to the same port
 with ``grpc.so_reuseport``; every library runs on one thread inside a worker. Handlers call
-the engine and Redis directly on the event loop: each request is a short CPU burst plus one
-loopback round trip, so thread hops would cost more than they save.
+the engine directly on the event loop (a short CPU burst: thread hops would cost more than
+they save) and await Redis over a pipelined connection (serving.resp), so a worker keeps
+answering other requests while one waits for its features.
 
 Bundles hot-reload on SIGHUP or when the watched pointer changes: the new bundle is loaded,
 verified and warmed in a background thread, then swapped in with one reference assignment;
@@ -206,14 +207,14 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.token = load_token(cfg)
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
 
-    def _read(self, user_id: str, with_fof: bool):
+    async def _read(self, user_id: str, with_fof: bool):
         """Features from Redis, or None (degraded). After a failure, reads skip Redis for
         ``REDIS_RETRY_S`` so an outage costs one socket timeout, not one per request."""
         now = time.monotonic()
         if now < self._redis_down_until:
             return None
         try:
-            return self.store.read(user_id, with_fof=with_fof)
+            return await self.store.aread(user_id, with_fof=with_fof)
         except StoreUnavailable as e:
             self._redis_down_until = now + REDIS_RETRY_S
             log.warning(
@@ -303,7 +304,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
         engine = await self._engine(context, method)
         t1 = time.perf_counter()
-        feats = self._read(request.user_id, friends)
+        feats = await self._read(request.user_id, friends)
         redis_s = time.perf_counter() - t1 if feats is not None else None
         await self._deadline(context, method)
         if feats is None:
@@ -360,7 +361,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         t0 = time.perf_counter()
         await self._deadline(context, method)
         try:
-            event_id = fn(*args)
+            event_id = await fn(*args)
         except StoreUnavailable as e:
             await self._fail(
                 context,
@@ -395,7 +396,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         event_id = await self._write(
             context,
             method,
-            self.store.log_interaction,
+            self.store.alog_interaction,
             request.user_id,
             request.item_id,
             float(request.weight),
@@ -420,13 +421,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         return pb.FriendshipResponse()
 
     async def AddFriendship(self, request: pb.FriendshipRequest, context) -> pb.FriendshipResponse:
-        return await self._friendship(request, context, "AddFriendship", self.store.add_friendship)
+        return await self._friendship(request, context, "AddFriendship", self.store.aadd_friendship)
 
     async def RemoveFriendship(
         self, request: pb.FriendshipRequest, context
     ) -> pb.FriendshipResponse:
         return await self._friendship(
-            request, context, "RemoveFriendship", self.store.remove_friendship
+            request, context, "RemoveFriendship", self.store.aremove_friendship
         )
 
 

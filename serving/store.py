@@ -195,6 +195,14 @@ return xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1], 'fr
 )
 
 
+def _features(reply: list) -> UserFeatures:
+    """The read script's reply as UserFeatures."""
+    items, weights, friends, fof = reply
+    history = [(i, float(w) if w is not None else 0.0) for i, w in zip(items, weights, strict=True)]
+    fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
+    return UserFeatures(history=history, friends=list(friends), fof=fof_counts)
+
+
 def _check_id(name: str, value: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
@@ -251,6 +259,7 @@ class FeatureStore:
         }
         self._fast = cfg.fast_path and urlparse(cfg.url).scheme in resp.SUPPORTED_SCHEMES
         self._local = threading.local()
+        self._aconn: resp.AsyncRespConnection | None = None  # one event loop (the server's)
 
     # ---- keys --------------------------------------------------------------------------------
     def key(self, kind: str, user: str = "") -> str:
@@ -264,6 +273,13 @@ class FeatureStore:
         An unknown user gets empty features. Raises StoreUnavailable when Redis can't answer
         within the socket timeout.
         """
+        return _features(self._call(self._read, *self._read_args(user_id, with_fof)))
+
+    async def aread(self, user_id: str, with_fof: bool = False) -> UserFeatures:
+        """:meth:`read` for an asyncio event loop: other requests run while Redis answers."""
+        return _features(await self._acall(self._read, *self._read_args(user_id, with_fof)))
+
+    def _read_args(self, user_id: str, with_fof: bool) -> tuple[list[str], list[Any]]:
         cfg = self.cfg
         user = _check_id("user_id", user_id)
         keys = [self.key("h", user), self.key("w", user), self.key("f", user)]
@@ -275,12 +291,7 @@ class FeatureStore:
             self._prefix + "f:",
             user,
         ]
-        items, weights, friends, fof = self._call(self._read, keys, args)
-        history = [
-            (i, float(w) if w is not None else 0.0) for i, w in zip(items, weights, strict=True)
-        ]
-        fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
-        return UserFeatures(history=history, friends=list(friends), fof=fof_counts)
+        return keys, args
 
     def events(self, after: str = "0-0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
         """Up to ``count`` stream entries with ids strictly after ``after``, oldest first."""
@@ -303,6 +314,15 @@ class FeatureStore:
 
         ``ts_ms`` is taken as given (the server turns the proto's 0 = "now" into a time first).
         """
+        return self._call(self._log, *self._log_args(user_id, item_id, weight, ts_ms))
+
+    async def alog_interaction(self, user_id: str, item_id: str, weight: float, ts_ms: int) -> str:
+        """:meth:`log_interaction` for an asyncio event loop."""
+        return await self._acall(self._log, *self._log_args(user_id, item_id, weight, ts_ms))
+
+    def _log_args(
+        self, user_id: str, item_id: str, weight: float, ts_ms: int
+    ) -> tuple[list[str], list[Any]]:
         user, item = _check_id("user_id", user_id), _check_id("item_id", item_id)
         args = [
             user,
@@ -312,24 +332,30 @@ class FeatureStore:
             self.cfg.history_cap,
             self.cfg.stream_maxlen or 0,
         ]
-        keys = [self.key("h", user), self.key("w", user), self._events_key]
-        return self._call(self._log, keys, args)
+        return [self.key("h", user), self.key("w", user), self._events_key], args
 
     def add_friendship(self, a: str, b: str, ts_ms: int) -> str:
         """Add the undirected edge {a, b} (idempotent) and its event; returns the event id."""
-        return self._friendship("add", a, b, ts_ms)
+        return self._call(self._friend, *self._friend_args("add", a, b, ts_ms))
 
     def remove_friendship(self, a: str, b: str, ts_ms: int) -> str:
         """Remove the undirected edge {a, b} (idempotent) and log it; returns the event id."""
-        return self._friendship("remove", a, b, ts_ms)
+        return self._call(self._friend, *self._friend_args("remove", a, b, ts_ms))
 
-    def _friendship(self, op: str, a: str, b: str, ts_ms: int) -> str:
+    async def aadd_friendship(self, a: str, b: str, ts_ms: int) -> str:
+        """:meth:`add_friendship` for an asyncio event loop."""
+        return await self._acall(self._friend, *self._friend_args("add", a, b, ts_ms))
+
+    async def aremove_friendship(self, a: str, b: str, ts_ms: int) -> str:
+        """:meth:`remove_friendship` for an asyncio event loop."""
+        return await self._acall(self._friend, *self._friend_args("remove", a, b, ts_ms))
+
+    def _friend_args(self, op: str, a: str, b: str, ts_ms: int) -> tuple[list[str], list[Any]]:
         a, b = _check_id("user_id", a), _check_id("friend_id", b)
         if a == b:
             raise ValueError(f"a user can't befriend themselves: {a!r}")
         keys = [self.key("f", a), self.key("f", b), self._events_key]
-        args = [a, b, _check_ts(ts_ms), self.cfg.stream_maxlen or 0, op]
-        return self._call(self._friend, keys, args)
+        return keys, [a, b, _check_ts(ts_ms), self.cfg.stream_maxlen or 0, op]
 
     def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         if self._fast:
@@ -351,6 +377,30 @@ class FeatureStore:
         for attempt in (0, 1):
             try:
                 return conn.evalsha(script, keys, args)
+            except ConnectionError as e:
+                if attempt:
+                    raise StoreUnavailable(f"redis: {e}") from e
+            except (TimeoutError, resp.RespError) as e:
+                raise StoreUnavailable(f"redis: {e}") from e
+        raise AssertionError("unreachable")
+
+    async def _acall(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`_call` without blocking the event loop (fast path); the same retry rule.
+
+        Other URLs (redis-py only) fall back to the blocking call.
+        """
+        if not self._fast:
+            return self._call(script, keys, args)
+        conn = self._aconn
+        if conn is None:
+            cfg = self.cfg
+            conn = self._aconn = resp.AsyncRespConnection(
+                cfg.url, timeout_s=cfg.socket_timeout_s, spin_us=cfg.spin_us
+            )
+        fast = self._fast_scripts[id(script)]
+        for attempt in (0, 1):
+            try:
+                return await conn.evalsha(fast, keys, args)
             except ConnectionError as e:
                 if attempt:
                     raise StoreUnavailable(f"redis: {e}") from e
@@ -447,6 +497,8 @@ class FeatureStore:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
+        if self._aconn is not None:
+            self._aconn.close()
         self._r.close()
 
     def __enter__(self) -> FeatureStore:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import time
 
 import pytest
 
 from serving.redis_local import start_redis
-from serving.resp import RespConnection, RespError, Script
+from serving.resp import AsyncRespConnection, RespConnection, RespError, Script
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,60 @@ def test_a_forked_child_opens_its_own_socket(redis_server) -> None:
     p.join(10)
     assert pong == "PONG" and child_id != parent_id
     assert c.execute("CLIENT", "ID") == parent_id  # the parent's socket was left alone
+
+
+# ---- the pipelined asyncio connection ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("spin_us", [0, 200])
+def test_async_many_in_flight_each_gets_its_own_reply(redis_server, spin_us: int) -> None:
+    async def main() -> None:
+        c = AsyncRespConnection(redis_server.url, spin_us=spin_us)
+        values = [f"v{i}-" + "x" * (i * 97 % 5000) for i in range(300)]  # replies of mixed sizes
+        got = await asyncio.gather(*(c.execute("ECHO", v) for v in values))
+        assert got == values
+        # A BLPOP that waits 50 ms holds the connection: everything sent meanwhile queues
+        # behind it, in flight at once, and still comes back to the right caller.
+        blocker = asyncio.ensure_future(c.execute("BLPOP", "resp:async:none", "0.05"))
+        await asyncio.sleep(0)
+        echoes = [asyncio.ensure_future(c.execute("ECHO", str(i))) for i in range(50)]
+        await asyncio.sleep(0)
+        assert c.in_flight == 51
+        assert await blocker is None
+        assert await asyncio.gather(*echoes) == [str(i) for i in range(50)]
+        assert c.in_flight == 0
+        script = Script(f"return ARGV[1] .. '{time.time_ns()}'")
+        assert str(await c.evalsha(script, [], ["a"])).startswith("a")  # NOSCRIPT -> EVAL
+        with pytest.raises(RespError, match="unknown command"):
+            await c.execute("NOSUCHCOMMAND")
+        c.close()
+
+    asyncio.run(main())
+
+
+def test_async_timeout_fails_everything_in_flight_then_recovers(tmp_path) -> None:
+    server = start_redis(dir=tmp_path, appendonly=False)
+
+    async def main() -> None:
+        c = AsyncRespConnection(server.url, timeout_s=0.2)
+        assert await c.execute("PING") == "PONG"
+        server.pause()
+        try:
+            t0 = time.monotonic()
+            results = await asyncio.gather(
+                *(c.execute("ECHO", str(i)) for i in range(5)), return_exceptions=True
+            )
+            assert all(isinstance(r, TimeoutError) for r in results), results
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            server.resume()
+        assert await c.execute("ECHO", "after") == "after"  # new socket: no stale replies
+        server.kill()
+        with pytest.raises(ConnectionError):
+            await c.execute("PING")
+        server.restart()
+        assert await c.execute("PING") == "PONG"
+        c.close()
+
+    with server:
+        asyncio.run(main())

@@ -290,3 +290,25 @@ def test_serving_imports_no_torch_or_training() -> None:
         "sys.exit(str(bad) if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_async_calls_match_the_blocking_ones(store: FeatureStore) -> None:
+    """What the server uses (aread, alog_interaction, aadd/aremove_friendship) on both paths."""
+    import asyncio
+
+    async def main() -> None:
+        await store.alog_interaction("u", "a", 1.5, 10)
+        await store.aadd_friendship("u", "v", 11)
+        await store.aadd_friendship("v", "w", 12)
+        await store.aadd_friendship("u", "x", 13)
+        await store.aremove_friendship("x", "u", 14)
+        got = await asyncio.gather(*(store.aread(u, with_fof=True) for u in ("u", "v", "w") * 5))
+        assert got == [store.read(u, with_fof=True) for u in ("u", "v", "w") * 5]
+        assert got[0] == UserFeatures([("a", 1.5)], ["v"], {"w": 1})
+        with pytest.raises(ValueError):
+            await store.aadd_friendship("u", "u", 0)
+
+    asyncio.run(main())
+    assert [e["type"] for _, e in store.events()] == [
+        "interaction", "friend_add", "friend_add", "friend_add", "friend_remove"
+    ]  # fmt: skip
