@@ -141,6 +141,30 @@ class RespConnection:
                 raise
         return self.execute("EVAL", script.source, len(keys), *keys, *args)
 
+    def transaction(self, commands: list[tuple]) -> list:
+        """MULTI, the commands, EXEC, written at once: one round trip, applied atomically.
+
+        Returns the commands' replies; an error reply of one command is returned in its place
+        (a :class:`RespError` instance), an error of the transaction itself raises.
+        """
+        if self._sock is None or self._pid != os.getpid():
+            self._sock = None
+            self._connect()
+        replies = self._roundtrip_many(_pack_transaction(commands), len(commands) + 2)
+        return _exec_result(replies)
+
+    def _roundtrip_many(self, packed: bytes, n: int) -> list:
+        sock, reader = self._sock, self._reader
+        try:
+            self._send(sock, packed)
+            return [self._read(sock, reader) for _ in range(n)]
+        except (TimeoutError, ConnectionError):
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise ConnectionError(f"redis {self._address}: {e}") from None
+
     def _roundtrip(self, packed: bytes) -> object:
         sock, reader = self._sock, self._reader
         try:
@@ -223,18 +247,32 @@ class AsyncRespConnection:
         return len(self._pending)
 
     async def execute(self, *args: object) -> object:
+        (reply,) = await self._submit(_pack(args), 1)
+        return _check(reply)
+
+    async def transaction(self, commands: list[tuple]) -> list:
+        """As :meth:`RespConnection.transaction`."""
+        return _exec_result(await self._submit(_pack_transaction(commands), len(commands) + 2))
+
+    async def _submit(self, packed: bytes, n: int) -> list:
+        """Write ``packed`` (``n`` commands) and return their ``n`` replies, in order."""
         c = self._c
         if c._sock is None or c._pid != os.getpid():
             self._reset(None)
             c._sock = None
             c._connect()  # blocking connect, bounded by timeout_s (loopback or LAN)
         sock, reader = c._sock, c._reader
+        replies: list = []
         try:
-            c._send(sock, _pack(args))
+            c._send(sock, packed)
             if not self._pending:
-                reply = self._spin(sock, reader)
-                if reply is not _NOTHING:
-                    return _check(reply)
+                while len(replies) < n:
+                    reply = self._spin(sock, reader)
+                    if reply is _NOTHING:
+                        break
+                    replies.append(reply)
+                if len(replies) == n:
+                    return replies
         except (TimeoutError, ConnectionError) as e:
             self._reset(e)
             raise
@@ -246,10 +284,15 @@ class AsyncRespConnection:
         if self._watched is not sock:
             loop.add_reader(sock, self._on_readable)
             self._watched, self._loop = sock, loop
-        fut = loop.create_future()
-        timer = loop.call_later(c.timeout_s, self._on_timeout, fut)
-        self._pending.append((fut, timer))
-        return _check(await fut)
+        futs = []
+        for _ in range(n - len(replies)):
+            fut = loop.create_future()
+            timer = loop.call_later(c.timeout_s, self._on_timeout, fut)
+            self._pending.append((fut, timer))
+            futs.append(fut)
+        for fut in futs:
+            replies.append(await fut)
+        return replies
 
     async def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
         """As :meth:`RespConnection.evalsha`."""
@@ -325,6 +368,23 @@ class AsyncRespConnection:
             if not fut.done():
                 fut.set_exception(err or ConnectionError("connection reset"))
         self._c.close()
+
+
+def _pack_transaction(commands: list[tuple]) -> bytes:
+    return b"".join([_pack(("MULTI",)), *(_pack(c) for c in commands), _pack(("EXEC",))])
+
+
+def _exec_result(replies: list) -> list:
+    """The EXEC reply of MULTI + commands + EXEC, after checking the queueing replies."""
+    for r in replies[:-1]:
+        if isinstance(r, hiredis.ReplyError):
+            raise RespError(str(r))  # a command refused while queueing (EXEC then aborts)
+    result = replies[-1]
+    if isinstance(result, hiredis.ReplyError):
+        raise RespError(str(result))
+    if result is None:
+        raise RespError("transaction aborted")
+    return result
 
 
 def _check(reply: object) -> object:

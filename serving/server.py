@@ -493,10 +493,8 @@ async def serve_worker(
         server.add_secure_port(address, creds)
     else:
         server.add_insecure_port(address)
-    await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -509,8 +507,14 @@ async def serve_worker(
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return ok
 
+    # Load before listening: SO_REUSEPORT hands new connections to every listening worker, so a
+    # worker that listened first would answer UNAVAILABLE while its siblings already serve
+    # (at start-up, and when the supervisor replaces a dead worker). A worker whose bundle
+    # fails to load listens anyway, NOT_SERVING, and keeps watching for a good one.
     target = resolve_bundle(cfg.bundle)
     failed: Path | None = None if await load(target) else target
+    await server.start()
+    log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
 
     async def watch() -> None:
         """Reload when the pointer names another bundle (a refused one is not retried until

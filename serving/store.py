@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -104,56 +104,50 @@ local function xadd(stream, maxlen, ...)
 end
 """
 
-# KEYS: h, w, f of the user. ARGV: history_cap, with_fof (0|1), fof_friends_cap, fof_cap,
-# friend-set key prefix, user. Returns {items, weights, friends, {fof id, count, ...}}.
-_READ = (
+# Friends-of-friends, computed inside Redis so only the top candidates travel.
+# KEYS: f of the user. ARGV: fof_friends_cap, fof_cap, friend-set key prefix, user.
+# Returns {fof id, mutual count, ...}, highest count first, ties by id.
+_FOF = (
     _LUA_LIB
     + """
-local items = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-local weights = {}
-for i = 1, #items, CHUNK do
-  local part = redis.call('HMGET', KEYS[2], unpack(items, i, math.min(i + CHUNK - 1, #items)))
-  for _, x in ipairs(part) do weights[#weights + 1] = x end
-end
-local friends = redis.call('SMEMBERS', KEYS[3])
-table.sort(friends)
+local friends = redis.call('SMEMBERS', KEYS[1])
 local fof = {}
-if ARGV[2] == '1' and #friends > 0 then
-  local exclude = {[ARGV[6]] = true}
-  for _, f in ipairs(friends) do exclude[f] = true end
-  local counts = {}
-  for i = 1, math.min(#friends, tonumber(ARGV[3])) do
-    for _, c in ipairs(redis.call('SMEMBERS', ARGV[5] .. friends[i])) do
-      if not exclude[c] then counts[c] = (counts[c] or 0) + 1 end
-    end
-  end
-  -- Highest count first, ties by id: bucket by count and sort each bucket with the default
-  -- comparator (no Lua function call per comparison), only until fof_cap ids are taken.
-  local buckets, top = {}, 0
-  for c, n in pairs(counts) do
-    local b = buckets[n]
-    if b == nil then
-      b = {}
-      buckets[n] = b
-      if n > top then top = n end
-    end
-    b[#b + 1] = c
-  end
-  local want = 2 * tonumber(ARGV[4])
-  for n = top, 1, -1 do
-    local b = buckets[n]
-    if b ~= nil then
-      table.sort(b)
-      for _, c in ipairs(b) do
-        if #fof >= want then break end
-        fof[#fof + 1] = c
-        fof[#fof + 1] = n
-      end
-      if #fof >= want then break end
-    end
+if #friends == 0 then return fof end
+table.sort(friends)  -- the first fof_friends_cap friends by id are scanned
+local exclude = {[ARGV[4]] = true}
+for _, f in ipairs(friends) do exclude[f] = true end
+local counts = {}
+for i = 1, math.min(#friends, tonumber(ARGV[1])) do
+  for _, c in ipairs(redis.call('SMEMBERS', ARGV[3] .. friends[i])) do
+    if not exclude[c] then counts[c] = (counts[c] or 0) + 1 end
   end
 end
-return {items, weights, friends, fof}
+-- Highest count first, ties by id: bucket by count and sort each bucket with the default
+-- comparator (no Lua function call per comparison), only until fof_cap ids are taken.
+local buckets, top = {}, 0
+for c, n in pairs(counts) do
+  local b = buckets[n]
+  if b == nil then
+    b = {}
+    buckets[n] = b
+    if n > top then top = n end
+  end
+  b[#b + 1] = c
+end
+local want = 2 * tonumber(ARGV[2])
+for n = top, 1, -1 do
+  local b = buckets[n]
+  if b ~= nil then
+    table.sort(b)
+    for _, c in ipairs(b) do
+      if #fof >= want then break end
+      fof[#fof + 1] = c
+      fof[#fof + 1] = n
+    end
+    if #fof >= want then break end
+  end
+end
+return fof
 """
 )
 
@@ -195,12 +189,20 @@ return xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1], 'fr
 )
 
 
-def _features(reply: list) -> UserFeatures:
-    """The read script's reply as UserFeatures."""
-    items, weights, friends, fof = reply
-    history = [(i, float(w) if w is not None else 0.0) for i, w in zip(items, weights, strict=True)]
+def _features(replies: list) -> UserFeatures:
+    """UserFeatures from the read transaction's replies (either client's shapes)."""
+    items, weights, friends = replies[0], replies[1], replies[2]
+    if not isinstance(weights, dict):  # raw RESP2: a flat [field, value, ...] list
+        it = iter(weights)
+        weights = dict(zip(it, it, strict=True))
+    history = [(i, float(weights.get(i) or 0.0)) for i in items]
+    fof = replies[3] if len(replies) > 3 else []
     fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
-    return UserFeatures(history=history, friends=list(friends), fof=fof_counts)
+    return UserFeatures(history=history, friends=sorted(friends), fof=fof_counts)
+
+
+def _noscript(reply: object) -> bool:
+    return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
 
 
 def _check_id(name: str, value: str) -> str:
@@ -250,12 +252,12 @@ class FeatureStore:
         )
         self._prefix = f"{cfg.namespace}:{SCHEMA_VERSION}:"
         self._events_key = self._prefix + "events"
-        self._read = self._r.register_script(_READ)
+        self._fof = self._r.register_script(_FOF)
         self._log = self._r.register_script(_LOG)
         self._upsert = self._r.register_script(_UPSERT)
         self._friend = self._r.register_script(_FRIEND)
         self._fast_scripts = {
-            id(s): resp.Script(s.script) for s in (self._read, self._log, self._friend)
+            id(s): resp.Script(s.script) for s in (self._fof, self._log, self._friend)
         }
         self._fast = cfg.fast_path and urlparse(cfg.url).scheme in resp.SUPPORTED_SCHEMES
         self._local = threading.local()
@@ -270,28 +272,68 @@ class FeatureStore:
     def read(self, user_id: str, with_fof: bool = False) -> UserFeatures:
         """History, friends and (if asked) friends-of-friends of one user, in one round trip.
 
-        An unknown user gets empty features. Raises StoreUnavailable when Redis can't answer
-        within the socket timeout.
+        One MULTI/EXEC written at once: ZREVRANGE (history, newest first), HGETALL (weights),
+        SMEMBERS (friends) and, for friends-of-friends, one EVALSHA. Plain commands where
+        they suffice: returning a long history through Lua costs Redis about five times the
+        CPU. An unknown user gets empty features. Raises StoreUnavailable when Redis can't
+        answer within the socket timeout.
         """
-        return _features(self._call(self._read, *self._read_args(user_id, with_fof)))
+        cmds = self._read_cmds(user_id, with_fof)
+        if not self._fast:
+            return _features(self._read_redis_py(cmds))
+        conn = self._sync_conn()
+        replies = self._retry(lambda: conn.transaction(cmds))
+        if with_fof and _noscript(replies[3]):
+            replies = self._retry(lambda: conn.transaction(self._with_eval(cmds)))
+        return _features(replies)
 
     async def aread(self, user_id: str, with_fof: bool = False) -> UserFeatures:
         """:meth:`read` for an asyncio event loop: other requests run while Redis answers."""
-        return _features(await self._acall(self._read, *self._read_args(user_id, with_fof)))
+        cmds = self._read_cmds(user_id, with_fof)
+        if not self._fast:
+            return _features(self._read_redis_py(cmds))
+        conn = self._async_conn()
+        replies = await self._aretry(lambda: conn.transaction(cmds))
+        if with_fof and _noscript(replies[3]):
+            replies = await self._aretry(lambda: conn.transaction(self._with_eval(cmds)))
+        return _features(replies)
 
-    def _read_args(self, user_id: str, with_fof: bool) -> tuple[list[str], list[Any]]:
+    def _read_cmds(self, user_id: str, with_fof: bool) -> list[tuple]:
         cfg = self.cfg
         user = _check_id("user_id", user_id)
-        keys = [self.key("h", user), self.key("w", user), self.key("f", user)]
-        args = [
-            cfg.history_cap,
-            1 if with_fof else 0,
-            cfg.fof_friends_cap,
-            cfg.fof_cap,
-            self._prefix + "f:",
-            user,
+        f = self.key("f", user)
+        cmds: list[tuple] = [
+            ("ZREVRANGE", self.key("h", user), 0, cfg.history_cap - 1),
+            ("HGETALL", self.key("w", user)),
+            ("SMEMBERS", f),
         ]
-        return keys, args
+        if with_fof:
+            fof_args = (cfg.fof_friends_cap, cfg.fof_cap, self._prefix + "f:", user)
+            cmds.append(("EVALSHA", self._fof.sha, 1, f, *fof_args))
+        return cmds
+
+    def _with_eval(self, cmds: list[tuple]) -> list[tuple]:
+        """The same reads with the fof script sent as source (Redis lost its script cache)."""
+        return [*cmds[:3], ("EVAL", _FOF, *cmds[3][2:])]
+
+    def _read_redis_py(self, cmds: list[tuple]) -> list:
+        try:
+            for attempt in (0, 1):
+                pipe = self._r.pipeline(transaction=True)
+                for c in cmds:
+                    pipe.execute_command(*c)
+                replies = pipe.execute(raise_on_error=False)
+                lost = len(cmds) > 3 and isinstance(replies[3], redis.exceptions.NoScriptError)
+                if lost and attempt == 0:
+                    self._r.script_load(_FOF)
+                    continue
+                for r in replies:
+                    if isinstance(r, Exception):
+                        raise r
+                return replies
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        raise AssertionError("unreachable")
 
     def events(self, after: str = "0-0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
         """Up to ``count`` stream entries with ids strictly after ``after``, oldest first."""
@@ -366,23 +408,8 @@ class FeatureStore:
             raise StoreUnavailable(f"redis: {e}") from e
 
     def _call_fast(self, script: resp.Script, keys: list[str], args: list[Any]) -> Any:
-        """One EVALSHA on this thread's raw connection; like redis-py above, one immediate
-        retry after a connection error (a Redis restart closes the socket under us), none after
-        a timeout (a timed-out write may have been applied)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cfg = self.cfg
-            conn = resp.RespConnection(cfg.url, timeout_s=cfg.socket_timeout_s, spin_us=cfg.spin_us)
-            self._local.conn = conn
-        for attempt in (0, 1):
-            try:
-                return conn.evalsha(script, keys, args)
-            except ConnectionError as e:
-                if attempt:
-                    raise StoreUnavailable(f"redis: {e}") from e
-            except (TimeoutError, resp.RespError) as e:
-                raise StoreUnavailable(f"redis: {e}") from e
-        raise AssertionError("unreachable")
+        conn = self._sync_conn()
+        return self._retry(lambda: conn.evalsha(script, keys, args))
 
     async def _acall(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """:meth:`_call` without blocking the event loop (fast path); the same retry rule.
@@ -391,16 +418,48 @@ class FeatureStore:
         """
         if not self._fast:
             return self._call(script, keys, args)
-        conn = self._aconn
+        conn, fast = self._async_conn(), self._fast_scripts[id(script)]
+        return await self._aretry(lambda: conn.evalsha(fast, keys, args))
+
+    def _sync_conn(self) -> resp.RespConnection:
+        """This thread's fast-path connection."""
+        conn = getattr(self._local, "conn", None)
         if conn is None:
             cfg = self.cfg
-            conn = self._aconn = resp.AsyncRespConnection(
+            conn = resp.RespConnection(cfg.url, timeout_s=cfg.socket_timeout_s, spin_us=cfg.spin_us)
+            self._local.conn = conn
+        return conn
+
+    def _async_conn(self) -> resp.AsyncRespConnection:
+        """The event loop's pipelined connection (the server has one loop per worker)."""
+        if self._aconn is None:
+            cfg = self.cfg
+            self._aconn = resp.AsyncRespConnection(
                 cfg.url, timeout_s=cfg.socket_timeout_s, spin_us=cfg.spin_us
             )
-        fast = self._fast_scripts[id(script)]
+        return self._aconn
+
+    @staticmethod
+    def _retry(call: Callable[[], Any]) -> Any:
+        """Like redis-py above: one immediate retry after a connection error (a Redis restart
+        closes the socket under us), none after a timeout (a timed-out write may have been
+        applied); every failure as StoreUnavailable."""
         for attempt in (0, 1):
             try:
-                return await conn.evalsha(fast, keys, args)
+                return call()
+            except ConnectionError as e:
+                if attempt:
+                    raise StoreUnavailable(f"redis: {e}") from e
+            except (TimeoutError, resp.RespError) as e:
+                raise StoreUnavailable(f"redis: {e}") from e
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _aretry(call: Callable[[], Awaitable[Any]]) -> Any:
+        """:meth:`_retry` for coroutines."""
+        for attempt in (0, 1):
+            try:
+                return await call()
             except ConnectionError as e:
                 if attempt:
                     raise StoreUnavailable(f"redis: {e}") from e

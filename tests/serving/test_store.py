@@ -3,6 +3,7 @@ per read, the event stream, bulk loading and behaviour when Redis dies or hangs.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -115,8 +116,9 @@ def test_fof_caps(store_config: StoreConfig) -> None:
         assert s.read("u", with_fof=True).fof == {"x": 1, "y": 1}
 
 
-def test_read_is_one_round_trip(store: FeatureStore, raw: redis.Redis) -> None:
-    """Redis's own command counters: a read (with friends-of-friends) is exactly one EVALSHA."""
+def test_read_is_one_transaction(store: FeatureStore, raw: redis.Redis) -> None:
+    """Redis's own command counters: a read with friends-of-friends is one MULTI/EXEC (written
+    in one go, so one round trip) of three plain reads and one EVALSHA, nothing else."""
     for a, b in [("u", "a"), ("a", "x")]:
         store.add_friendship(a, b, 0)
     store.log_interaction("u", "i", 1.0, 1)
@@ -125,21 +127,32 @@ def test_read_is_one_round_trip(store: FeatureStore, raw: redis.Redis) -> None:
     feats = store.read("u", with_fof=True)
     after = raw.info("commandstats")
 
-    assert feats.fof == {"x": 1}
+    assert feats == UserFeatures([("i", 1.0)], ["a"], {"x": 1})
     calls = {
         k: after[k]["calls"] - before.get(k, {}).get("calls", 0)
         for k in after
         if after[k]["calls"] != before.get(k, {}).get("calls", 0)
     }
-    # One EVALSHA from the client; the rest run inside the script (Redis counts those too):
-    # history, weights, own friend set, and the friend set of u's one friend "a".
     assert calls == {
-        "cmdstat_evalsha": 1,
+        "cmdstat_multi": 1,
         "cmdstat_zrevrange": 1,
-        "cmdstat_hmget": 1,
-        "cmdstat_smembers": 2,
+        "cmdstat_hgetall": 1,
+        "cmdstat_smembers": 3,  # u's friends; in the script: u's friends again, then a's
+        "cmdstat_evalsha": 1,
+        "cmdstat_exec": 1,
         "cmdstat_info": 1,  # the INFO that took `before`
     }
+
+
+def test_read_survives_a_flushed_script_cache(store: FeatureStore, raw: redis.Redis) -> None:
+    """After a Redis restart the script cache is empty: the read reloads the script itself."""
+    store.add_friendship("u", "a", 0)
+    store.add_friendship("a", "x", 0)
+    assert store.read("u", with_fof=True).fof == {"x": 1}
+    raw.script_flush()
+    assert store.read("u", with_fof=True).fof == {"x": 1}
+    raw.script_flush()
+    assert asyncio.run(store.aread("u", with_fof=True)).fof == {"x": 1}
 
 
 def test_events_have_the_right_fields(store_config: StoreConfig) -> None:
@@ -294,7 +307,6 @@ def test_serving_imports_no_torch_or_training() -> None:
 
 def test_async_calls_match_the_blocking_ones(store: FeatureStore) -> None:
     """What the server uses (aread, alog_interaction, aadd/aremove_friendship) on both paths."""
-    import asyncio
 
     async def main() -> None:
         await store.alog_interaction("u", "a", 1.5, 10)
