@@ -207,23 +207,29 @@ class Engine:
 
     def _features(
         self, history: Sequence[tuple[str, float]], friends: Sequence[str]
-    ) -> tuple[dict[str, np.ndarray], int, int, int]:
-        """Tower feeds from external ids: (feeds, known history, known friends, unknown).
+    ) -> tuple[dict[str, np.ndarray], int, int, int, set[int]]:
+        """Tower feeds from external ids: (feeds, known history, known friends, unknown, seen).
 
         History is cut to its first ``max_history`` entries, then unknown ids and entries
         without a positive finite weight are skipped; a repeated item sums its weights (the
         training data has one row per (user, item) with summed weight). Friends likewise
-        (cut, unknown skipped, deduplicated). Empty lists become one padding entry.
+        (cut, unknown skipped, deduplicated). Empty lists become one padding entry. ``seen``
+        is every known item of the whole history (what content results must leave out),
+        collected in the same pass.
         """
         cfg = self.config
         items = self.item_index
         acc: dict[int, float] = {}
+        seen: set[int] = set()
         unknown = 0
-        for item, w in history[: cfg.max_history]:
+        for n, (item, w) in enumerate(history):
             j = items.get(item)
             if j is None:
-                unknown += 1
-            elif w > 0 and math.isfinite(w):
+                if n < cfg.max_history:
+                    unknown += 1
+                continue
+            seen.add(j)
+            if n < cfg.max_history and w > 0 and math.isfinite(w):
                 acc[j] = acc.get(j, 0.0) + w
         users = self.user_index
         fr: dict[int, None] = {}
@@ -240,7 +246,7 @@ class Engine:
             "friend_ids": np.array([list(fr) or [0]], dtype=np.int64),  # (1, F)
             "friend_w": np.full((1, max(n_f, 1)), 1.0 if n_f else 0.0, dtype=np.float32),  # (1, F)
         }
-        return feeds, n_h, n_f, unknown
+        return feeds, n_h, n_f, unknown, seen
 
     def _tower(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
         (u,) = self.session.run([output], feeds)
@@ -253,7 +259,7 @@ class Engine:
     ) -> Result:
         """Top-k unseen items for a user described by history (recent first) and friends."""
         t0 = time.perf_counter()
-        feeds, n_h, n_f, unknown = self._features(history, friends)
+        feeds, n_h, n_f, unknown, seen = self._features(history, friends)
         if n_h == 0 and n_f == 0:
             res = self.popular_content(k, exclude=[item for item, _ in history])
             res.unknown = unknown
@@ -261,8 +267,6 @@ class Engine:
         _pin_thread()
         u = self._tower(feeds, "content_vector")  # (1, D + 1)
         t1 = time.perf_counter()
-        items = self.item_index
-        seen = {j for item, _ in history if (j := items.get(item)) is not None}
         n = self.items.ntotal
         kk = min(n, k + len(seen) + self.config.overfetch)
         t_search = 0.0
@@ -311,7 +315,7 @@ class Engine:
         """
         t0 = time.perf_counter()
         users = self.user_index
-        feeds, n_h, n_f, unknown = self._features(history, friends)
+        feeds, n_h, n_f, unknown, _ = self._features(history, friends)
         banned = {j for u in friends if (j := users.get(u)) is not None}
         me = users.get(user_id)
         if me is not None:
