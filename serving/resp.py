@@ -354,7 +354,9 @@ class AsyncRespConnection:
 
     def _on_timeout(self, fut: asyncio.Future) -> None:
         if not fut.done():
-            self._reset(TimeoutError(f"redis {self._c._address}: no reply within {self._c.timeout_s}s"))
+            self._reset(
+                TimeoutError(f"redis {self._c._address}: no reply within {self._c.timeout_s}s")
+            )
 
     def _reset(self, err: BaseException | None) -> None:
         """Close the socket and fail everything in flight with ``err``."""
