@@ -65,6 +65,11 @@ class EngineConfig:
     fof_weight: float = 1.0  # friend score = inner product + fof_weight * log1p(mutual)
     overfetch: int = 4  # extra FAISS candidates beyond k + excluded (margin for filtering)
     max_fof: int = 1000  # friend-of-friend candidates kept (most mutual friends first)
+    # Friend scoring reads candidate vectors back from the users index. Up to this many bytes
+    # they are decoded once at load into an (N, D + 1) float32 matrix (the same values the
+    # index returns, ~0.01 us per row to read) instead of per request through the index
+    # (~0.8 us per row for a padded SQ8 index); above it the index stays compressed in memory.
+    decoded_users_max_bytes: int = 256 << 20
 
 
 _tls = threading.local()
@@ -150,6 +155,9 @@ class Engine:
         self.popular_users = bundle.popular_users.astype(np.int64)  # (P,)
         self._check()
         ensure_reconstruct(users, str(bundle.root / "users.faiss"))
+        self.user_vectors: np.ndarray | None = None  # (N, D + 1) when small enough, see config
+        if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
+            self.user_vectors = users.reconstruct_n(0, users.ntotal)
 
     @classmethod
     def load(
@@ -309,8 +317,9 @@ class Engine:
         k + |excluded| + overfetch nearest users plus every known friend-of-friend (at most
         ``max_fof``, most mutual first); the union holds the exact blended top-k of a flat
         index because the fof bonus is never negative. Every candidate's inner product is
-        computed from the vector the index stores (``reconstruct_batch``, C x (D + 1) floats
-        per request): exact for flat/HNSW-flat, the same decoded vector the search scores
+        computed from the vector the index stores (decoded once at load when small enough,
+        else ``reconstruct_batch``, C x (D + 1) floats per request): exact for
+        flat/HNSW-flat, the same decoded vector the search scores
         for SQ/refined indexes, and fof-only candidates are scored like ANN ones.
         """
         t0 = time.perf_counter()
@@ -345,7 +354,10 @@ class Engine:
         cand.update(dict.fromkeys(cand_fof))
         idx = np.fromiter(cand, dtype=np.int64, count=len(cand))  # (C,)
         mutual = np.fromiter((cand_fof.get(j, 0) for j in cand), dtype=np.float32, count=len(cand))
-        vecs = self.users.reconstruct_batch(idx)  # (C, D + 1)
+        if self.user_vectors is not None:
+            vecs = self.user_vectors[idx]  # (C, D + 1)
+        else:
+            vecs = self.users.reconstruct_batch(idx)  # (C, D + 1)
         score = vecs @ u[0] + self.config.fof_weight * np.log1p(mutual)  # (C,)
         order = np.argsort(-score, kind="stable")[:k]
         names = self.user_ids

@@ -361,6 +361,8 @@ def test_every_index_kind_the_exporter_writes(
         exact = kind in ("flat", "hnsw")
         bounds.append(TOL if exact else float((x.max(0) - x.min(0)).sum() / 255 / 2) + TOL)
     eng = Engine(open_bundle(bundle), engine.session, indexes[0], indexes[1])
+    no_decode = EngineConfig(decoded_users_max_bytes=0)
+    lazy = Engine(open_bundle(bundle), engine.session, indexes[0], indexes[1], no_decode)
     rng = np.random.default_rng(5)
     for _ in range(5):
         me, hist, friends = _user(rng)
@@ -388,6 +390,10 @@ def test_every_index_kind_the_exporter_writes(
                     res.items
                     == engine.recommend_friends(USER_IDS[me], history, names, dict(fof), k).items
                 )
+            # candidate vectors decoded once at load == read back through the index per request
+            assert eng.user_vectors is not None and lazy.user_vectors is None
+            again = lazy.recommend_friends(USER_IDS[me], history, names, dict(fof), k)
+            assert again.items == res.items
 
 
 def test_bare_ivf_gets_a_direct_map() -> None:
