@@ -7,6 +7,8 @@ import multiprocessing as mp
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving.redis_local import start_redis
 from serving.resp import AsyncRespConnection, RespConnection, RespError, Script
@@ -176,3 +178,30 @@ def test_async_timeout_fails_everything_in_flight_then_recovers(tmp_path) -> Non
 
     with server:
         asyncio.run(main())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_codec_round_trips_any_text(redis_server, values: list[str]) -> None:
+    """Packing (length-prefixed, binary-safe) and hiredis parsing: any UTF-8 text comes back
+    exactly, including CR/LF, NUL, '$' and '*' that a naive protocol would trip on."""
+    c = _shared_conn(redis_server.url)
+    assert [c.execute("ECHO", v) for v in values] == values
+    assert c.execute("RPUSH", "resp:prop", *values) >= len(values)
+    assert c.execute("LRANGE", "resp:prop", -len(values), -1) == values
+    c.execute("DEL", "resp:prop")
+
+
+_CONNS: dict[str, RespConnection] = {}
+
+
+def _shared_conn(url: str) -> RespConnection:
+    if url not in _CONNS:
+        _CONNS[url] = RespConnection(url)
+    return _CONNS[url]
