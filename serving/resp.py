@@ -1,9 +1,9 @@
 """A small Redis client for the server's hot path: one socket, RESP2, hiredis parsing.
 
-Why not redis-py here: the server sends one ``EVALSHA`` per request and waits for it. redis-py
-spends about as long in Python around that call (pool checkout, retry wrapper, command
-packing, response callbacks) as the loopback round trip itself, and always sleeps in the
-kernel while it waits. This connection packs the command, writes it, and reads the reply
+Why not redis-py here: the server sends one small transaction per request and waits for it.
+redis-py spends about as long in Python around such a call (pool checkout, retry wrapper,
+command packing, response callbacks) as the loopback round trip itself, always sleeps in the
+kernel while it waits, and blocks the event loop meanwhile. This connection packs the command, writes it, and reads the reply
 with a non-blocking socket; it can busy-poll for a short, bounded time before it sleeps
 (``spin_us``), which on an idle machine saves the wake-up of a sleeping thread. Offline work
 (bulk loads, scans, the event stream) stays on redis-py.
@@ -196,31 +196,38 @@ class RespConnection:
 
     def _read(self, sock: socket.socket, reader: hiredis.Reader) -> object:
         start = time.perf_counter()
-        spin_until = start + self.spin_s
         deadline = start + self.timeout_s
-        while True:
-            reply = reader.gets()
-            if reply is not False:
-                return reply
-            try:
-                data = sock.recv(1 << 16)
-            except BlockingIOError:
-                now = time.perf_counter()
-                if now < spin_until:
-                    continue  # busy-poll: the reply is usually a few microseconds away
-                remaining = deadline - now
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"redis {self._address}: no reply within {self.timeout_s}s"
-                    ) from None
-                self._poll.poll(remaining * 1000)
-                continue
-            if not data:
-                raise ConnectionError(f"redis {self._address}: connection closed")
-            reader.feed(data)
+        # busy-poll first (spin_us): the reply is usually a few microseconds away
+        reply = _try_read(sock, reader, start + self.spin_s, self._address)
+        while reply is _NOTHING:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError(f"redis {self._address}: no reply within {self.timeout_s}s")
+            self._poll.poll(remaining * 1000)
+            reply = _try_read(sock, reader, 0.0, self._address)
+        return reply
 
 
 _NOTHING = object()
+
+
+def _try_read(sock: socket.socket, reader: hiredis.Reader, until: float, address: object) -> object:
+    """The next reply if it is complete before ``time.perf_counter()`` passes ``until``
+    (busy-polling the non-blocking socket meanwhile; one attempt if already past), else
+    _NOTHING."""
+    while True:
+        reply = reader.gets()
+        if reply is not False:
+            return reply
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            if time.perf_counter() >= until:
+                return _NOTHING
+            continue
+        if not data:
+            raise ConnectionError(f"redis {address}: connection closed")
+        reader.feed(data)
 
 
 class AsyncRespConnection:
@@ -309,20 +316,7 @@ class AsyncRespConnection:
     # ---- internals ---------------------------------------------------------------------------
     def _spin(self, sock: socket.socket, reader: hiredis.Reader) -> object:
         """The reply if it arrives within spin_us, else _NOTHING (it will come via the loop)."""
-        until = time.perf_counter() + self._c.spin_s
-        while True:
-            reply = reader.gets()
-            if reply is not False:
-                return reply
-            try:
-                data = sock.recv(1 << 16)
-            except BlockingIOError:
-                if time.perf_counter() >= until:
-                    return _NOTHING
-                continue
-            if not data:
-                raise ConnectionError(f"redis {self._c._address}: connection closed")
-            reader.feed(data)
+        return _try_read(sock, reader, time.perf_counter() + self._c.spin_s, self._c._address)
 
     def _on_readable(self) -> None:
         c = self._c

@@ -1,8 +1,13 @@
 """The online feature store: each user's recent history and friends in Redis, plus an event stream.
 
-The server reads a user's features in **one round trip** (one ``EVALSHA``) and writes each
-interaction or friendship change atomically together with its event (one ``EVALSHA``), so a
-write is visible to the next read from any worker or machine that uses the same Redis.
+The server reads a user's features in **one round trip** (one ``MULTI``/``EXEC`` of plain
+reads, plus one ``EVALSHA`` for friends-of-friends) and writes each interaction or friendship
+change atomically together with its event (one ``EVALSHA``), so a write is visible to the next
+read from any worker or machine that uses the same Redis.
+
+Request-time calls go over :mod:`serving.resp` (a raw socket per thread, or one pipelined
+connection for the server's event loop: the ``a*`` methods); redis-py serves bulk loads, scans
+and the stream, and everything when ``fast_path`` is off or the URL is not redis:// / unix://.
 
 Key schema (``ns`` = :attr:`StoreConfig.namespace`; ``v1`` versions the layout, so a new
 layout can be published beside the old one and switched over)::
@@ -234,7 +239,8 @@ def _progress(it: Iterable, desc: str, enabled: bool) -> Iterable:
 
 
 class FeatureStore:
-    """Redis-backed user features; thread-safe (a connection pool), safe to use after fork."""
+    """Redis-backed user features; thread-safe (a connection pool and one fast-path connection
+    per thread; the ``a*`` methods belong to one event loop), safe to use after fork."""
 
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
