@@ -59,6 +59,7 @@ class LoadTestConfig:
     fault_at: float = 0.5  # fraction of the duration at which the fault hits
     redis_pause_s: float = 1.0  # restart-redis: how long Redis stays down
     serve_args: tuple[str, ...] = ()  # extra `socialrec serve` flags for our server
+    steps: tuple[int, ...] = ()  # shape "steps": user counts to step through (default 1, 2, 4, ..)
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def locust_env(cfg: LoadTestConfig, bundle: Path, out: Path, tag: str, token: st
         "SOCIALREC_SHAPE": cfg.shape,
     }
     if cfg.shape == "steps":
-        steps = _steps(cfg.users)
+        steps = list(cfg.steps) or _steps(cfg.users)
         env["SOCIALREC_STEPS"] = ",".join(map(str, steps))
         env["SOCIALREC_STEP_S"] = str(cfg.duration / len(steps))
     return env
@@ -497,6 +498,8 @@ def run(cfg: LoadTestConfig) -> Path:
         raise ValueError(f"fault must be one of {FAULTS}, got {cfg.fault!r}")
     if cfg.duration <= 0 or cfg.users <= 0 or cfg.workers <= 0:
         raise ValueError("duration, users and workers must be positive")
+    if any(n <= 0 for n in cfg.steps) or list(cfg.steps) != sorted(set(cfg.steps)):
+        raise ValueError(f"steps must be increasing positive user counts, got {list(cfg.steps)}")
     run_dir = Path(cfg.run).resolve()
     if not (run_dir / "teacher.pt").exists():
         raise FileNotFoundError(f"{run_dir / 'teacher.pt'}: not a trained run")

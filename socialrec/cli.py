@@ -203,6 +203,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
             local.stop()
 
 
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); a clear error naming the flag otherwise."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"socialrec: error: {flag} takes integers separated by commas, got {text!r}"
+        raise SystemExit(msg) from None
+
+
 def cmd_loadtest(a: argparse.Namespace) -> int:
     from loadtest.run import LoadTestConfig, print_summary, run
 
@@ -217,6 +226,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         fault=a.fault,
         peer=not a.no_peer,
         serve_args=tuple(a.serve_args.split()),
+        steps=_int_list("--steps", a.steps),
     )
     print_summary(run(cfg))
     return 0
@@ -484,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--spawn-rate", type=float, help="users started per second (default --users)")
     lt.add_argument("--workers", type=int, default=2, help="server worker processes")
     lt.add_argument("--shape", choices=("constant", "steps"), default="constant")
+    lt.add_argument(
+        "--steps",
+        default="",
+        help="with --shape steps: user counts to step through, e.g. 1,2,4,6,8,12 "
+        "(default: 1, 2, 4, ... up to --users)",
+    )
     lt.add_argument(
         "--fault",
         choices=("none", "kill-worker", "restart-redis", "swap-bundle"),

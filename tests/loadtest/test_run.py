@@ -86,3 +86,22 @@ def test_swap_bundle_under_load_loses_nothing(run_dir, tmp_path) -> None:
     assert s["writes"]["acknowledged"] > 0 and s["writes"]["lost"] == 0
     assert s["bundle_info"].get("version=loadtest-b") == 1.0  # the new bundle went live
     assert s["peer"] is None and s["ratios"] is None
+
+
+def test_steps_shape_with_explicit_steps(run_dir, tmp_path) -> None:
+    out = tmp_path / "steps"
+    r = _socialrec(
+        "loadtest", "--run", str(run_dir), "--duration", "8", "--users", "3", "--shape", "steps",
+        "--steps", "1,3", "--no-peer", "--out", str(out), timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert [step["users"] for step in s["steps"]] == [1, 3]
+    assert all(step["requests"] > 0 for step in s["steps"])
+    assert s["capacity"] is None or s["capacity"]["users"] in (1, 3)
+    bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
+                     "--steps", "4,2", "--no-peer", "--out", str(tmp_path / "bad"), timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "steps must be increasing" in bad.stderr
+    bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
+                     "--steps", "1,x", "--no-peer", timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "--steps takes integers" in bad.stderr
