@@ -60,6 +60,7 @@ class LoadTestConfig:
     redis_pause_s: float = 1.0  # restart-redis: how long Redis stays down
     serve_args: tuple[str, ...] = ()  # extra `socialrec serve` flags for our server
     steps: tuple[int, ...] = ()  # shape "steps": user counts to step through (default 1, 2, 4, ..)
+    unix_socket: bool = False  # both servers reach the private Redis over its Unix socket
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -512,7 +513,8 @@ def run(cfg: LoadTestConfig) -> Path:
     from serving.publish import PublishConfig
     from serving.publish import run as publish
 
-    redis = start_redis(dir=out / "redis-data")
+    redis = start_redis(dir=out / "redis-data", unixsocket=cfg.unix_socket)
+    serve_redis = redis.unix_url if cfg.unix_socket else redis.url  # what both servers use
     try:
         namespaces = {"ours": "lt-ours", "peer": "lt-peer"}
         for tag, ns in namespaces.items():
@@ -537,7 +539,7 @@ def run(cfg: LoadTestConfig) -> Path:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         cmd = [
             sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(serve_bundle),
-            "--redis-url", redis.url, "--namespace", namespaces["ours"], "--port", str(port),
+            "--redis-url", serve_redis, "--namespace", namespaces["ours"], "--port", str(port),
             "--workers", str(cfg.workers), "--metrics-port", str(mport), "--watch-interval", "0.5", *cfg.serve_args,
         ]  # fmt: skip
         server = Proc(cmd, out / "ours-server.log", env)
@@ -558,7 +560,7 @@ def run(cfg: LoadTestConfig) -> Path:
             pport = find_free_port()
             pcmd = [
                 sys.executable, "-m", "loadtest.naive_server", "--run", str(run_dir),
-                "--redis-url", redis.url, "--namespace", namespaces["peer"], "--port", str(pport),
+                "--redis-url", serve_redis, "--namespace", namespaces["peer"], "--port", str(pport),
             ]  # fmt: skip
             pserver = Proc(pcmd, out / "peer-server.log", env)
             paddress = f"127.0.0.1:{pport}"

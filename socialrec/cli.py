@@ -227,6 +227,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         peer=not a.no_peer,
         serve_args=tuple(a.serve_args.split()),
         steps=_int_list("--steps", a.steps),
+        unix_socket=a.unix_socket,
     )
     print_summary(run(cfg))
     return 0
@@ -508,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lt.add_argument(
         "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-spin-us 50'"
+    )
+    lt.add_argument(
+        "--unix-socket",
+        action="store_true",
+        help="both servers reach the private redis-server over its Unix socket, not loopback TCP",
     )
     lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
     lt.set_defaults(fn=cmd_loadtest)
