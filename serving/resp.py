@@ -110,9 +110,9 @@ class RespConnection:
         try:
             if self._password is not None:
                 auth = (self._user, self._password) if self._user else (self._password,)
-                self._roundtrip(_pack(("AUTH", *auth)))
+                _check(self._roundtrip(_pack(("AUTH", *auth)), 1)[0])
             if self._db:
-                self._roundtrip(_pack(("SELECT", self._db)))
+                _check(self._roundtrip(_pack(("SELECT", self._db)), 1)[0])
         except BaseException:
             self.close()
             raise
@@ -127,10 +127,8 @@ class RespConnection:
     # ---- commands ----------------------------------------------------------------------------
     def execute(self, *args: object) -> object:
         """Send one command and return its reply (strings decoded as UTF-8)."""
-        if self._sock is None or self._pid != os.getpid():  # never share a socket across fork
-            self._sock = None
-            self._connect()
-        return self._roundtrip(_pack(args))
+        self._ensure()
+        return _check(self._roundtrip(_pack(args), 1)[0])
 
     def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
         """Run ``script`` by SHA1; on NOSCRIPT (fresh or restarted Redis) send the source once."""
@@ -147,13 +145,17 @@ class RespConnection:
         Returns the commands' replies; an error reply of one command is returned in its place
         (a :class:`RespError` instance), an error of the transaction itself raises.
         """
-        if self._sock is None or self._pid != os.getpid():
+        self._ensure()
+        return _exec_result(self._roundtrip(_pack_transaction(commands), len(commands) + 2))
+
+    def _ensure(self) -> None:
+        """Open the socket if there is none, or if this process is a fork of its opener."""
+        if self._sock is None or self._pid != os.getpid():  # never share a socket across fork
             self._sock = None
             self._connect()
-        replies = self._roundtrip_many(_pack_transaction(commands), len(commands) + 2)
-        return _exec_result(replies)
 
-    def _roundtrip_many(self, packed: bytes, n: int) -> list:
+    def _roundtrip(self, packed: bytes, n: int) -> list:
+        """Write ``packed`` (``n`` commands) and read their ``n`` raw replies."""
         sock, reader = self._sock, self._reader
         try:
             self._send(sock, packed)
@@ -164,21 +166,6 @@ class RespConnection:
         except OSError as e:
             self.close()
             raise ConnectionError(f"redis {self._address}: {e}") from None
-
-    def _roundtrip(self, packed: bytes) -> object:
-        sock, reader = self._sock, self._reader
-        try:
-            self._send(sock, packed)
-            reply = self._read(sock, reader)
-        except (TimeoutError, ConnectionError):
-            self.close()
-            raise
-        except OSError as e:
-            self.close()
-            raise ConnectionError(f"redis {self._address}: {e}") from None
-        if isinstance(reply, hiredis.ReplyError):
-            raise RespError(str(reply))
-        return reply
 
     def _send(self, sock: socket.socket, data: bytes) -> None:
         view = memoryview(data)
@@ -266,8 +253,7 @@ class AsyncRespConnection:
         c = self._c
         if c._sock is None or c._pid != os.getpid():
             self._reset(None)
-            c._sock = None
-            c._connect()  # blocking connect, bounded by timeout_s (loopback or LAN)
+            c._ensure()  # blocking connect, bounded by timeout_s (loopback or LAN)
         sock, reader = c._sock, c._reader
         replies: list = []
         try:

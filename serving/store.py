@@ -407,15 +407,12 @@ class FeatureStore:
 
     def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         if self._fast:
-            return self._call_fast(self._fast_scripts[id(script)], keys, args)
+            conn, fast = self._sync_conn(), self._fast_scripts[id(script)]
+            return self._retry(lambda: conn.evalsha(fast, keys, args))
         try:
             return script(keys=keys, args=args)
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
-
-    def _call_fast(self, script: resp.Script, keys: list[str], args: list[Any]) -> Any:
-        conn = self._sync_conn()
-        return self._retry(lambda: conn.evalsha(script, keys, args))
 
     async def _acall(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """:meth:`_call` without blocking the event loop (fast path); the same retry rule.
