@@ -7,6 +7,10 @@ and RecommendFriends. Prints client latency (median, p99) of each, the ratio
 RecommendContent / empty, and the server's own per-stage latency from its Prometheus
 histograms (median and p99 interpolated inside buckets).
 
+The server runs with its exact result cache off (``--result-cache-budget 0``; a later
+``--serve-args`` flag wins): this read-only loop over a fixed set of users would otherwise
+measure cache hits, not the tower and the search.
+
     python benchmarks/serving_latency.py --run runs/lastfm [--bundle DIR] [--n 3000]
 """
 
@@ -110,7 +114,8 @@ def main() -> int:
         port, mport = find_free_port(), find_free_port()
         env = {**os.environ, "SOCIALREC_WRITE_TOKEN": "bench"}
         cmd = [sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle), "--redis-url", redis_url,
-               "--port", str(port), "--workers", str(a.workers), "--metrics-port", str(mport), *a.serve_args.split()]  # fmt: skip
+               "--port", str(port), "--workers", str(a.workers), "--metrics-port", str(mport),
+               "--result-cache-budget", "0", *a.serve_args.split()]  # fmt: skip
         server = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ class EngineConfig:
     # index returns, ~0.01 us per row to read) instead of per request through the index
     # (~0.8 us per row for a padded SQ8 index); above it the index stays compressed in memory.
     decoded_users_max_bytes: int = 256 << 20
+    # Exact result cache (see ResultCache): at most this many feature entries (history +
+    # friends + friends-of-friends of the cached users) are held per engine; 0 turns it off.
+    result_cache_budget: int = 1_000_000
 
 
 _tls = threading.local()
@@ -119,6 +123,48 @@ def ensure_reconstruct(index: faiss.Index, what: str) -> None:
         raise BundleError(f"{what}: index cannot return stored vectors ({e})") from None
 
 
+class ResultCache:
+    """The last answer per (call, user, k), reused only for the very features it came from.
+
+    The engine's answer is a pure function of the bundle and (call, user, k, history, friends,
+    friends-of-friends), so an answer computed from features equal to the ones just read from
+    Redis is the answer, not an approximation: nothing here can be stale. Any write that
+    changes what Redis holds for the user changes the features and misses. One slot per
+    (call, user, k) keeps the newest features; slots are evicted least recently used once the
+    feature entries they hold pass ``budget``. A new bundle gets a new engine, so a new cache.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0  # feature entries held
+        self._slots: OrderedDict[tuple, tuple[object, Result, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, slot: tuple, features: object) -> Result | None:
+        with self._lock:
+            entry = self._slots.get(slot)
+            if entry is None or entry[0] != features:
+                return None
+            self._slots.move_to_end(slot)
+            return entry[1]
+
+    def put(self, slot: tuple, features: object, result: Result, weight: int) -> None:
+        if weight > self.budget:
+            return
+        with self._lock:
+            old = self._slots.pop(slot, None)
+            if old is not None:
+                self.size -= old[2]
+            self._slots[slot] = (features, result, weight)
+            self.size += weight
+            while self.size > self.budget:
+                _, (_, _, w) = self._slots.popitem(last=False)
+                self.size -= w
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
 def _id_map(ids: list[str], what: str, root: Path) -> dict[str, int]:
     index = {s: j for j, s in enumerate(ids)}
     if len(index) != len(ids):
@@ -158,6 +204,7 @@ class Engine:
         self.user_vectors: np.ndarray | None = None  # (N, D + 1) when small enough, see config
         if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
             self.user_vectors = users.reconstruct_n(0, users.ntotal)
+        self.results = ResultCache(config.result_cache_budget) if config.result_cache_budget else None
 
     @classmethod
     def load(
@@ -259,6 +306,33 @@ class Engine:
     def _tower(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
         (u,) = self.session.run([output], feeds)
         return np.ascontiguousarray(u, dtype=np.float32)  # (1, D + 1)
+
+    # ---- entry point for the server ---------------------------------------------------
+
+    def recommend(self, user_id: str, features, k: int, friends: bool) -> Result:
+        """recommend_friends (``friends``) or recommend_content on ``features`` as read now
+        (an object with ``history``, ``friends`` and ``fof``, compared with ``==``), through
+        the exact result cache. A cache hit comes back with ``timings == {"cache": secs}``.
+        """
+        cache = self.results
+        if cache is not None:
+            t0 = time.perf_counter()
+            slot = (friends, user_id, k)
+            hit = cache.get(slot, features)
+            if hit is not None:
+                return Result(
+                    hit.items, hit.cold_start, {"cache": time.perf_counter() - t0}, hit.unknown
+                )
+        if friends:
+            res = self.recommend_friends(
+                user_id, features.history, features.friends, features.fof, k
+            )
+        else:
+            res = self.recommend_content(features.history, features.friends, k)
+        if cache is not None:
+            weight = 1 + len(features.history) + len(features.friends) + len(features.fof)
+            cache.put(slot, features, res, weight)
+        return res
 
     # ---- content -----------------------------------------------------------------------
 

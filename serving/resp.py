@@ -228,13 +228,19 @@ class AsyncRespConnection:
 
     A timeout or a lost connection fails every command in flight (their replies could no
     longer be matched) and the next command reconnects. Errors as :class:`RespConnection`.
+
+    Bookkeeping per call is one future; deadlines are checked by a single timer armed for
+    the oldest call in flight (calls are answered in order, so it has the earliest deadline)
+    instead of a timer per call.
     """
 
     def __init__(self, url: str, timeout_s: float = 0.25, spin_us: int = 0) -> None:
         self._c = RespConnection(url, timeout_s=timeout_s, spin_us=spin_us)
-        self._pending: deque[tuple[asyncio.Future, asyncio.TimerHandle]] = deque()
+        # In flight, oldest first: [future, replies still expected, replies so far, deadline]
+        self._pending: deque[list] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: socket.socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def in_flight(self) -> int:
@@ -277,15 +283,12 @@ class AsyncRespConnection:
         if self._watched is not sock:
             loop.add_reader(sock, self._on_readable)
             self._watched, self._loop = sock, loop
-        futs = []
-        for _ in range(n - len(replies)):
-            fut = loop.create_future()
-            timer = loop.call_later(c.timeout_s, self._on_timeout, fut)
-            self._pending.append((fut, timer))
-            futs.append(fut)
-        for fut in futs:
-            replies.append(await fut)
-        return replies
+        fut = loop.create_future()
+        deadline = loop.time() + c.timeout_s
+        self._pending.append([fut, n - len(replies), replies, deadline])
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        return await fut
 
     async def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
         """As :meth:`RespConnection.evalsha`."""
@@ -309,6 +312,7 @@ class AsyncRespConnection:
         sock, reader = c._sock, c._reader
         if sock is None:
             return
+        pending = self._pending
         try:
             while True:
                 try:
@@ -320,23 +324,33 @@ class AsyncRespConnection:
                 reader.feed(data)
                 if len(data) < (1 << 16):
                     break
-            while self._pending:
+            while pending:
                 reply = reader.gets()
                 if reply is False:
                     break
-                fut, timer = self._pending.popleft()
-                timer.cancel()
-                if not fut.done():
-                    fut.set_result(reply)
+                call = pending[0]
+                call[2].append(reply)
+                call[1] -= 1
+                if call[1] == 0:
+                    pending.popleft()
+                    if not call[0].done():
+                        call[0].set_result(call[2])
         except (OSError, hiredis.ProtocolError) as e:
             err = e if isinstance(e, ConnectionError) else ConnectionError(f"redis: {e}")
             self._reset(err)
 
-    def _on_timeout(self, fut: asyncio.Future) -> None:
-        if not fut.done():
+    def _on_timer(self) -> None:
+        """Fail everything if the oldest call is past its deadline, else re-arm for it."""
+        self._timer = None
+        if not self._pending or self._loop is None:
+            return
+        deadline = self._pending[0][3]
+        if self._loop.time() >= deadline:
             self._reset(
                 TimeoutError(f"redis {self._c._address}: no reply within {self._c.timeout_s}s")
             )
+        else:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _reset(self, err: BaseException | None) -> None:
         """Close the socket and fail everything in flight with ``err``."""
@@ -344,11 +358,13 @@ class AsyncRespConnection:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._watched)
         self._watched = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         pending, self._pending = self._pending, deque()
-        for fut, timer in pending:
-            timer.cancel()
-            if not fut.done():
-                fut.set_exception(err or ConnectionError("connection reset"))
+        for call in pending:
+            if not call[0].done():
+                call[0].set_exception(err or ConnectionError("connection reset"))
         self._c.close()
 
 

@@ -314,12 +314,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 result = engine.popular_friends(request.user_id, request.k)
             else:
                 result = engine.popular_content(request.k)
-        elif friends:
-            result = engine.recommend_friends(
-                request.user_id, feats.history, feats.friends, feats.fof, request.k
-            )
         else:
-            result = engine.recommend_content(feats.history, feats.friends, request.k)
+            result = engine.recommend(request.user_id, feats, request.k, friends)
         self._observe(context, method, t0, result, redis_s)
         return result, engine, feats is None
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 SPIN_DEFAULT_US = 0  # `serve --redis-spin-us`: see serving.store.StoreConfig.spin_us
+RESULT_CACHE_DEFAULT = 1_000_000  # `serve --result-cache-budget`: serving.engine.ResultCache
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -194,7 +195,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         tls_key=a.tls_key,
         watch_interval_s=a.watch_interval,
         redis_spin_us=a.redis_spin_us,
-        engine=EngineConfig(),
+        engine=EngineConfig(result_cache_budget=a.result_cache_budget),
     )
     try:
         return serve(cfg)
@@ -472,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=SPIN_DEFAULT_US,
         help="busy-poll this long for a Redis reply before sleeping (0: never spin); trades a "
         "little CPU for the wake-up of a sleeping thread",
+    )
+    v.add_argument(
+        "--result-cache-budget",
+        type=int,
+        default=RESULT_CACHE_DEFAULT,
+        help="exact result cache per worker: feature entries it may hold (0: off); an answer is "
+        "reused only when the features just read equal the ones it was computed from",
     )
     v.add_argument("--token-file", help="write token file (default: $SOCIALREC_WRITE_TOKEN)")
     v.add_argument("--tls-cert")
