@@ -16,9 +16,10 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -74,6 +75,14 @@ class EngineConfig:
     # Exact result cache (see ResultCache): at most this many feature entries (history +
     # friends + friends-of-friends of the cached users) are held per engine; 0 turns it off.
     result_cache_budget: int = 1_000_000
+
+
+class UserInputs(Protocol):
+    """What :meth:`Engine.recommend` needs about a user (serving.store.UserFeatures)."""
+
+    history: Sequence[tuple[str, float]]
+    friends: Sequence[str]
+    fof: Mapping[str, int]
 
 
 _tls = threading.local()
@@ -204,7 +213,9 @@ class Engine:
         self.user_vectors: np.ndarray | None = None  # (N, D + 1) when small enough, see config
         if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
             self.user_vectors = users.reconstruct_n(0, users.ntotal)
-        self.results = ResultCache(config.result_cache_budget) if config.result_cache_budget else None
+        self.results = (
+            ResultCache(config.result_cache_budget) if config.result_cache_budget else None
+        )
 
     @classmethod
     def load(
@@ -309,29 +320,37 @@ class Engine:
 
     # ---- entry point for the server ---------------------------------------------------
 
-    def recommend(self, user_id: str, features, k: int, friends: bool) -> Result:
-        """recommend_friends (``friends``) or recommend_content on ``features`` as read now
-        (an object with ``history``, ``friends`` and ``fof``, compared with ``==``), through
-        the exact result cache. A cache hit comes back with ``timings == {"cache": secs}``.
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        friends: bool,
+        key: Sequence[Sized],
+        features: Callable[[], UserInputs],
+    ) -> Result:
+        """recommend_friends (``friends``) or recommend_content, through the exact result cache.
+
+        ``key`` is what the features are a pure function of (the server passes the raw Redis
+        replies), compared with ``==``; ``features()`` turns it into an object with
+        ``history``, ``friends`` and ``fof``, and is only called on a miss. A hit comes back
+        with ``timings == {"cache": secs}``.
         """
         cache = self.results
+        slot = (friends, user_id, k)
         if cache is not None:
             t0 = time.perf_counter()
-            slot = (friends, user_id, k)
-            hit = cache.get(slot, features)
+            hit = cache.get(slot, key)
             if hit is not None:
                 return Result(
                     hit.items, hit.cold_start, {"cache": time.perf_counter() - t0}, hit.unknown
                 )
+        f = features()
         if friends:
-            res = self.recommend_friends(
-                user_id, features.history, features.friends, features.fof, k
-            )
+            res = self.recommend_friends(user_id, f.history, f.friends, f.fof, k)
         else:
-            res = self.recommend_content(features.history, features.friends, k)
+            res = self.recommend_content(f.history, f.friends, k)
         if cache is not None:
-            weight = 1 + len(features.history) + len(features.friends) + len(features.fof)
-            cache.put(slot, features, res, weight)
+            cache.put(slot, key, res, 1 + sum(len(part) for part in key))
         return res
 
     # ---- content -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.bundle import BundleError
 from serving.engine import Engine, EngineConfig, Result
-from serving.store import FeatureStore, StoreConfig, StoreUnavailable
+from serving.store import FeatureStore, StoreConfig, StoreUnavailable, features_from_replies
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -208,13 +209,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
 
     async def _read(self, user_id: str, with_fof: bool):
-        """Features from Redis, or None (degraded). After a failure, reads skip Redis for
+        """The feature read's raw replies from Redis, or None (degraded). After a failure, reads skip Redis for
         ``REDIS_RETRY_S`` so an outage costs one socket timeout, not one per request."""
         now = time.monotonic()
         if now < self._redis_down_until:
             return None
         try:
-            return await self.store.aread(user_id, with_fof=with_fof)
+            return await self.store.aread_replies(user_id, with_fof=with_fof)
         except StoreUnavailable as e:
             self._redis_down_until = now + REDIS_RETRY_S
             log.warning(
@@ -304,10 +305,10 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
         engine = await self._engine(context, method)
         t1 = time.perf_counter()
-        feats = await self._read(request.user_id, friends)
-        redis_s = time.perf_counter() - t1 if feats is not None else None
+        replies = await self._read(request.user_id, friends)
+        redis_s = time.perf_counter() - t1 if replies is not None else None
         await self._deadline(context, method)
-        if feats is None:
+        if replies is None:
             if self.metrics:
                 self.metrics.child(self.metrics.degraded, method).inc()
             if friends:
@@ -315,9 +316,15 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             else:
                 result = engine.popular_content(request.k)
         else:
-            result = engine.recommend(request.user_id, feats, request.k, friends)
+            result = engine.recommend(
+                request.user_id,
+                request.k,
+                friends,
+                replies,
+                partial(features_from_replies, replies),
+            )
         self._observe(context, method, t0, result, redis_s)
-        return result, engine, feats is None
+        return result, engine, replies is None
 
     async def RecommendContent(
         self, request: pb.RecommendContentRequest, context
@@ -473,13 +480,14 @@ async def serve_worker(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
+    services = _GenericOnly(server)
     pb_grpc.add_RecommenderServicer_to_server(
-        RecommenderService(cfg, holder, store, metrics), server
+        RecommenderService(cfg, holder, store, metrics), services
     )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
     reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), services
     )
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert and cfg.tls_key:
@@ -544,6 +552,26 @@ async def serve_worker(
     await server.stop(grace=2.0)
     watcher.cancel()
     store.close()
+
+
+class _GenericOnly:
+    """A server as the generated ``add_*_to_server`` functions see it: services are added as
+    generic handlers only, not also as registered methods.
+
+    grpc.aio keeps one pending request per registered method and waits on all of them with
+    ``asyncio.wait`` for every call it accepts; with the ~9 methods of the three services here
+    that wait is a measurable share of an RPC's CPU, while generic dispatch is one dict lookup
+    (``benchmarks/rpc_overhead.py`` measures both).
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        pass  # already served through the generic handler added alongside
 
 
 def pin_threads() -> None:

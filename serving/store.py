@@ -194,7 +194,7 @@ return xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1], 'fr
 )
 
 
-def _features(replies: list) -> UserFeatures:
+def features_from_replies(replies: list) -> UserFeatures:
     """UserFeatures from the read transaction's replies (either client's shapes)."""
     items, weights, friends = replies[0], replies[1], replies[2]
     if not isinstance(weights, dict):  # raw RESP2: a flat [field, value, ...] list
@@ -286,23 +286,29 @@ class FeatureStore:
         """
         cmds = self._read_cmds(user_id, with_fof)
         if not self._fast:
-            return _features(self._read_redis_py(cmds))
+            return features_from_replies(self._read_redis_py(cmds))
         conn = self._sync_conn()
         replies = self._retry(lambda: conn.transaction(cmds))
         if with_fof and _noscript(replies[3]):
             replies = self._retry(lambda: conn.transaction(self._with_eval(cmds)))
-        return _features(replies)
+        return features_from_replies(replies)
 
     async def aread(self, user_id: str, with_fof: bool = False) -> UserFeatures:
         """:meth:`read` for an asyncio event loop: other requests run while Redis answers."""
+        return features_from_replies(await self.aread_replies(user_id, with_fof))
+
+    async def aread_replies(self, user_id: str, with_fof: bool = False) -> list:
+        """:meth:`aread` before parsing: the read transaction's replies, as the client gave
+        them. :func:`features_from_replies` is a pure function of them, so equal replies mean
+        equal features (what the server's result cache relies on)."""
         cmds = self._read_cmds(user_id, with_fof)
         if not self._fast:
-            return _features(self._read_redis_py(cmds))
+            return self._read_redis_py(cmds)
         conn = self._async_conn()
         replies = await self._aretry(lambda: conn.transaction(cmds))
         if with_fof and _noscript(replies[3]):
             replies = await self._aretry(lambda: conn.transaction(self._with_eval(cmds)))
-        return _features(replies)
+        return replies
 
     def _read_cmds(self, user_id: str, with_fof: bool) -> list[tuple]:
         cfg = self.cfg
