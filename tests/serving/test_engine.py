@@ -413,3 +413,79 @@ def test_serving_engine_imports_no_torch() -> None:
         "import sys, serving.engine; sys.exit('torch' in sys.modules or 'training' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---- exact result cache -------------------------------------------------------------------
+
+
+class _Feats:
+    """Features as the server's parser returns them."""
+
+    def __init__(self, history, friends, fof) -> None:
+        self.history, self.friends, self.fof = history, friends, fof
+
+
+def test_result_cache_reuses_only_equal_inputs(model_and_bundle) -> None:
+    _, bundle = model_and_bundle
+    engine = Engine.load(bundle)
+    assert engine.results is not None
+    parsed: list[str] = []
+
+    def ask(user: str, hist: list, friends: list, fof: dict, k: int, as_friends: bool):
+        key = [list(hist), list(friends), dict(fof)]  # fresh objects, equal by value
+
+        def parse() -> _Feats:
+            parsed.append(user)
+            return _Feats(hist, friends, fof)
+
+        return engine.recommend(user, k, as_friends, key, parse)
+
+    hist, friends, fof = [("item-4", 3.0), ("item-8", 1.0)], ["user 3"], {"user 9": 2}
+    first = ask("user 1", hist, friends, fof, 6, False)
+    assert set(first.timings) == {"onnx", "faiss", "rank"} and parsed == ["user 1"]
+    again = ask("user 1", hist, friends, fof, 6, False)
+    assert set(again.timings) == {"cache"} and parsed == ["user 1"]  # not even parsed
+    assert again.items == first.items and again.cold_start == first.cold_start
+    assert again.items == engine.recommend_content(hist, friends, 6).items
+    # Anything else that could change the answer misses: new history, other k, other call.
+    newer = [("item-13", 1.0), *hist]
+    changed = ask("user 1", newer, friends, fof, 6, False)
+    assert "cache" not in changed.timings
+    assert changed.items == engine.recommend_content(newer, friends, 6).items
+    assert "cache" not in ask("user 1", newer, friends, fof, 7, False).timings
+    f1 = ask("user 1", newer, friends, fof, 6, True)
+    assert "cache" not in f1.timings
+    assert f1.items == engine.recommend_friends("user 1", newer, friends, fof, 6).items
+    f2 = ask("user 1", newer, friends, {"user 9": 3}, 6, True)  # one more mutual friend
+    assert "cache" not in f2.timings
+    assert f2.items == engine.recommend_friends("user 1", newer, friends, {"user 9": 3}, 6).items
+    assert set(ask("user 1", newer, friends, {"user 9": 3}, 6, True).timings) == {"cache"}
+    # A slot keeps the newest features only: the first history misses again.
+    assert "cache" not in ask("user 1", hist, friends, fof, 6, False).timings
+
+
+def test_result_cache_budget_evicts_least_recent_and_zero_disables(model_and_bundle) -> None:
+    _, bundle = model_and_bundle
+    engine = Engine.load(bundle, config=EngineConfig(result_cache_budget=12))
+    hist = [(ITEM_IDS[i], 1.0) for i in range(3)]
+
+    def ask(user: str):
+        key = [hist, [], {}]  # weight 1 + 3 = 4: three users fit in 12
+        return engine.recommend(user, 5, False, key, lambda: _Feats(hist, [], {}))
+
+    for u in ("user 1", "user 2", "user 3"):
+        ask(u)
+    assert len(engine.results) == 3 and engine.results.size == 12
+    assert "cache" in ask("user 1").timings  # now the most recent
+    ask("user 4")  # evicts user 2, the least recently used
+    assert len(engine.results) == 3 and engine.results.size <= 12
+    assert "cache" not in ask("user 2").timings
+    assert "cache" in ask("user 4").timings
+    big = [(ITEM_IDS[i], 1.0) for i in range(20)]  # heavier than the whole budget: not kept
+    engine.recommend("user 5", 5, False, [big, [], {}], lambda: _Feats(big, [], {}))
+    assert engine.results.size <= 12
+    off = Engine.load(bundle, config=EngineConfig(result_cache_budget=0))
+    assert off.results is None
+    for _ in range(2):
+        r = off.recommend("user 1", 5, False, [hist, [], {}], lambda: _Feats(hist, [], {}))
+        assert "cache" not in r.timings

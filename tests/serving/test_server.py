@@ -196,6 +196,44 @@ def test_writes_and_realtime_visibility_across_workers(server, run_dir) -> None:
         )
 
 
+def _stage_count(server, method: str, stage: str) -> float:
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    want = f'socialrec_stage_seconds_count{{method="{method}",stage="{stage}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(want))
+
+
+def test_result_cache_answers_repeats_and_never_hides_a_write(server, run_dir) -> None:
+    """Repeated reads with unchanged features are cache hits with the same answer; a write
+    changes the features, so the very next read is computed afresh and shows it."""
+    items = _item_ids(run_dir)
+    user = f"cached-{uuid.uuid4().hex[:8]}"
+    hits0 = _stage_count(server, "RecommendContent", "cache")
+    with server.channel() as ch:  # one connection: one worker, one cache
+        stub = pb_grpc.RecommenderStub(ch)
+        stub.LogInteraction(
+            pb.LogInteractionRequest(user_id=user, item_id=items[3], weight=2.0),
+            metadata=AUTH,
+            timeout=5,
+        )
+        req = pb.RecommendContentRequest(user_id=user, k=10)
+        answers = [stub.RecommendContent(req, timeout=5) for _ in range(3)]
+        assert answers[0] == answers[1] == answers[2] and not answers[0].cold_start
+        assert _stage_count(server, "RecommendContent", "cache") - hits0 == 2
+        top = answers[0].items[0].id
+        stub.LogInteraction(
+            pb.LogInteractionRequest(user_id=user, item_id=top, weight=1.0),
+            metadata=AUTH,
+            timeout=5,
+        )
+        after = stub.RecommendContent(req, timeout=5)
+        assert top not in {x.id for x in after.items}  # seen at once, not served from cache
+        assert _stage_count(server, "RecommendContent", "cache") - hits0 == 2
+
+
 @pytest.mark.parametrize(
     ("method", "request_", "field"),
     [
