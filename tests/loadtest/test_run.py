@@ -60,7 +60,9 @@ def test_loadtest_with_peer_writes_complete_summary(run_dir, tmp_path) -> None:
     s = json.loads((out / "summary.json").read_text())
     assert set(s) >= KEYS
     assert s["requests"] > 0 and s["failures"] == 0
-    assert set(s["stages"]["RecommendContent"]) == {"redis", "onnx", "faiss", "rank"}
+    # Zipf-skewed users repeat within seconds: some reads are exact result-cache hits.
+    assert set(s["stages"]["RecommendContent"]) == {"redis", "onnx", "faiss", "rank", "cache"}
+    assert s["stages"]["RecommendContent"]["cache"]["count"] > 0
     assert s["server_cpu_us_per_request"] > 0
     assert s["writes"]["acknowledged"] > 0 and s["writes"]["lost"] == 0
     peer = s["peer"]
