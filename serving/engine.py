@@ -133,14 +133,16 @@ def ensure_reconstruct(index: faiss.Index, what: str) -> None:
 
 
 class ResultCache:
-    """The last answer per (call, user, k), reused only for the very features it came from.
+    """The last answer per (call, user, k), reused only for the very inputs it came from.
 
     The engine's answer is a pure function of the bundle and (call, user, k, history, friends,
-    friends-of-friends), so an answer computed from features equal to the ones just read from
-    Redis is the answer, not an approximation: nothing here can be stale. Any write that
-    changes what Redis holds for the user changes the features and misses. One slot per
-    (call, user, k) keeps the newest features; slots are evicted least recently used once the
-    feature entries they hold pass ``budget``. A new bundle gets a new engine, so a new cache.
+    friends-of-friends), and those are a pure function of the feature read's raw replies, so
+    an answer stored with replies equal to the ones just read from Redis is the answer, not
+    an approximation: nothing here can be stale. Any write that changes what Redis holds for
+    the user changes the replies and misses. One slot per (call, user, k) keeps the newest
+    inputs; slots are evicted least recently used once the entries they hold (``weight``:
+    total length of the replies) pass ``budget``. A new bundle gets a new engine, so a new
+    cache.
     """
 
     def __init__(self, budget: int) -> None:
@@ -149,22 +151,22 @@ class ResultCache:
         self._slots: OrderedDict[tuple, tuple[object, Result, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, slot: tuple, features: object) -> Result | None:
+    def get(self, slot: tuple, inputs: object) -> Result | None:
         with self._lock:
             entry = self._slots.get(slot)
-            if entry is None or entry[0] != features:
+            if entry is None or entry[0] != inputs:
                 return None
             self._slots.move_to_end(slot)
             return entry[1]
 
-    def put(self, slot: tuple, features: object, result: Result, weight: int) -> None:
+    def put(self, slot: tuple, inputs: object, result: Result, weight: int) -> None:
         if weight > self.budget:
             return
         with self._lock:
             old = self._slots.pop(slot, None)
             if old is not None:
                 self.size -= old[2]
-            self._slots[slot] = (features, result, weight)
+            self._slots[slot] = (inputs, result, weight)
             self.size += weight
             while self.size > self.budget:
                 _, (_, _, w) = self._slots.popitem(last=False)
