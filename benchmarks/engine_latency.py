@@ -17,8 +17,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as in the server (DESIGN.md "Performance rules")
 
 import numpy as np  # noqa: E402
-
-from serving.engine import Engine, EngineConfig  # noqa: E402
+from socialrec.serving.engine import Engine, EngineConfig  # noqa: E402
 
 Query = tuple[str, list[tuple[str, float]], list[str], dict[str, int]]
 

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.publish import PublishConfig  # noqa: E402
-from serving.publish import run as publish  # noqa: E402
-from serving.redis_local import start_redis  # noqa: E402
-from serving.store import FeatureStore, StoreConfig  # noqa: E402
+from socialrec.serving.publish import PublishConfig  # noqa: E402
+from socialrec.serving.publish import run as publish  # noqa: E402
+from socialrec.serving.redis_local import start_redis  # noqa: E402
+from socialrec.serving.store import FeatureStore, StoreConfig  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

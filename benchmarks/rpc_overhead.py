@@ -25,9 +25,9 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from socialrec.serving.redis_local import find_free_port
+from socialrec.serving.server import SERVICE, _GenericOnly
 
-from serving.redis_local import find_free_port
-from serving.server import SERVICE, _GenericOnly
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -60,19 +60,19 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from serving_latency import histogram_quantiles  # noqa: E402
+from socialrec.compression.export import bundle_meta, write_bundle  # noqa: E402
+from socialrec.serving.client import wait_serving  # noqa: E402
+from socialrec.serving.publish import _timestamps  # noqa: E402
+from socialrec.serving.redis_local import find_free_port, start_redis  # noqa: E402
+from socialrec.serving.store import FeatureStore, StoreConfig  # noqa: E402
+from socialrec.training.data import Dataset  # noqa: E402
+from socialrec.training.model import TwoTower  # noqa: E402
+from socialrec.training.split import Split, split_dataset  # noqa: E402
+from socialrec.training.synthetic import SyntheticConfig, generate  # noqa: E402
+from socialrec.training.train import TrainConfig, fit, tower_config  # noqa: E402
 
-from compression.export import bundle_meta, write_bundle  # noqa: E402
-from serving.client import wait_serving  # noqa: E402
-from serving.publish import _timestamps  # noqa: E402
-from serving.redis_local import find_free_port, start_redis  # noqa: E402
-from serving.store import FeatureStore, StoreConfig  # noqa: E402
 from socialrec.v1 import recommender_pb2 as pb  # noqa: E402
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
-from training.data import Dataset  # noqa: E402
-from training.model import TwoTower  # noqa: E402
-from training.split import Split, split_dataset  # noqa: E402
-from training.synthetic import SyntheticConfig, generate  # noqa: E402
-from training.train import TrainConfig, fit, tower_config  # noqa: E402
 
 METHODS = ("RecommendContent", "RecommendFriends")
 MODEL_DESC = (

@@ -34,8 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.client import wait_serving  # noqa: E402
-from serving.redis_local import find_free_port, start_redis  # noqa: E402
+from socialrec.serving.client import wait_serving  # noqa: E402
+from socialrec.serving.redis_local import find_free_port, start_redis  # noqa: E402
+
 from socialrec.v1 import recommender_pb2 as pb  # noqa: E402
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -98,7 +99,7 @@ def main() -> int:
     run = Path(a.run)
     bundle = Path(a.bundle) if a.bundle else run / "bundle"
     if not (bundle / "manifest.json").exists():
-        from compression.export import export_run
+        from socialrec.compression.export import export_run
 
         export_run(run, bundle)
     users = (bundle / "user_ids.txt").read_text().split("\n")[:-1]
@@ -107,8 +108,8 @@ def main() -> int:
     redis_url = redis.unix_url if a.unix_socket else redis.url
     server = None
     try:
-        from serving.publish import PublishConfig
-        from serving.publish import run as publish
+        from socialrec.serving.publish import PublishConfig
+        from socialrec.serving.publish import run as publish
 
         publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
         port, mport = find_free_port(), find_free_port()

@@ -13,8 +13,7 @@ import sys
 import time
 
 import numpy as np
-
-from training.synthetic import SyntheticConfig, generate_with_truth
+from socialrec.training.synthetic import SyntheticConfig, generate_with_truth
 
 
 def peak_rss_mib() -> float:

@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from socialrec.training.model import TwoTower, multinomial_nll
+from socialrec.training.split import Split
+from socialrec.training.train import TrainConfig, fit
 from torch import nn
-
-from training.model import TwoTower, multinomial_nll
-from training.split import Split
-from training.train import TrainConfig, fit
 
 
 @dataclass(frozen=True)

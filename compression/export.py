@@ -17,11 +17,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from socialrec.serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, write_ids, write_manifest
+from socialrec.training.model import TwoTower, UserTower, with_bias_slot
+from socialrec.training.split import Split
 from torch import nn
-
-from serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, write_ids, write_manifest
-from training.model import TwoTower, UserTower, with_bias_slot
-from training.split import Split
 
 COLD_START_LIST = 1000  # popular items / well-connected users kept for cold start
 
@@ -247,8 +246,8 @@ def versions() -> dict[str, str]:
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Bundle of the run's fp32 teacher (what `socialrec export` does)."""
-    from training.run import load_run
-    from training.train import load_checkpoint
+    from socialrec.training.run import load_run
+    from socialrec.training.train import load_checkpoint
 
     run = Path(run_dir)
     model, ck = load_checkpoint(run / "teacher.pt")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from socialrec.compression.tables import INPUT_TABLES, replace_tables
+from socialrec.training.model import TwoTower
 from torch import nn
-
-from compression.tables import INPUT_TABLES, replace_tables
-from training.model import TwoTower
 
 PRIME = 2_147_483_647  # 2^31 - 1: ids < 2^31 keep a_k * i + b_k below 2^62 (no int64 overflow)
 

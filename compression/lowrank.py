@@ -9,10 +9,9 @@ slot): the index shrinks by D/r too, with exactly the same scores.
 from __future__ import annotations
 
 import torch
+from socialrec.compression.tables import INPUT_TABLES, OUTPUT_TABLES, replace_tables
+from socialrec.training.model import TwoTower, pool
 from torch import nn
-
-from compression.tables import INPUT_TABLES, OUTPUT_TABLES, replace_tables
-from training.model import TwoTower, pool
 
 
 def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

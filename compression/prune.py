@@ -9,10 +9,9 @@ the file would see them). Structured pruning drops whole embedding dimensions of
 from __future__ import annotations
 
 import torch
+from socialrec.compression.tables import INPUT_TABLES, get_table, replace_tables
+from socialrec.training.model import TowerConfig, TwoTower
 from torch import nn
-
-from compression.tables import INPUT_TABLES, get_table, replace_tables
-from training.model import TowerConfig, TwoTower
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from socialrec.compression.tables import INPUT_TABLES, replace_tables
+from socialrec.training.model import TwoTower
 from torch import nn
-
-from compression.tables import INPUT_TABLES, replace_tables
-from training.model import TwoTower
 
 
 def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,15 +34,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
-
-from compression.served_eval import ServedModel, tower_inputs
-from serving.bundle import load_manifest, read_ids
-from serving.rollout import current, publish_bundle
-from training.data import DataConfig, csr_rows
-from training.events import Event, merge_events, stream_key, write_tsv
-from training.features import Features, _csr_sorted
-from training.metrics import KS, Graph, recall_ndcg
-from training.split import Split
+from socialrec.compression.served_eval import ServedModel, tower_inputs
+from socialrec.serving.bundle import load_manifest, read_ids
+from socialrec.serving.rollout import current, publish_bundle
+from socialrec.training.data import DataConfig, csr_rows
+from socialrec.training.events import Event, merge_events, stream_key, write_tsv
+from socialrec.training.features import Features, _csr_sorted
+from socialrec.training.metrics import KS, Graph, recall_ndcg
+from socialrec.training.split import Split
 
 EVENTS = "events.jsonl"
 STATE = "state.json"
@@ -110,7 +109,7 @@ def _drop_torn_tail(path: Path) -> None:
 
 def consume(cfg: RetrainConfig, root: Path, after: str) -> tuple[int, str]:
     """Append every stream entry after ``after`` to events.jsonl; returns (count, last id)."""
-    from serving.store import FeatureStore, StoreConfig
+    from socialrec.serving.store import FeatureStore, StoreConfig
 
     _drop_torn_tail(root / EVENTS)
     n, last = 0, after
@@ -260,7 +259,7 @@ def unseen_by(split: Split, ds, seen_run: Path | None) -> tuple[Split, dict]:
     """
     if seen_run is None:
         return split, {"filtered": False, "why": "live bundle's training run unknown"}
-    from training.run import load_run
+    from socialrec.training.run import load_run
 
     old_ds, old_split, _ = load_run(seen_run)
     ou, oi = old_ds.user_ids, old_ds.item_ids
@@ -313,11 +312,11 @@ def _base_settings(run_dir: Path) -> tuple[dict, dict | None]:
 
 def _train(cfg: RetrainConfig, base: dict, data: DataConfig, out: Path) -> Path:
     """Train from scratch on ``data`` with the base run's settings (every torchrun rank)."""
-    from training.baselines import BaselineConfig
-    from training.run import RunConfig
-    from training.run import run as train_run
-    from training.split import SplitConfig
-    from training.train import TrainConfig
+    from socialrec.training.baselines import BaselineConfig
+    from socialrec.training.run import RunConfig
+    from socialrec.training.run import run as train_run
+    from socialrec.training.split import SplitConfig
+    from socialrec.training.train import TrainConfig
 
     tc = TrainConfig(**base["train"])
     if cfg.epochs is not None:
@@ -343,8 +342,8 @@ def compress_config(compression: dict | None, run_dir: Path, mode: str, threads:
     Only fields this version still has are kept (the JSON may come from an older run), lists
     become tuples again, the nested distill config is rebuilt; ``mode="quick"`` forces quick.
     """
-    from compression.distill import DistillConfig
-    from compression.run import CompressConfig
+    from socialrec.compression.distill import DistillConfig
+    from socialrec.compression.run import CompressConfig
 
     names = {f.name for f in fields(CompressConfig)} - {"run_dir"}
     c = {
@@ -366,10 +365,10 @@ def _bundle(cfg: RetrainConfig, compression: dict | None, run_dir: Path) -> tupl
     if mode == "auto":
         mode = "same" if compression is not None else "export"
     if mode == "export":
-        from compression.export import export_run
+        from socialrec.compression.export import export_run
 
         return export_run(run_dir), "export (fp32 teacher, as the base run)"
-    from compression.run import run as compress_run
+    from socialrec.compression.run import run as compress_run
 
     cc = replace(compress_config(compression, run_dir, mode, cfg.threads), progress=cfg.progress)
     return compress_run(cc), f"compress ({'quick' if cc.quick else 'base settings'})"
@@ -381,7 +380,7 @@ after_consume: Callable[[], None] | None = None
 
 def run(cfg: RetrainConfig) -> Path | None:
     """The whole retraining job; returns the report path on rank 0 (None on other ranks)."""
-    from training.train import init_distributed
+    from socialrec.training.train import init_distributed
 
     distributed = init_distributed()
     rank = 0
@@ -401,7 +400,7 @@ def run(cfg: RetrainConfig) -> Path | None:
         if after_consume is not None:
             after_consume()
         events = read_events(root)
-        from training.data import load_dataset
+        from socialrec.training.data import load_dataset
 
         merged, stats = merge_events(load_dataset(DataConfig(**base["data"])), events)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -434,7 +433,7 @@ def run(cfg: RetrainConfig) -> Path | None:
     bundle, how = _bundle(cfg, compression, run_dir)
     t3 = time.time()
 
-    from training.run import load_run
+    from socialrec.training.run import load_run
 
     ds, split, _ = load_run(run_dir)
     live_version = current(root)

@@ -19,20 +19,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from socialrec.compression.distill import DistillConfig, distill
+from socialrec.compression.export import bundle_meta, choose_index, export_onnx, write_bundle
+from socialrec.compression.hashing import to_hashed
+from socialrec.compression.lowrank import factor_tables, factored_serving, to_lowrank
+from socialrec.compression.prune import finalize_masked, prune_dims, prune_unstructured, sparsity
+from socialrec.compression.quantize import ort_dynamic, quantize_tables
+from socialrec.compression.served_eval import bundle_bytes, served_evaluate, us_per_query
+from socialrec.compression.tables import INPUT_TABLES
+from socialrec.serving.bundle import MANIFEST
+from socialrec.training.model import TwoTower
+from socialrec.training.run import load_run
+from socialrec.training.train import TrainConfig, load_checkpoint, tower_config
 from torch import nn
-
-from compression.distill import DistillConfig, distill
-from compression.export import bundle_meta, choose_index, export_onnx, write_bundle
-from compression.hashing import to_hashed
-from compression.lowrank import factor_tables, factored_serving, to_lowrank
-from compression.prune import finalize_masked, prune_dims, prune_unstructured, sparsity
-from compression.quantize import ort_dynamic, quantize_tables
-from compression.served_eval import bundle_bytes, served_evaluate, us_per_query
-from compression.tables import INPUT_TABLES
-from serving.bundle import MANIFEST
-from training.model import TwoTower
-from training.run import load_run
-from training.train import TrainConfig, load_checkpoint, tower_config
 
 
 @dataclass(frozen=True)

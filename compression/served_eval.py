@@ -15,11 +15,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import onnxruntime as ort
-
-from serving.bundle import TOWER_INPUTS, load_manifest
-from training.features import Features
-from training.metrics import KS, Graph, recall_ndcg
-from training.split import Split
+from socialrec.serving.bundle import TOWER_INPUTS, load_manifest
+from socialrec.training.features import Features
+from socialrec.training.metrics import KS, Graph, recall_ndcg
+from socialrec.training.split import Split
 
 K_EXTRA_CAP = 4096  # at most this many train positives are searched past (none in practice)
 

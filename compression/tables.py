@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from socialrec.training.model import TwoTower
 from torch import nn
-
-from training.model import TwoTower
 
 # The user tower's input tables (they live in the ONNX graph) and the candidate tables
 # (they become FAISS vectors at bundle time).

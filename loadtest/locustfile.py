@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 
 from locust import task
+from socialrec.loadtest.grpc_user import GrpcUser, StepsShape  # noqa: F401  (shape: SOCIALREC_SHAPE=steps)
 
-from loadtest.grpc_user import GrpcUser, StepsShape  # noqa: F401  (shape: SOCIALREC_SHAPE=steps)
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -26,8 +26,8 @@ import grpc
 import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from socialrec.serving.store import FeatureStore, StoreConfig, StoreUnavailable
 
-from serving.store import FeatureStore, StoreConfig, StoreUnavailable
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -39,7 +39,7 @@ class NaiveModel:
     """Teacher in eager mode plus every candidate vector as a dense numpy matrix."""
 
     def __init__(self, run_dir: str | Path, max_history: int = 256, max_friends: int = 256):
-        from training.train import load_checkpoint
+        from socialrec.training.train import load_checkpoint
 
         run = Path(run_dir)
         self.model, _ = load_checkpoint(run / "teacher.pt")

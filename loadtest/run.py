@@ -28,10 +28,10 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serving.bundle import copy_bundle
-from serving.client import wait_serving
-from serving.redis_local import RedisProcess, find_free_port, start_redis
-from serving.store import FeatureStore, StoreConfig
+from socialrec.serving.bundle import copy_bundle
+from socialrec.serving.client import wait_serving
+from socialrec.serving.redis_local import RedisProcess, find_free_port, start_redis
+from socialrec.serving.store import FeatureStore, StoreConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -485,7 +485,7 @@ def ensure_bundle(run_dir: Path) -> Path:
     """RUN/bundle, exported from RUN/teacher.pt first if it is not there yet."""
     bundle = run_dir / "bundle"
     if not (bundle / "manifest.json").exists():
-        from compression.export import export_run
+        from socialrec.compression.export import export_run
 
         export_run(run_dir, bundle)
     return bundle
@@ -510,8 +510,8 @@ def run(cfg: LoadTestConfig) -> Path:
     token = secrets.token_hex(16)
     summary: dict = {}
 
-    from serving.publish import PublishConfig
-    from serving.publish import run as publish
+    from socialrec.serving.publish import PublishConfig
+    from socialrec.serving.publish import run as publish
 
     redis = start_redis(dir=out / "redis-data", unixsocket=cfg.unix_socket)
     serve_redis = redis.unix_url if cfg.unix_socket else redis.url  # what both servers use
@@ -559,7 +559,7 @@ def run(cfg: LoadTestConfig) -> Path:
         if cfg.peer:
             pport = find_free_port()
             pcmd = [
-                sys.executable, "-m", "loadtest.naive_server", "--run", str(run_dir),
+                sys.executable, "-m", "socialrec.loadtest.naive_server", "--run", str(run_dir),
                 "--redis-url", serve_redis, "--namespace", namespaces["peer"], "--port", str(pport),
             ]  # fmt: skip
             pserver = Proc(pcmd, out / "peer-server.log", env)

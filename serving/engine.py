@@ -24,8 +24,13 @@ from typing import Protocol
 import faiss
 import numpy as np
 import onnxruntime as ort
-
-from serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, BundleError, BundleFiles, open_bundle
+from socialrec.serving.bundle import (
+    TOWER_INPUTS,
+    TOWER_OUTPUTS,
+    BundleError,
+    BundleFiles,
+    open_bundle,
+)
 
 REASON_TASTE = "similar taste"
 REASON_FRIENDS_LIKE = "your friends like this"

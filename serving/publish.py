@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-
-from serving.store import FeatureStore, StoreConfig
+from socialrec.serving.store import FeatureStore, StoreConfig
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class PublishConfig:
 
 def run(cfg: PublishConfig) -> dict:
     """Load the run's data into the store and return (and print) the counts."""
-    from training.run import load_run  # offline only; see the module docstring
+    from socialrec.training.run import load_run  # offline only; see the module docstring
 
     ds, split, _report = load_run(cfg.run)
     if cfg.train_only:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from serving.bundle import MANIFEST, BundleError, load_manifest
+from socialrec.serving.bundle import MANIFEST, BundleError, load_manifest
 
 POINTER = "CURRENT"  # the same name serving.server watches
 HISTORY = "HISTORY"

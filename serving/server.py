@@ -29,10 +29,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from socialrec.serving.bundle import BundleError
+from socialrec.serving.engine import Engine, EngineConfig, Result
+from socialrec.serving.store import (
+    FeatureStore,
+    StoreConfig,
+    StoreUnavailable,
+    features_from_replies,
+)
 
-from serving.bundle import BundleError
-from serving.engine import Engine, EngineConfig, Result
-from serving.store import FeatureStore, StoreConfig, StoreUnavailable, features_from_replies
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 

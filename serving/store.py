@@ -46,8 +46,7 @@ from urllib.parse import urlparse
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from serving import resp
+from socialrec.serving import resp
 
 SCHEMA_VERSION = "v1"
 

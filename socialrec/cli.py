@@ -28,7 +28,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-items", type=int, default=2000)
     g.add_argument("--synthetic-interactions", type=int, default=60000)
     g.add_argument("--data-seed", type=int, default=0, help="synthetic generator seed")
-    from training.split import DEFAULT_SEED
+    from socialrec.training.split import DEFAULT_SEED
 
     g.add_argument(
         "--seed",
@@ -39,7 +39,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_config(a: argparse.Namespace):
-    from training.data import DataConfig
+    from socialrec.training.data import DataConfig
 
     def absolute(p: str | None) -> str | None:
         return str(Path(p).resolve()) if p else None  # run.json must still find the data later
@@ -58,8 +58,8 @@ def _data_config(a: argparse.Namespace):
 
 
 def cmd_split(a: argparse.Namespace) -> int:
-    from training.data import load_dataset
-    from training.split import SplitConfig, export_split, split_dataset
+    from socialrec.training.data import load_dataset
+    from socialrec.training.split import SplitConfig, export_split, split_dataset
 
     ds = load_dataset(_data_config(a))
     split = split_dataset(ds, SplitConfig(seed=a.seed))
@@ -75,10 +75,10 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from training.baselines import BaselineConfig
-    from training.run import RunConfig, run
-    from training.split import SplitConfig
-    from training.train import TrainConfig
+    from socialrec.training.baselines import BaselineConfig
+    from socialrec.training.run import RunConfig, run
+    from socialrec.training.split import SplitConfig
+    from socialrec.training.train import TrainConfig
 
     tc = TrainConfig()
     overrides = {
@@ -103,7 +103,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from compression.run import CompressConfig, run
+    from socialrec.compression.run import CompressConfig, run
 
     cfg = CompressConfig(
         run_dir=a.run,
@@ -128,7 +128,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from compression.export import describe_bundle, export_run
+    from socialrec.compression.export import describe_bundle, export_run
 
     path = export_run(a.run, a.out)
     print(describe_bundle(path))
@@ -136,8 +136,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_publish(a: argparse.Namespace) -> int:
-    from serving.publish import PublishConfig, run
-    from serving.store import StoreUnavailable
+    from socialrec.serving.publish import PublishConfig, run
+    from socialrec.serving.store import StoreUnavailable
 
     cfg = PublishConfig(
         run=a.run,
@@ -156,17 +156,17 @@ def cmd_publish(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from serving.server import pin_threads
+    from socialrec.serving.server import pin_threads
 
     pin_threads()  # before onnxruntime / faiss / numpy start their thread pools
-    from serving.engine import EngineConfig
-    from serving.server import ServerConfig, serve
+    from socialrec.serving.engine import EngineConfig
+    from socialrec.serving.server import ServerConfig, serve
 
     local = None
     redis_url = a.redis_url
     if redis_url == "local":
         # A first run on a laptop: a throwaway redis-server, never an in-memory fake.
-        from serving.redis_local import RedisNotInstalled, start_redis
+        from socialrec.serving.redis_local import RedisNotInstalled, start_redis
 
         try:
             local = start_redis()
@@ -176,8 +176,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         redis_url = local.url
         print(f"started a local redis-server at {redis_url} (data is thrown away on exit)")
     if a.publish:
-        from serving.publish import PublishConfig
-        from serving.publish import run as publish
+        from socialrec.serving.publish import PublishConfig
+        from socialrec.serving.publish import run as publish
 
         publish(PublishConfig(run=a.publish, redis_url=redis_url, namespace=a.namespace))
     cfg = ServerConfig(
@@ -214,7 +214,7 @@ def _int_list(flag: str, text: str) -> tuple[int, ...]:
 
 
 def cmd_loadtest(a: argparse.Namespace) -> int:
-    from loadtest.run import LoadTestConfig, print_summary, run
+    from socialrec.loadtest.run import LoadTestConfig, print_summary, run
 
     cfg = LoadTestConfig(
         run=a.run,
@@ -235,8 +235,8 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
 
 
 def cmd_retrain(a: argparse.Namespace) -> int:
-    from compression.retrain import RetrainConfig, run
-    from serving.store import StoreUnavailable
+    from socialrec.compression.retrain import RetrainConfig, run
+    from socialrec.serving.store import StoreUnavailable
 
     cfg = RetrainConfig(
         run_dir=a.run,
@@ -266,8 +266,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
 
 
 def cmd_rollout(a: argparse.Namespace) -> int:
-    from serving.bundle import BundleError
-    from serving.rollout import rollout
+    from socialrec.serving.bundle import BundleError
+    from socialrec.serving.rollout import rollout
 
     try:
         e = rollout(a.bundles, a.to)
@@ -279,8 +279,8 @@ def cmd_rollout(a: argparse.Namespace) -> int:
 
 
 def cmd_rollback(a: argparse.Namespace) -> int:
-    from serving.bundle import BundleError
-    from serving.rollout import rollback
+    from socialrec.serving.bundle import BundleError
+    from socialrec.serving.rollout import rollback
 
     try:
         e = rollback(a.bundles)
@@ -292,8 +292,8 @@ def cmd_rollback(a: argparse.Namespace) -> int:
 
 
 def cmd_publish_bundle(a: argparse.Namespace) -> int:
-    from serving.bundle import BundleError
-    from serving.rollout import publish_bundle
+    from socialrec.serving.bundle import BundleError
+    from socialrec.serving.rollout import publish_bundle
 
     try:
         e = publish_bundle(a.bundles, getattr(a, "from"))

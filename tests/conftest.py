@@ -15,7 +15,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
     Set SOCIALREC_REQUIRE_REDIS=1 (CI) to fail instead of skipping.
     """
-    from serving.redis_local import RedisNotInstalled, start_redis
+    from socialrec.serving.redis_local import RedisNotInstalled, start_redis
 
     try:
         server = start_redis(dir=tmp_path_factory.mktemp("redis"))
@@ -36,6 +36,6 @@ def redis_namespace() -> str:
 @pytest.fixture
 def store_config(redis_server, redis_namespace: str):
     """StoreConfig for the session server and this test's namespace (override with replace())."""
-    from serving.store import StoreConfig
+    from socialrec.serving.store import StoreConfig
 
     return StoreConfig(url=redis_server.url, namespace=redis_namespace)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-
-from training.split import Split
+from socialrec.training.split import Split
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 

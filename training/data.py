@@ -420,7 +420,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             )
         return load_tsv(cfg.interactions, cfg.friends, cfg.item_names)
     if cfg.dataset == "synthetic":
-        from training.synthetic import SyntheticConfig, generate
+        from socialrec.training.synthetic import SyntheticConfig, generate
 
         return generate(
             SyntheticConfig(

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from training.data import DataConfig, Dataset, LoadReport
+from socialrec.training.data import DataConfig, Dataset, LoadReport
 
 Event = tuple[str, dict[str, str]]  # (stream id "ms-seq", fields)
 EVENT_TYPES = ("interaction", "friend_add", "friend_remove")

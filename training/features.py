@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from training.data import csr_rows
-from training.split import Split
+from socialrec.training.data import csr_rows
+from socialrec.training.split import Split
 
 
 @dataclass

@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from socialrec.training.data import csr_rows
 from tqdm import tqdm
-
-from training.data import csr_rows
 
 KS = (10, 20)
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in KS)

@@ -11,12 +11,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from training.baselines import BaselineConfig, content_baselines, friend_baselines
-from training.data import DataConfig, Dataset, load_dataset
-from training.metrics import Graph, evaluate
-from training.split import Split, SplitConfig, export_split, split_dataset, validation_split
-from training.train import (
+from socialrec.training.baselines import BaselineConfig, content_baselines, friend_baselines
+from socialrec.training.data import DataConfig, Dataset, load_dataset
+from socialrec.training.metrics import Graph, evaluate
+from socialrec.training.split import (
+    Split,
+    SplitConfig,
+    export_split,
+    split_dataset,
+    validation_split,
+)
+from socialrec.training.train import (
     TrainConfig,
     evaluate_model,
     init_distributed,
@@ -166,7 +171,7 @@ def format_table(report: dict) -> str:
 
 def load_run(run_dir: str | Path) -> tuple[Dataset, Split, dict]:
     """Reload a run's dataset and split from run.json; checks the split is the one reported."""
-    from training.data import DataConfig
+    from socialrec.training.data import DataConfig
 
     run_dir = Path(run_dir)
     for name in ("run.json", "report.json"):

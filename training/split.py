@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-
-from training.data import Dataset
+from socialrec.training.data import Dataset
 
 DEFAULT_SEED = 42
 

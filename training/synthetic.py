@@ -27,9 +27,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from socialrec.training.data import Dataset, LoadReport
 from tqdm.auto import tqdm
-
-from training.data import Dataset, LoadReport
 
 _T0_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z in ms: start of the synthetic timeline
 _SPAN_MS = 365 * 24 * 3600 * 1000  # one year

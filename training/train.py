@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from socialrec.training.features import Features
+from socialrec.training.metrics import Graph, evaluate
+from socialrec.training.model import TowerConfig, TwoTower, TwoTowerTrainTask
+from socialrec.training.split import Split
 from tqdm import tqdm
-
-from training.features import Features
-from training.metrics import Graph, evaluate
-from training.model import TowerConfig, TwoTower, TwoTowerTrainTask
-from training.split import Split
 
 FULL_SOFTMAX_MAX = 60_000  # catalogues up to this size train with a full softmax
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from compression.served_eval import ServedModel, served_topk, tower_inputs
-from training.features import Features
-from training.metrics import Graph, topk
-from training.train import Scorer
+from socialrec.compression.served_eval import ServedModel, served_topk, tower_inputs
+from socialrec.training.features import Features
+from socialrec.training.metrics import Graph, topk
+from socialrec.training.train import Scorer
 
 
 class TorchBackend:

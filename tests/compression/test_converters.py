@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import torch
-
-from compression.distill import distill_loss
-from compression.hashing import HashEmbedding, hash_ids, hashed_from
-from compression.lowrank import LowRankEmbedding, svd_factors, to_lowrank
-from compression.prune import MaskedEmbedding, magnitude_mask, prune_dims
-from compression.quantize import (
+from socialrec.compression.distill import distill_loss
+from socialrec.compression.hashing import HashEmbedding, hash_ids, hashed_from
+from socialrec.compression.lowrank import LowRankEmbedding, svd_factors, to_lowrank
+from socialrec.compression.prune import MaskedEmbedding, magnitude_mask, prune_dims
+from socialrec.compression.quantize import (
     QuantEmbedding,
     dequantize_rows,
     pack_int4,
     quantize_rows,
     unpack_int4,
 )
-from compression.tables import INPUT_TABLES, get_table
-from training.model import TowerConfig, TwoTower
+from socialrec.compression.tables import INPUT_TABLES, get_table
+from socialrec.training.model import TowerConfig, TwoTower
 
 
 def test_svd_factors_rank1_exact() -> None:

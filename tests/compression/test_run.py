@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compression.run import CompressConfig, run
-from serving.bundle import open_bundle
+from socialrec.compression.run import CompressConfig, run
+from socialrec.serving.bundle import open_bundle
+
 from socialrec.cli import build_parser
 
 

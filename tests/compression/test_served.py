@@ -10,14 +10,13 @@ import faiss
 import numpy as np
 import pytest
 import torch
-
-from compression.export import INDEX_KINDS, build_index, choose_index
-from compression.hashing import to_hashed
-from compression.lowrank import to_lowrank
-from compression.quantize import quantize_tables
-from compression.served_eval import ServedModel, served_evaluate, tower_inputs
-from serving.bundle import BundleError, load_manifest
-from training.train import evaluate_model
+from socialrec.compression.export import INDEX_KINDS, build_index, choose_index
+from socialrec.compression.hashing import to_hashed
+from socialrec.compression.lowrank import to_lowrank
+from socialrec.compression.quantize import quantize_tables
+from socialrec.compression.served_eval import ServedModel, served_evaluate, tower_inputs
+from socialrec.serving.bundle import BundleError, load_manifest
+from socialrec.training.train import evaluate_model
 
 
 def _sample_inputs(split, sm: ServedModel, n: int = 64):
@@ -158,8 +157,8 @@ def test_corrupted_or_wrong_checksum_refused(bundles, tmp_path: Path) -> None:
 
 def test_factored_serving_scores_equal_full_model(loaded, bundle_factory, tmp_path: Path) -> None:
     """Low-rank candidates served in r-space: (u B^T) . A_i == u . (A_i B), bias included."""
-    from compression.export import export_onnx
-    from compression.lowrank import factored_serving
+    from socialrec.compression.export import export_onnx
+    from socialrec.compression.lowrank import factored_serving
 
     teacher, _, _, split, _ = loaded
     model = to_lowrank(teacher, 8)
@@ -182,8 +181,8 @@ def test_factored_serving_scores_equal_full_model(loaded, bundle_factory, tmp_pa
 @pytest.mark.parametrize("name", ["student-int8", "student-int4"])
 def test_server_engine_loads_compressed_bundles(bundles, name: str) -> None:
     """The gRPC server's engine accepts the compressed bundles (padded SQ8 indexes read back)."""
-    from serving.bundle import open_bundle
-    from serving.engine import Engine
+    from socialrec.serving.bundle import open_bundle
+    from socialrec.serving.engine import Engine
 
     eng = Engine.load(bundles[name])
     b = open_bundle(bundles[name])

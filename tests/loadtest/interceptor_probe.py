@@ -11,8 +11,8 @@ import sys
 from types import SimpleNamespace
 
 import grpc
+from socialrec.loadtest.grpc_user import LocustInterceptor, RpcStatusError, ZipfIds
 
-from loadtest.grpc_user import LocustInterceptor, RpcStatusError, ZipfIds
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 

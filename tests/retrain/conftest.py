@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from training.data import DataConfig
-from training.train import TrainConfig
+from socialrec.training.data import DataConfig
+from socialrec.training.train import TrainConfig
 
 TINY = DataConfig(
     dataset="synthetic",
@@ -23,8 +22,8 @@ FAST = TrainConfig(dim=16, epochs=6, batch_size=128, lr=5e-3, patience=4, eval_e
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A `socialrec train` run on tiny synthetic data plus its fp32 bundle (~5 s)."""
-    from compression.export import export_run
-    from training.run import RunConfig, run
+    from socialrec.compression.export import export_run
+    from socialrec.training.run import RunConfig, run
 
     out = run(
         RunConfig(out=str(tmp_path_factory.mktemp("base")), data=TINY, train=FAST, progress=False)
@@ -36,7 +35,7 @@ def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def root(base_run: Path, tmp_path: Path) -> Path:
     """A bundle root whose CURRENT is the base run's bundle (what the pipeline job leaves)."""
-    from serving.rollout import publish_bundle
+    from socialrec.serving.rollout import publish_bundle
 
     r = tmp_path / "bundles"
     publish_bundle(r, base_run / "bundle")

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from socialrec.compression import retrain
+from socialrec.compression.retrain import RetrainConfig
+from socialrec.serving.publish import PublishConfig
+from socialrec.serving.publish import run as publish
+from socialrec.serving.redis_local import find_free_port
+from socialrec.serving.rollout import current
+from socialrec.training.run import load_run
 
-from compression import retrain
-from compression.retrain import RetrainConfig
-from serving.publish import PublishConfig
-from serving.publish import run as publish
-from serving.redis_local import find_free_port
-from serving.rollout import current
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
-from training.run import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "retrain-e2e-token"

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from training.data import Dataset, load_dataset
-from training.events import merge_events, stream_key, write_tsv
+from socialrec.training.data import Dataset, load_dataset
+from socialrec.training.events import merge_events, stream_key, write_tsv
 
 
 def _base() -> Dataset:
@@ -92,9 +91,9 @@ def test_tsv_round_trip_keeps_every_row(tmp_path: Path) -> None:
 
 def test_mapped_served_eval_equals_served_eval_on_own_split(base_run: Path) -> None:
     """On the bundle's own dataset the id mapping is the identity: same numbers exactly."""
-    from compression.retrain import served_evaluate_ids
-    from compression.served_eval import served_evaluate
-    from training.run import load_run
+    from socialrec.compression.retrain import served_evaluate_ids
+    from socialrec.compression.served_eval import served_evaluate
+    from socialrec.training.run import load_run
 
     ds, split, _ = load_run(base_run)
     ref = served_evaluate(base_run / "bundle", split)

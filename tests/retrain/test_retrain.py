@@ -7,12 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from compression import retrain
-from compression.retrain import EVENTS, STATE, RetrainConfig, read_events
-from serving.rollout import current, history
-from serving.store import FeatureStore
-from training.run import load_run
+from socialrec.compression import retrain
+from socialrec.compression.retrain import EVENTS, STATE, RetrainConfig, read_events
+from socialrec.serving.rollout import current, history
+from socialrec.serving.store import FeatureStore
+from socialrec.training.run import load_run
 
 
 def _cfg(base_run: Path, root: Path, store_config, **kw) -> RetrainConfig:
@@ -101,8 +100,8 @@ def test_worse_model_is_refused_and_current_stays(base_run, root, store_config) 
 
 
 def test_compress_config_rebuilt_from_the_base_runs_json(tmp_path: Path) -> None:
-    from compression.distill import DistillConfig
-    from compression.retrain import compress_config
+    from socialrec.compression.distill import DistillConfig
+    from socialrec.compression.retrain import compress_config
 
     saved = {
         "run_dir": "/elsewhere",

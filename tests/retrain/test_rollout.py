@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from socialrec.serving.bundle import BundleError, copy_bundle, write_manifest
+from socialrec.serving.rollout import current, history, previous, publish_bundle, versions
 
-from serving.bundle import BundleError, copy_bundle, write_manifest
-from serving.rollout import current, history, previous, publish_bundle, versions
 from socialrec.cli import main
 
 

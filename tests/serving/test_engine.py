@@ -18,12 +18,11 @@ import faiss
 import numpy as np
 import pytest
 import torch
-
-from compression.export import INDEX_KINDS, build_index, write_bundle
-from serving.bundle import BundleError, load_manifest, open_bundle
-from serving.engine import Engine, EngineConfig, Result, ensure_reconstruct
-from training.model import TowerConfig, TwoTower
-from training.split import Split
+from socialrec.compression.export import INDEX_KINDS, build_index, write_bundle
+from socialrec.serving.bundle import BundleError, load_manifest, open_bundle
+from socialrec.serving.engine import Engine, EngineConfig, Result, ensure_reconstruct
+from socialrec.training.model import TowerConfig, TwoTower
+from socialrec.training.split import Split
 
 N_ITEMS, N_USERS, DIM = 60, 40, 8
 ITEM_IDS = [f"item-{i}" for i in range(N_ITEMS)]
@@ -410,7 +409,8 @@ def test_bare_ivf_gets_a_direct_map() -> None:
 
 def test_serving_engine_imports_no_torch() -> None:
     code = (
-        "import sys, serving.engine; sys.exit('torch' in sys.modules or 'training' in sys.modules)"
+        "import sys, socialrec.serving.engine; "
+        "sys.exit('torch' in sys.modules or 'socialrec.training' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -11,15 +11,15 @@ import pytest
 
 pytest.importorskip("torch")  # publish re-reads the run through training/ (offline command)
 
-from serving.publish import PublishConfig, run  # noqa: E402
-from serving.store import FeatureStore, StoreConfig  # noqa: E402
+from socialrec.serving.publish import PublishConfig, run  # noqa: E402
+from socialrec.serving.store import FeatureStore, StoreConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     """A run directory with just what load_run needs (run.json, report.json), no training."""
-    from training.data import DataConfig
-    from training.run import RunConfig, prepare
+    from socialrec.training.data import DataConfig
+    from socialrec.training.run import RunConfig, prepare
 
     cfg = RunConfig(
         data=DataConfig(synthetic_users=120, synthetic_items=80, synthetic_interactions=1500)

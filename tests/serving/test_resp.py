@@ -9,9 +9,8 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from serving.redis_local import start_redis
-from serving.resp import AsyncRespConnection, RespConnection, RespError, Script
+from socialrec.serving.redis_local import start_redis
+from socialrec.serving.resp import AsyncRespConnection, RespConnection, RespError, Script
 
 
 @pytest.fixture(scope="module")

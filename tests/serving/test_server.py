@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from socialrec.serving.bundle import copy_bundle
+from socialrec.serving.redis_local import find_free_port, start_redis
 
-from serving.bundle import copy_bundle
-from serving.redis_local import find_free_port, start_redis
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -32,10 +32,10 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A small trained run with an exported fp32 bundle at RUN/bundle."""
-    from compression.export import export_run
-    from training.data import DataConfig
-    from training.run import RunConfig, run
-    from training.train import TrainConfig
+    from socialrec.compression.export import export_run
+    from socialrec.training.data import DataConfig
+    from socialrec.training.run import RunConfig, run
+    from socialrec.training.train import TrainConfig
 
     out = tmp_path_factory.mktemp("run")
     data = DataConfig(synthetic_users=400, synthetic_items=250, synthetic_interactions=8000, seed=5)
@@ -52,8 +52,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def published(run_dir, redis_server) -> str:
-    from serving.publish import PublishConfig
-    from serving.publish import run as publish
+    from socialrec.serving.publish import PublishConfig
+    from socialrec.serving.publish import run as publish
 
     ns = f"srv-{uuid.uuid4().hex[:8]}"
     publish(
@@ -442,8 +442,8 @@ def test_unavailable_before_bundle_then_hot_reload(
 
 
 def test_redis_down_degrades_reads_fails_writes_and_recovers(run_dir, tmp_path) -> None:
-    from serving.publish import PublishConfig
-    from serving.publish import run as publish
+    from socialrec.serving.publish import PublishConfig
+    from socialrec.serving.publish import run as publish
 
     redis = start_redis(dir=tmp_path / "redis")
     s = None

@@ -12,9 +12,8 @@ from dataclasses import replace
 
 import pytest
 import redis
-
-from serving.redis_local import RedisNotInstalled, start_redis
-from serving.store import FeatureStore, StoreConfig, StoreUnavailable, UserFeatures
+from socialrec.serving.redis_local import RedisNotInstalled, start_redis
+from socialrec.serving.store import FeatureStore, StoreConfig, StoreUnavailable, UserFeatures
 
 
 @pytest.fixture(params=[True, False], ids=["fast-path", "redis-py"])
@@ -298,8 +297,8 @@ def test_missing_binary_says_how_to_install() -> None:
 
 def test_serving_imports_no_torch_or_training() -> None:
     code = (
-        "import sys, serving.store, serving.publish, serving.redis_local; "
-        "bad = [m for m in ('torch', 'training', 'compression') if m in sys.modules]; "
+        "import sys, socialrec.serving.store, socialrec.serving.publish, socialrec.serving.redis_local; "
+        "bad = [m for m in ('torch', 'socialrec.training', 'socialrec.compression') if m in sys.modules]; "
         "sys.exit(str(bad) if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from training.baselines import (
+from socialrec.training.baselines import (
     BaselineConfig,
     adamic_adar,
     common_neighbors,
@@ -17,8 +16,8 @@ from training.baselines import (
     item_knn,
     most_popular,
 )
-from training.metrics import Graph, evaluate, topk
-from training.split import Split
+from socialrec.training.metrics import Graph, evaluate, topk
+from socialrec.training.split import Split
 
 _I32 = np.int32
 

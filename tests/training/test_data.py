@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from training.data import DataError, Dataset, load_lastfm, load_tsv
+from socialrec.training.data import DataError, Dataset, load_lastfm, load_tsv
 
 
 def _write(path: Path, lines: list[str]) -> Path:

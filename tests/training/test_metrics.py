@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from training.metrics import KS, METRIC_KEYS, Graph, evaluate, recall_ndcg, topk
+from socialrec.training.metrics import KS, METRIC_KEYS, Graph, evaluate, recall_ndcg, topk
 
 
 def test_topk_best_first() -> None:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from training.data import Dataset, load_tsv
-from training.split import (
+from socialrec.training.data import Dataset, load_tsv
+from socialrec.training.split import (
     SPLIT_FILES,
     Split,
     SplitConfig,

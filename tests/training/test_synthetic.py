@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from training.data import DataConfig, Dataset, load_dataset
-from training.synthetic import SyntheticConfig, generate, generate_with_truth
+from socialrec.training.data import DataConfig, Dataset, load_dataset
+from socialrec.training.synthetic import SyntheticConfig, generate, generate_with_truth
 
 SMALL = SyntheticConfig(n_users=300, n_items=200, n_interactions=5000, seed=0)
 MEDIUM = SyntheticConfig(n_users=1000, n_items=500, n_interactions=15000, seed=0)

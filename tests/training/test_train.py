@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from training.data import DataConfig
-from training.model import (
+from socialrec.training.data import DataConfig
+from socialrec.training.model import (
     TowerConfig,
     TwoTower,
     multinomial_nll,
@@ -24,9 +23,9 @@ from training.model import (
     sampled_nll,
     with_bias_slot,
 )
-from training.run import RunConfig, prepare, run
-from training.split import validation_split
-from training.train import (
+from socialrec.training.run import RunConfig, prepare, run
+from socialrec.training.split import validation_split
+from socialrec.training.train import (
     TrainConfig,
     evaluate_model,
     load_checkpoint,
@@ -106,8 +105,8 @@ def small_run() -> tuple:
 
 
 def test_teacher_beats_most_popular_on_synthetic(small_run) -> None:
-    from training.baselines import most_popular
-    from training.metrics import Graph, evaluate
+    from socialrec.training.baselines import most_popular
+    from socialrec.training.metrics import Graph, evaluate
 
     _, split, model, log = small_run
     got = evaluate_model(model, split)
@@ -140,15 +139,15 @@ def test_training_is_seeded(small_run) -> None:
 
 def test_sampled_softmax_path_learns(monkeypatch, small_run) -> None:
     """Large catalogues train with sampled softmax + log-Q; force it on small data."""
-    import training.train as tr
+    import socialrec.training.train as tr
 
     _, split, _, _ = small_run
     monkeypatch.setattr(tr, "FULL_SOFTMAX_MAX", 10)
     cfg = replace(FAST, negatives=128)
     model, log = train_teacher(split, validation_split(split), cfg, progress=False)
     assert log["softmax"] == {"content": "sampled", "friends": "sampled"}
-    from training.baselines import most_popular
-    from training.metrics import Graph, evaluate
+    from socialrec.training.baselines import most_popular
+    from socialrec.training.metrics import Graph, evaluate
 
     pop = evaluate(
         most_popular(split),
