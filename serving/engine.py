@@ -7,7 +7,7 @@ counts into the friend score. It has no I/O after ``load`` and no torch: the gRP
 injects the store's features and turns a :class:`Result` into a reply.
 
 Read-only after ``load``, so one engine serves many threads. ONNX Runtime and FAISS are
-pinned to one thread each (DESIGN.md "Performance rules"): the server scales by processes.
+pinned to one thread each (docs/design.md "Performance rules"): the server scales by processes.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence, Sized
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import faiss
 import numpy as np
@@ -32,9 +30,11 @@ from socialrec.serving.bundle import (
     open_bundle,
 )
 
-REASON_TASTE = "similar taste"
-REASON_FRIENDS_LIKE = "your friends like this"
-REASON_POPULAR = "popular"
+# Machine-readable reason tags (the proto's Recommendation.reason documents the same set).
+REASON_TASTE = "similar_taste"  # the user tower's own history (content) or taste (friends)
+REASON_FRIENDS_LIKE = "friends_like"  # content for a user known only through friends
+REASON_MUTUAL = "mutual_friends"  # a friend candidate with mutual friends (count in the field)
+REASON_POPULAR = "popular"  # cold-start fallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +77,6 @@ class EngineConfig:
     # index returns, ~0.01 us per row to read) instead of per request through the index
     # (~0.8 us per row for a padded SQ8 index); above it the index stays compressed in memory.
     decoded_users_max_bytes: int = 256 << 20
-    # Exact result cache (see ResultCache): at most this many feature entries (history +
-    # friends + friends-of-friends of the cached users) are held per engine; 0 turns it off.
-    result_cache_budget: int = 1_000_000
-
-
-class UserInputs(Protocol):
-    """What :meth:`Engine.recommend` needs about a user (serving.store.UserFeatures)."""
-
-    history: Sequence[tuple[str, float]]
-    friends: Sequence[str]
-    fof: Mapping[str, int]
 
 
 _tls = threading.local()
@@ -137,50 +126,6 @@ def ensure_reconstruct(index: faiss.Index, what: str) -> None:
         raise BundleError(f"{what}: index cannot return stored vectors ({e})") from None
 
 
-class ResultCache:
-    """The last answer per (call, user, k), reused only for the very inputs it came from.
-
-    The engine's answer is a pure function of the bundle and (call, user, k, history, friends,
-    friends-of-friends), and those are a pure function of the feature read's raw replies, so
-    an answer stored with replies equal to the ones just read from Redis is the answer, not
-    an approximation: nothing here can be stale. Any write that changes what Redis holds for
-    the user changes the replies and misses. One slot per (call, user, k) keeps the newest
-    inputs; slots are evicted least recently used once the entries they hold (``weight``:
-    total length of the replies) pass ``budget``. A new bundle gets a new engine, so a new
-    cache.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.size = 0  # feature entries held
-        self._slots: OrderedDict[tuple, tuple[object, Result, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, slot: tuple, inputs: object) -> Result | None:
-        with self._lock:
-            entry = self._slots.get(slot)
-            if entry is None or entry[0] != inputs:
-                return None
-            self._slots.move_to_end(slot)
-            return entry[1]
-
-    def put(self, slot: tuple, inputs: object, result: Result, weight: int) -> None:
-        if weight > self.budget:
-            return
-        with self._lock:
-            old = self._slots.pop(slot, None)
-            if old is not None:
-                self.size -= old[2]
-            self._slots[slot] = (inputs, result, weight)
-            self.size += weight
-            while self.size > self.budget:
-                _, (_, _, w) = self._slots.popitem(last=False)
-                self.size -= w
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-
 def _id_map(ids: list[str], what: str, root: Path) -> dict[str, int]:
     index = {s: j for j, s in enumerate(ids)}
     if len(index) != len(ids):
@@ -220,9 +165,6 @@ class Engine:
         self.user_vectors: np.ndarray | None = None  # (N, D + 1) when small enough, see config
         if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
             self.user_vectors = users.reconstruct_n(0, users.ntotal)
-        self.results = (
-            ResultCache(config.result_cache_budget) if config.result_cache_budget else None
-        )
 
     @classmethod
     def load(
@@ -324,41 +266,6 @@ class Engine:
     def _tower(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
         (u,) = self.session.run([output], feeds)
         return np.ascontiguousarray(u, dtype=np.float32)  # (1, D + 1)
-
-    # ---- entry point for the server ---------------------------------------------------
-
-    def recommend(
-        self,
-        user_id: str,
-        k: int,
-        friends: bool,
-        key: Sequence[Sized],
-        features: Callable[[], UserInputs],
-    ) -> Result:
-        """recommend_friends (``friends``) or recommend_content, through the exact result cache.
-
-        ``key`` is what the features are a pure function of (the server passes the raw Redis
-        replies), compared with ``==``; ``features()`` turns it into an object with
-        ``history``, ``friends`` and ``fof``, and is only called on a miss. A hit comes back
-        with ``timings == {"cache": secs}``.
-        """
-        cache = self.results
-        slot = (friends, user_id, k)
-        if cache is not None:
-            t0 = time.perf_counter()
-            hit = cache.get(slot, key)
-            if hit is not None:
-                return Result(
-                    hit.items, hit.cold_start, {"cache": time.perf_counter() - t0}, hit.unknown
-                )
-        f = features()
-        if friends:
-            res = self.recommend_friends(user_id, f.history, f.friends, f.fof, k)
-        else:
-            res = self.recommend_content(f.history, f.friends, k)
-        if cache is not None:
-            cache.put(slot, key, res, 1 + sum(len(part) for part in key))
-        return res
 
     # ---- content -----------------------------------------------------------------------
 
@@ -466,7 +373,7 @@ class Engine:
             idx[order].tolist(), score[order].tolist(), mutual[order].tolist(), strict=True
         ):
             m = int(m)
-            out.append(Scored(names[c], s, f"{m} mutual friends" if m > 0 else REASON_TASTE, m))
+            out.append(Scored(names[c], s, REASON_MUTUAL if m > 0 else REASON_TASTE, m))
         t3 = time.perf_counter()
         return Result(out, False, _timings(t1 - t0, t2 - t1, t3 - t2), unknown)
 

@@ -290,14 +290,14 @@ class AsyncRespConnection:
             self._timer = loop.call_at(deadline, self._on_timer)
         return await fut
 
-    async def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
-        """As :meth:`RespConnection.evalsha`."""
+    async def evalsha(self, sha: str, source: str, keys: list[str], args: list[object]) -> object:
+        """Run a script by SHA1; sends ``source`` instead when Redis has not cached it."""
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
         except RespError as e:
             if not str(e).startswith("NOSCRIPT"):
                 raise
-        return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+        return await self.execute("EVAL", source, len(keys), *keys, *args)
 
     def close(self) -> None:
         self._reset(ConnectionError("connection closed"))

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-SPIN_DEFAULT_US = 0  # `serve --redis-spin-us`: see serving.store.StoreConfig.spin_us
 RESULT_CACHE_DEFAULT = 1_000_000  # `serve --result-cache-budget`: serving.engine.ResultCache
 
 
@@ -156,11 +155,11 @@ def cmd_publish(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from socialrec.serving.server import pin_threads
+    from socialrec.serving.supervisor import pin_threads
 
     pin_threads()  # before onnxruntime / faiss / numpy start their thread pools
-    from socialrec.serving.engine import EngineConfig
-    from socialrec.serving.server import ServerConfig, serve
+    from socialrec.serving.config import ServerConfig
+    from socialrec.serving.supervisor import serve
 
     local = None
     redis_url = a.redis_url
@@ -194,8 +193,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         watch_interval_s=a.watch_interval,
-        redis_spin_us=a.redis_spin_us,
-        engine=EngineConfig(result_cache_budget=a.result_cache_budget),
+        redis_client=a.redis_client,
+        result_cache_budget=a.result_cache_budget,
     )
     try:
         return serve(cfg)
@@ -468,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="per worker; beyond it RESOURCE_EXHAUSTED",
     )
     v.add_argument(
-        "--redis-spin-us",
-        type=int,
-        default=SPIN_DEFAULT_US,
-        help="busy-poll this long for a Redis reply before sleeping (0: never spin); trades a "
-        "little CPU for the wake-up of a sleeping thread",
+        "--redis-client",
+        choices=("resp", "redis-py"),
+        default="resp",
+        help="the request path's Redis client: resp (socialrec.serving.resp; redis:// and "
+        "unix:// URLs) or redis-py (redis.asyncio with hiredis)",
     )
     v.add_argument(
         "--result-cache-budget",
@@ -516,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject one fault into our server's run, halfway through",
     )
     lt.add_argument(
-        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-spin-us 50'"
+        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'"
     )
     lt.add_argument(
         "--unix-socket",

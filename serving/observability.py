@@ -1,0 +1,88 @@
+"""Observability of the server: Prometheus metrics and one-JSON-object-per-line logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+# Latency buckets from 50 us to 1 s: a cache hit is tens of microseconds, a timeout 250 ms.
+BUCKETS = (
+    5e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 4e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3,
+    7.5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Prometheus metrics; in multi-worker mode they live in PROMETHEUS_MULTIPROC_DIR."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.latency = Histogram(
+            "socialrec_rpc_seconds", "RPC latency", ["method"], buckets=BUCKETS
+        )
+        self.stage = Histogram(
+            "socialrec_stage_seconds",
+            "Latency of a request stage",
+            ["method", "stage"],
+            buckets=BUCKETS,
+        )
+        self.requests = Counter(
+            "socialrec_requests_total", "RPCs by final status", ["method", "code"]
+        )
+        self.reloads = Counter(
+            "socialrec_bundle_reloads_total", "Bundle loads by outcome", ["outcome"]
+        )
+        self.degraded = Counter(
+            "socialrec_degraded_total", "Reads answered without Redis", ["method"]
+        )
+        self.version = Gauge(
+            "socialrec_bundle_info",
+            "Live bundle version (value 1)",
+            ["version"],
+            multiprocess_mode="livemax",
+        )
+        self._version: str | None = None
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, cached: the lookup costs about as much as the update."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def set_version(self, version: str) -> None:
+        if self._version is not None:
+            self.version.labels(self._version).set(0)
+        self.version.labels(version).set(1)
+        self._version = version
+
+
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, worker pid and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        for k, v in record.__dict__.items():
+            if k not in _RECORD_FIELDS:
+                out[k] = v
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr for the whole process."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,137 @@
+"""Offline operations on the feature store: bulk load, flush, and reading the event stream.
+
+Blocking redis-py calls, for the pipeline (``publish``, ``retrain``), tools and tests; the
+request path lives in :mod:`socialrec.serving.store`. Same key layout and scripts
+(:mod:`socialrec.serving.schema`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis
+from socialrec.serving import schema
+from socialrec.serving.schema import check_id, check_ts, fmt_weight
+from socialrec.serving.store import StoreConfig, StoreUnavailable, redis_py
+
+
+def _progress(it: Iterable, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit="row", total=len(it) if hasattr(it, "__len__") else None)
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
+class OfflineStore:
+    """Bulk writes, scans and stream reads of one namespace (thread-safe, redis-py pool)."""
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        self.cfg = cfg
+        self.keys = schema.Keys(cfg.namespace)
+        self._r = redis_py(cfg)
+        self._upsert = self._r.register_script(schema.UPSERT)
+
+    def events(self, after: str = "0-0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` stream entries with ids strictly after ``after``, oldest first."""
+        try:
+            rows = self._r.xrange(self.keys.events, min=f"({after}", count=count)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return [(eid, dict(fields)) for eid, fields in rows]
+
+    def bulk_load(
+        self,
+        history_rows: Iterable[tuple[str, str, float, int]],
+        friend_pairs: Iterable[tuple[str, str]],
+        batch: int = 5000,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Load (user, item, weight, ts) rows and friend pairs with pipelined writes; no events.
+
+        Training data is not a new event, so nothing goes to the stream. A row *sets* the
+        item's weight (rows are one per (user, item), as a Dataset holds them), so loading the
+        same data twice gives the same store. The history cap applies as for live writes.
+        Not transactional: a reader may see a half-loaded store while this runs.
+        """
+        cap, k = self.cfg.history_cap, self.keys
+        counts = {
+            "interactions": 0,
+            "history_users": 0,
+            "history_dropped": 0,
+            "friend_pairs": 0,
+            "friend_pairs_new": 0,
+            "friend_users": 0,
+        }
+        users: set[str] = set()
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            n = 0
+            for user, item, weight, ts in _progress(history_rows, "history", progress):
+                user, item = check_id("user", str(user)), check_id("item", str(item))
+                keys = [k.user("h", user), k.user("w", user)]
+                self._upsert(
+                    keys=keys, args=[item, fmt_weight(weight), check_ts(ts), cap], client=pipe
+                )
+                users.add(user)
+                n += 1
+                if n % batch == 0:
+                    counts["history_dropped"] += sum(pipe.execute())
+            counts["history_dropped"] += sum(pipe.execute())
+            counts["interactions"] = n
+            counts["history_users"] = len(users)
+
+            users.clear()
+            n = 0
+            for a, b in _progress(friend_pairs, "friends", progress):
+                a, b = check_id("user", str(a)), check_id("friend", str(b))
+                if a == b:
+                    raise ValueError(f"friend pair {n}: self-friendship {a!r}")
+                pipe.sadd(k.user("f", a), b)
+                pipe.sadd(k.user("f", b), a)
+                users.update((a, b))
+                n += 1
+                if n % batch == 0:
+                    counts["friend_pairs_new"] += sum(pipe.execute()[0::2])
+            counts["friend_pairs_new"] += sum(pipe.execute()[0::2])
+            counts["friend_pairs"] = n
+            counts["friend_users"] = len(users)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return counts
+
+    def flush(self, events: bool = False) -> int:
+        """Delete this namespace's features (and the event stream only if ``events``).
+
+        SCAN + UNLINK, so other namespaces in the same database are untouched. Offline use:
+        a live server reading meanwhile sees users disappear one by one.
+        """
+        pattern = _glob_escape(self.keys.prefix) + "*"
+        n = 0
+        try:
+            batch: list[str] = []
+            for key in self._r.scan_iter(match=pattern, count=1000):
+                if key == self.keys.events and not events:
+                    continue
+                batch.append(key)
+                if len(batch) >= 1000:
+                    n += self._r.unlink(*batch)
+                    batch = []
+            if batch:
+                n += self._r.unlink(*batch)
+        except redis.exceptions.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return n
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self) -> OfflineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,214 @@
+"""The feature store's layout in Redis: key names, Lua scripts, value checks, and parsing.
+
+One place for what the online store (:mod:`socialrec.serving.store`) and the offline
+operations (:mod:`socialrec.serving.offline_store`) must agree on.
+
+Key schema (``ns`` = the namespace; ``v1`` versions the layout, so a new layout can be
+published beside the old one and switched over)::
+
+    {ns}:v1:h:{user}   zset    item -> last interaction time (ms); recency order, at most
+                               history_cap members (the oldest are dropped)
+    {ns}:v1:w:{user}   hash    item -> summed interaction weight; always the same members
+                               as the zset (an item dropped from history loses its weight)
+    {ns}:v1:f:{user}   set     friend ids; undirected, so b in f:a  <=>  a in f:b
+    {ns}:v1:events     stream  one entry per write, for retraining:
+                               type=interaction  user item weight ts
+                               type=friend_add | friend_remove  user friend ts changed(0|1)
+
+The ``{ns}`` above is a placeholder, not a Redis Cluster hash tag. Ids are used verbatim after
+the prefix (any string without NUL is fine). Equal timestamps order by item id.
+
+Sharding: the scripts touch several keys at once (a user's h/w/f keys, the event stream, and
+for friends-of-friends the friend sets of up to ``fof_friends_cap`` other users, whose names
+are built inside the script). That is fine on a single Redis, or a primary with replicas, but
+Redis Cluster requires every key of a script to be declared and to live in one hash slot.
+Moving to Cluster needs hash-tagged per-user keys, a stream split per slot, and
+friends-of-friends read across slots or precomputed per user.
+
+Every script is compatible with Redis 6.2 (``ZADD GT``, exclusive ``XRANGE`` bounds).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = "v1"
+
+
+class Keys:
+    """Key names of one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.prefix = f"{namespace}:{SCHEMA_VERSION}:"
+        self.events = self.prefix + "events"
+        self.friends_prefix = self.prefix + "f:"  # the fof script builds friend-set keys from it
+
+    def user(self, kind: str, user: str) -> str:
+        """The key of ``kind`` (h, w or f) for ``user``."""
+        return f"{self.prefix}{kind}:{user}"
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """What the user tower and the friend ranker need about one user, as Redis holds it now.
+
+    Compared by value: equal features give equal answers (the result cache relies on it).
+    """
+
+    history: tuple[tuple[str, float], ...] = ()  # (item, weight), newest first
+    friends: tuple[str, ...] = ()  # sorted
+    fof: dict[str, int] = field(default_factory=dict)  # candidate -> mutual friends (if asked)
+
+    @property
+    def size(self) -> int:
+        """Entries held (history + friends + friends-of-friends), for cache accounting."""
+        return len(self.history) + len(self.friends) + len(self.fof)
+
+
+def parse_features(replies: list) -> UserFeatures:
+    """UserFeatures from the read transaction's replies (RESP2 lists or redis-py's dicts)."""
+    items, weights, friends = replies[0], replies[1], replies[2]
+    if not isinstance(weights, dict):  # raw RESP2: a flat [field, value, ...] list
+        it = iter(weights)
+        weights = dict(zip(it, it, strict=True))
+    history = tuple((i, float(weights.get(i) or 0.0)) for i in items)
+    fof = replies[3] if len(replies) > 3 else []
+    fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
+    return UserFeatures(history=history, friends=tuple(sorted(friends)), fof=fof_counts)
+
+
+def check_id(name: str, value: str) -> str:
+    """``value`` if it is a non-empty string, else ValueError naming the field."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_ts(ts_ms: int) -> str:
+    """A timestamp in ms as Redis gets it; ValueError if negative."""
+    ts = int(ts_ms)
+    if ts < 0:
+        raise ValueError(f"ts_ms must be >= 0, got {ts_ms}")
+    return str(ts)
+
+
+def fmt_weight(weight: float) -> str:
+    """A finite weight in its shortest round-trip form (Redis parses it exactly)."""
+    w = float(weight)
+    if not math.isfinite(w):
+        raise ValueError(f"weight must be finite, got {weight}")
+    return repr(w)
+
+
+# Lua helpers shared by the scripts below. Weights travel as strings: a Lua number returned
+# to Redis is truncated to an integer, a string is not.
+LUA_LIB = """
+local CHUNK = 1000  -- unpack() has a stack limit: pass long lists in chunks
+
+local function chunked(cmd, key, list)
+  for i = 1, #list, CHUNK do
+    redis.call(cmd, key, unpack(list, i, math.min(i + CHUNK - 1, #list)))
+  end
+end
+
+local function cap_history(h, w, cap)
+  local n = redis.call('ZCARD', h)
+  if n <= cap then return 0 end
+  local old = redis.call('ZRANGE', h, 0, n - cap - 1)
+  redis.call('ZREMRANGEBYRANK', h, 0, n - cap - 1)
+  chunked('HDEL', w, old)
+  return #old
+end
+
+local function xadd(stream, maxlen, ...)
+  if tonumber(maxlen) > 0 then
+    return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
+  end
+  return redis.call('XADD', stream, '*', ...)
+end
+"""
+
+# Friends-of-friends, computed inside Redis so only the top candidates travel.
+# KEYS: f of the user. ARGV: fof_friends_cap, fof_cap, friend-set key prefix, user.
+# Returns {fof id, mutual count, ...}, highest count first, ties by id.
+FOF = (
+    LUA_LIB
+    + """
+local friends = redis.call('SMEMBERS', KEYS[1])
+local fof = {}
+if #friends == 0 then return fof end
+table.sort(friends)  -- the first fof_friends_cap friends by id are scanned
+local exclude = {[ARGV[4]] = true}
+for _, f in ipairs(friends) do exclude[f] = true end
+local counts = {}
+for i = 1, math.min(#friends, tonumber(ARGV[1])) do
+  for _, c in ipairs(redis.call('SMEMBERS', ARGV[3] .. friends[i])) do
+    if not exclude[c] then counts[c] = (counts[c] or 0) + 1 end
+  end
+end
+-- Highest count first, ties by id: bucket by count and sort each bucket with the default
+-- comparator (no Lua function call per comparison), only until fof_cap ids are taken.
+local buckets, top = {}, 0
+for c, n in pairs(counts) do
+  local b = buckets[n]
+  if b == nil then
+    b = {}
+    buckets[n] = b
+    if n > top then top = n end
+  end
+  b[#b + 1] = c
+end
+local want = 2 * tonumber(ARGV[2])
+for n = top, 1, -1 do
+  local b = buckets[n]
+  if b ~= nil then
+    table.sort(b)
+    for _, c in ipairs(b) do
+      if #fof >= want then break end
+      fof[#fof + 1] = c
+      fof[#fof + 1] = n
+    end
+    if #fof >= want then break end
+  end
+end
+return fof
+"""
+)
+
+# KEYS: h, w, events. ARGV: user, item, weight, ts, history_cap, stream maxlen (0: none).
+# Recency is the latest ts seen for the item (ZADD GT), weights add up. Returns the event id.
+LOG = (
+    LUA_LIB
+    + """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[3])
+cap_history(KEYS[1], KEYS[2], tonumber(ARGV[5]))
+return xadd(KEYS[3], ARGV[6], 'type', 'interaction', 'user', ARGV[1], 'item', ARGV[2],
+            'weight', ARGV[3], 'ts', ARGV[4])
+"""
+)
+
+# KEYS: h, w. ARGV: item, weight, ts, history_cap. Bulk load: the weight is *set* (re-running a
+# publish is idempotent), no event. Returns how many items the cap dropped.
+UPSERT = (
+    LUA_LIB
+    + """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return cap_history(KEYS[1], KEYS[2], tonumber(ARGV[4]))
+"""
+)
+
+# KEYS: f of a, f of b, events. ARGV: a, b, ts, stream maxlen, op (add|remove).
+# Returns the event id; the event says whether the graph changed.
+FRIEND = (
+    LUA_LIB
+    + """
+local cmd = ARGV[5] == 'add' and 'SADD' or 'SREM'
+local changed = redis.call(cmd, KEYS[1], ARGV[2])
+redis.call(cmd, KEYS[2], ARGV[1])
+return xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1], 'friend', ARGV[2],
+            'ts', ARGV[3], 'changed', tostring(changed))
+"""
+)

@@ -1,0 +1,183 @@
+"""One worker process: a grpc.aio server on the shared port, the live bundle, hot reload.
+
+Bundles hot-reload on SIGHUP or when the watched pointer changes: the new bundle is loaded,
+verified and warmed in a background thread, then swapped in with one reference assignment;
+a bad bundle is refused with a log line and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from socialrec.serving.bundle import BundleError
+from socialrec.serving.cache import ResultCache
+from socialrec.serving.config import ServerConfig, resolve_bundle
+from socialrec.serving.engine import Engine
+from socialrec.serving.observability import Metrics, setup_logging
+from socialrec.serving.servicer import Live, RecommenderService
+from socialrec.serving.store import FeatureStore, StoreConfig
+
+from socialrec.v1 import recommender_pb2 as pb
+from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+log = logging.getLogger("socialrec.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+class EngineHolder:
+    """The live bundle (engine + its result cache); swapped atomically, never mutated."""
+
+    def __init__(self, cfg: ServerConfig, metrics: Metrics | None) -> None:
+        self.cfg = cfg
+        self.live: Live | None = None
+        self.path: Path | None = None
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.live.engine if self.live else None
+
+    def load(self, path: Path) -> bool:
+        """Load, verify and warm ``path``; swap it in only if all of that succeeds."""
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                engine = Engine.load(path, verify=True, config=self.cfg.engine)
+                engine.warmup()
+            except (BundleError, OSError, RuntimeError, ValueError) as e:
+                log.error(
+                    "bundle refused",
+                    extra={"event": "bundle_refused", "bundle": str(path), "error": str(e)},
+                )
+                if self.metrics:
+                    self.metrics.reloads.labels("refused").inc()
+                return False
+            old = self.engine.version if self.engine else None
+            budget = self.cfg.result_cache_budget
+            self.live = Live(engine, ResultCache(budget) if budget else None)
+            self.path = path
+            log.info(
+                "bundle live",
+                extra={
+                    "event": "bundle_live",
+                    "bundle": str(path),
+                    "version": engine.version,
+                    "previous": old,
+                    "load_s": round(time.perf_counter() - t0, 3),
+                },
+            )
+            if self.metrics:
+                self.metrics.reloads.labels("ok").inc()
+                self.metrics.set_version(engine.version)
+            return True
+
+
+def store_config(cfg: ServerConfig) -> StoreConfig:
+    """The feature store settings a server runs with."""
+    return StoreConfig(
+        url=cfg.redis_url,
+        namespace=cfg.namespace,
+        history_cap=cfg.history_cap,
+        client=cfg.redis_client,
+    )
+
+
+async def serve_worker(
+    cfg: ServerConfig, worker: int = 0, ready: threading.Event | None = None
+) -> None:
+    """Run one worker's gRPC server until SIGTERM/SIGINT; SIGHUP reloads the bundle."""
+    metrics = Metrics() if cfg.metrics_port is not None else None
+    holder = EngineHolder(cfg, metrics)
+    store = FeatureStore(store_config(cfg))
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+    )
+    pb_grpc.add_RecommenderServicer_to_server(
+        RecommenderService(cfg, holder, store, metrics), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert and cfg.tls_key:
+        creds = grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+        )
+        server.add_secure_port(address, creds)
+    else:
+        server.add_insecure_port(address)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_now = asyncio.Event()
+
+    async def load(target: Path) -> bool:
+        ok = await loop.run_in_executor(None, holder.load, target)
+        if ok:
+            for name in ("", SERVICE):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return ok
+
+    # Load before listening: SO_REUSEPORT hands new connections to every listening worker, so a
+    # worker that listened first would answer UNAVAILABLE while its siblings already serve
+    # (at start-up, and when the supervisor replaces a dead worker). A worker whose bundle
+    # fails to load listens anyway, NOT_SERVING, and keeps watching for a good one.
+    target = resolve_bundle(cfg.bundle)
+    failed: Path | None = None if await load(target) else target
+    await server.start()
+    log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
+
+    async def watch() -> None:
+        """Reload when the pointer names another bundle (a refused one is not retried until
+        the pointer moves again), or on SIGHUP (always). Bundles are immutable directories."""
+        nonlocal failed
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reload_now.wait(), timeout=cfg.watch_interval_s)
+            forced = reload_now.is_set()
+            reload_now.clear()
+            try:
+                target = resolve_bundle(cfg.bundle)
+            except OSError as e:
+                log.error(
+                    "bundle pointer unreadable", extra={"event": "pointer_error", "error": str(e)}
+                )
+                continue
+            if forced or (target != holder.path and target != failed):
+                failed = None if await load(target) else target
+
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if ready is not None:
+        ready.set()
+    watcher = asyncio.create_task(watch())
+    await stop.wait()
+    log.info("worker stopping", extra={"event": "stopping", "worker": worker})
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=2.0)
+    watcher.cancel()
+    await store.aclose()
+    store.close()
+
+
+def worker_main(cfg: ServerConfig, worker: int) -> None:
+    """Entry point of a forked worker process."""
+    setup_logging()
+    asyncio.run(serve_worker(cfg, worker))
