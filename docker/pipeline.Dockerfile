@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only what the package build needs (see [tool.setuptools.packages.find] in pyproject.toml).
+# Only what the package build needs: the top-level folders that [tool.setuptools.package-dir]
+# in pyproject.toml maps under the one `socialrec` namespace (socialrec.training, ...).
 COPY pyproject.toml README.md ./
 COPY socialrec/ socialrec/
 COPY training/ training/
@@ -19,9 +20,10 @@ COPY compression/ compression/
 COPY serving/ serving/
 COPY loadtest/ loadtest/
 
-# torch first, with the same pin as the train extra, then the package itself.
+# torch first, with the same pin as the train extra, then the package itself ("./[extras]":
+# a local path, which hadolint's pin check (DL3013) tells apart from a package name).
 RUN pip install torch==2.13.0 \
-    && pip install ".[train,loadtest]"
+    && pip install "./[train,loadtest]"
 
 VOLUME ["/runs"]
 ENTRYPOINT ["socialrec"]

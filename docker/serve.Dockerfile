@@ -3,8 +3,8 @@
 #   docker run --rm -p 50051:50051 -v bundles:/bundles:ro socialrec-serve \
 #     serve --bundle /bundles --redis-url redis://redis:6379/0 --host 0.0.0.0 --workers 2
 # The package's modules are all copied as source (a few hundred KB): `socialrec`'s argument
-# parser reads training/split.py (numpy only), and rollout/rollback/publish-bundle run here
-# too. Only `.[serve]` is installed, so training/compression code that needs torch fails to
+# parser reads socialrec.training.split (numpy only), and rollout/rollback/publish-bundle run
+# here too. Only `.[serve]` is installed, so training/compression code that needs torch fails to
 # import instead of bloating the image (checked in a throwaway venv, see docs/operations.md).
 FROM python:3.11-slim
 
@@ -23,10 +23,11 @@ COPY training/ training/
 COPY compression/ compression/
 COPY loadtest/ loadtest/
 
-RUN pip install ".[serve]" \
+RUN pip install "./[serve]" \
     && useradd --system --uid 10001 socialrec
 
-USER socialrec
+# numeric, so the host side (volume ownership, runAsNonRoot) can check it
+USER 10001
 EXPOSE 50051 9100
 ENTRYPOINT ["socialrec"]
 CMD ["serve", "--bundle", "/bundles", "--redis-url", "redis://redis:6379/0", "--host", "0.0.0.0", "--workers", "2", "--metrics-port", "9100"]
