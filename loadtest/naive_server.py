@@ -180,8 +180,8 @@ def serve(run_dir: str, redis_url: str, namespace: str, port: int, threads: int 
     """Serve until SIGTERM/SIGINT."""
     torch.set_num_threads(1)
     model = NaiveModel(run_dir)
-    # plain redis-py, as a newcomer would write it (socialrec's server uses serving.resp)
-    store = FeatureStore(StoreConfig(url=redis_url, namespace=namespace, fast_path=False))
+    # plain redis-py, as a newcomer would write it (socialrec's server has its own async client)
+    store = FeatureStore(StoreConfig(url=redis_url, namespace=namespace))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
     pb_grpc.add_RecommenderServicer_to_server(
         NaiveService(model, store, os.environ.get("SOCIALREC_WRITE_TOKEN")), server

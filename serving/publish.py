@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from socialrec.serving.store import FeatureStore, StoreConfig
+from socialrec.serving.offline_store import OfflineStore
+from socialrec.serving.store import StoreConfig
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,13 @@ def run(cfg: PublishConfig) -> dict:
     else:
         users, items, weights = ds.inter_user, ds.inter_item, ds.inter_weight
         pairs = ds.friends
-    ts = _timestamps(ds, users, items)
+    ts = row_timestamps(ds, users, items)
     rows = _History(ds.user_ids[users], ds.item_ids[items], weights, ts)
     friend_pairs = list(
         zip(ds.user_ids[pairs[:, 0]].tolist(), ds.user_ids[pairs[:, 1]].tolist(), strict=True)
     )
 
-    with FeatureStore(StoreConfig(url=cfg.redis_url, namespace=cfg.namespace)) as store:
+    with OfflineStore(StoreConfig(url=cfg.redis_url, namespace=cfg.namespace)) as store:
         flushed = store.flush() if cfg.flush else 0
         counts = store.bulk_load(rows, friend_pairs, progress=cfg.progress)
     counts = {"flushed_keys": flushed, **counts}
@@ -56,7 +57,7 @@ def run(cfg: PublishConfig) -> dict:
     return counts
 
 
-def _timestamps(ds, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+def row_timestamps(ds, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Each (user, item) row's time from the dataset, or 0 when the dataset has none."""
     if ds.inter_ts is None:
         return np.zeros(len(users), dtype=np.int64)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from socialrec.serving.bundle import MANIFEST, BundleError, load_manifest
 
-POINTER = "CURRENT"  # the same name serving.server watches
+POINTER = "CURRENT"  # the same name the server watches (socialrec.serving.config)
 HISTORY = "HISTORY"
 
 

@@ -53,11 +53,12 @@ class Keys:
 class UserFeatures:
     """What the user tower and the friend ranker need about one user, as Redis holds it now.
 
-    Compared by value: equal features give equal answers (the result cache relies on it).
+    Compared by value: equal features give equal answers (the result cache relies on it), so
+    treat one as immutable once built.
     """
 
-    history: tuple[tuple[str, float], ...] = ()  # (item, weight), newest first
-    friends: tuple[str, ...] = ()  # sorted
+    history: list[tuple[str, float]] = field(default_factory=list)  # (item, weight), newest 1st
+    friends: list[str] = field(default_factory=list)  # sorted
     fof: dict[str, int] = field(default_factory=dict)  # candidate -> mutual friends (if asked)
 
     @property
@@ -72,10 +73,10 @@ def parse_features(replies: list) -> UserFeatures:
     if not isinstance(weights, dict):  # raw RESP2: a flat [field, value, ...] list
         it = iter(weights)
         weights = dict(zip(it, it, strict=True))
-    history = tuple((i, float(weights.get(i) or 0.0)) for i in items)
+    history = [(i, float(weights.get(i) or 0.0)) for i in items]
     fof = replies[3] if len(replies) > 3 else []
     fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
-    return UserFeatures(history=history, friends=tuple(sorted(friends)), fof=fof_counts)
+    return UserFeatures(history=history, friends=sorted(friends), fof=fof_counts)
 
 
 def check_id(name: str, value: str) -> str:

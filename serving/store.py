@@ -157,7 +157,10 @@ def redis_py(cfg: StoreConfig) -> redis.Redis:
 
 
 def _noscript(reply: object) -> bool:
-    return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
+    """Redis has not cached the script (redis-py's NoScriptError, or resp's raw error)."""
+    return isinstance(reply, redis.exceptions.NoScriptError) or (
+        isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
+    )
 
 
 def _store_error(e: redis.exceptions.RedisError) -> StoreUnavailable:

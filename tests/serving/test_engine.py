@@ -20,7 +20,10 @@ import pytest
 import torch
 from socialrec.compression.export import INDEX_KINDS, build_index, write_bundle
 from socialrec.serving.bundle import BundleError, load_manifest, open_bundle
+from socialrec.serving.cache import ResultCache
 from socialrec.serving.engine import Engine, EngineConfig, Result, ensure_reconstruct
+from socialrec.serving.schema import UserFeatures
+from socialrec.serving.servicer import Live, rank
 from socialrec.training.model import TowerConfig, TwoTower
 from socialrec.training.split import Split
 
@@ -139,7 +142,7 @@ def test_content_matches_torch_and_never_returns_seen(
         ref = {ITEM_IDS[i]: float(s_c[i]) for i in range(N_ITEMS) if i not in hist}
         _assert_top(res, ref, 10)
         assert not res.cold_start and res.unknown == 0
-        assert all(s.reason == "similar taste" for s in res.items)
+        assert all(s.reason == "similar_taste" for s in res.items)
 
 
 def test_history_cut_repeats_and_friends_only(
@@ -159,7 +162,7 @@ def test_history_cut_repeats_and_friends_only(
     res = eng.recommend_content([], ["user 5", "user 6"], k=5)
     s_c, _ = _towers(model, {}, [5, 6])
     _assert_top(res, {ITEM_IDS[i]: float(s_c[i]) for i in range(N_ITEMS)}, 5)
-    assert all(s.reason == "your friends like this" for s in res.items)
+    assert all(s.reason == "friends_like" for s in res.items)
 
 
 def test_k_larger_than_catalogue(engine: Engine) -> None:
@@ -199,7 +202,7 @@ def test_friends_match_torch_blend(
         for s in res.items:
             m = fof.get(s.id, 0)
             assert s.mutual_friends == m
-            assert s.reason == (f"{m} mutual friends" if m else "similar taste")
+            assert s.reason == ("mutual_friends" if m else "similar_taste")
 
 
 def test_self_and_friends_never_returned(engine: Engine) -> None:
@@ -231,7 +234,7 @@ def test_fof_only_candidate_is_blended_in(
     fof = {USER_IDS[last]: m}
     res = engine.recommend_friends(USER_IDS[me], history, [USER_IDS[u] for u in friends], fof, 3)
     top = res.items[0]
-    assert (top.id, top.mutual_friends, top.reason) == (USER_IDS[last], m, f"{m} mutual friends")
+    assert (top.id, top.mutual_friends, top.reason) == (USER_IDS[last], m, "mutual_friends")
     assert top.score == pytest.approx(float(s_f[last]) + math.log1p(m), abs=TOL)
     # No tower input at all, only friends-of-friends: not cold start, fof first.
     res = engine.recommend_friends("someone new", [], [], fof, 3)
@@ -418,33 +421,20 @@ def test_serving_engine_imports_no_torch() -> None:
 # ---- exact result cache -------------------------------------------------------------------
 
 
-class _Feats:
-    """Features as the server's parser returns them."""
-
-    def __init__(self, history, friends, fof) -> None:
-        self.history, self.friends, self.fof = history, friends, fof
-
-
 def test_result_cache_reuses_only_equal_inputs(model_and_bundle) -> None:
     _, bundle = model_and_bundle
     engine = Engine.load(bundle)
-    assert engine.results is not None
-    parsed: list[str] = []
+    live = Live(engine, ResultCache(1_000_000))
 
     def ask(user: str, hist: list, friends: list, fof: dict, k: int, as_friends: bool):
-        key = [list(hist), list(friends), dict(fof)]  # fresh objects, equal by value
-
-        def parse() -> _Feats:
-            parsed.append(user)
-            return _Feats(hist, friends, fof)
-
-        return engine.recommend(user, k, as_friends, key, parse)
+        feats = UserFeatures(list(hist), list(friends), dict(fof))  # fresh, equal by value
+        return rank(live, user, k, as_friends, feats)
 
     hist, friends, fof = [("item-4", 3.0), ("item-8", 1.0)], ["user 3"], {"user 9": 2}
     first = ask("user 1", hist, friends, fof, 6, False)
-    assert set(first.timings) == {"onnx", "faiss", "rank"} and parsed == ["user 1"]
+    assert set(first.timings) == {"onnx", "faiss", "rank"}
     again = ask("user 1", hist, friends, fof, 6, False)
-    assert set(again.timings) == {"cache"} and parsed == ["user 1"]  # not even parsed
+    assert set(again.timings) == {"cache"}
     assert again.items == first.items and again.cold_start == first.cold_start
     assert again.items == engine.recommend_content(hist, friends, 6).items
     # Anything else that could change the answer misses: new history, other k, other call.
@@ -466,26 +456,27 @@ def test_result_cache_reuses_only_equal_inputs(model_and_bundle) -> None:
 
 def test_result_cache_budget_evicts_least_recent_and_zero_disables(model_and_bundle) -> None:
     _, bundle = model_and_bundle
-    engine = Engine.load(bundle, config=EngineConfig(result_cache_budget=12))
+    engine = Engine.load(bundle)
+    cache = ResultCache(27)
+    live = Live(engine, cache)
     hist = [(ITEM_IDS[i], 1.0) for i in range(3)]
 
-    def ask(user: str):
-        key = [hist, [], {}]  # weight 1 + 3 = 4: three users fit in 12
-        return engine.recommend(user, 5, False, key, lambda: _Feats(hist, [], {}))
+    def ask(user: str, h: list = hist):
+        # weight 1 + 3 history entries + 5 results = 9: three users fit in 27
+        return rank(live, user, 5, False, UserFeatures(list(h), [], {}))
 
     for u in ("user 1", "user 2", "user 3"):
-        ask(u)
-    assert len(engine.results) == 3 and engine.results.size == 12
+        assert len(ask(u).items) == 5
+    assert len(cache) == 3 and cache.size == 27
     assert "cache" in ask("user 1").timings  # now the most recent
     ask("user 4")  # evicts user 2, the least recently used
-    assert len(engine.results) == 3 and engine.results.size <= 12
+    assert len(cache) == 3 and cache.size <= 27
     assert "cache" not in ask("user 2").timings
     assert "cache" in ask("user 4").timings
-    big = [(ITEM_IDS[i], 1.0) for i in range(20)]  # heavier than the whole budget: not kept
-    engine.recommend("user 5", 5, False, [big, [], {}], lambda: _Feats(big, [], {}))
-    assert engine.results.size <= 12
-    off = Engine.load(bundle, config=EngineConfig(result_cache_budget=0))
-    assert off.results is None
+    big = [(ITEM_IDS[i], 1.0) for i in range(25)]  # heavier than the whole budget: not kept
+    ask("user 5", big)
+    assert cache.size <= 27 and "cache" not in ask("user 5", big).timings
+    off = Live(engine, None)
     for _ in range(2):
-        r = off.recommend("user 1", 5, False, [hist, [], {}], lambda: _Feats(hist, [], {}))
+        r = rank(off, "user 1", 5, False, UserFeatures(list(hist), [], {}))
         assert "cache" not in r.timings

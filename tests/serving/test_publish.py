@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 pytest.importorskip("torch")  # publish re-reads the run through training/ (offline command)
 
+from socialrec.serving.offline_store import OfflineStore  # noqa: E402
 from socialrec.serving.publish import PublishConfig, run  # noqa: E402
 from socialrec.serving.store import FeatureStore, StoreConfig  # noqa: E402
 
@@ -55,7 +57,8 @@ def test_publish_all_then_train_only(tiny_run, redis_server, redis_namespace: st
             assert w == pytest.approx(expect[item], rel=1e-6)  # float32 weights via str
         ts = [int(t) for t in ds.inter_ts[ds.inter_user == u]]
         assert len(ts) <= 256  # so the history order below is the full ts order
-        got_ts = [s._r.zscore(s.key("h", user), i) for i, _ in feats.history]
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        got_ts = [raw.zscore(s.keys.user("h", user), i) for i, _ in feats.history]
         assert got_ts == sorted(got_ts, reverse=True) and max(got_ts) == max(ts)
         n_friends = int((ds.friends == u).sum())
         assert len(feats.friends) == n_friends
@@ -76,7 +79,8 @@ def test_publish_all_then_train_only(tiny_run, redis_server, redis_namespace: st
     with FeatureStore(StoreConfig(url=redis_server.url, namespace=redis_namespace)) as s:
         expect = _history_of(ds, split.train_user, split.train_item, split.train_weight, u)
         assert {i for i, _ in s.read(user).history} == set(expect)
-        assert s.events() == []
+    with OfflineStore(StoreConfig(url=redis_server.url, namespace=redis_namespace)) as off:
+        assert off.events() == []
 
 
 def test_publish_missing_run_is_a_clear_error(redis_server, tmp_path: Path) -> None:
