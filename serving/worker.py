@@ -92,20 +92,18 @@ def store_config(cfg: ServerConfig) -> StoreConfig:
     )
 
 
-async def serve_worker(
-    cfg: ServerConfig, worker: int = 0, ready: threading.Event | None = None
-) -> None:
-    """Run one worker's gRPC server until SIGTERM/SIGINT; SIGHUP reloads the bundle."""
-    metrics = Metrics() if cfg.metrics_port is not None else None
-    holder = EngineHolder(cfg, metrics)
-    store = FeatureStore(store_config(cfg))
+def build_server(
+    cfg: ServerConfig, service: RecommenderService
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A grpc.aio server with the recommender, health and reflection services, bound to
+    ``cfg.host:cfg.port`` (port 0: the OS picks one), not started; and the bound port.
+
+    Call it inside the event loop that will run the server."""
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
-    pb_grpc.add_RecommenderServicer_to_server(
-        RecommenderService(cfg, holder, store, metrics), server
-    )
+    pb_grpc.add_RecommenderServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -116,9 +114,22 @@ async def serve_worker(
         creds = grpc.ssl_server_credentials(
             [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
         )
-        server.add_secure_port(address, creds)
+        port = server.add_secure_port(address, creds)
     else:
-        server.add_insecure_port(address)
+        port = server.add_insecure_port(address)
+    return server, health_servicer, port
+
+
+async def serve_worker(
+    cfg: ServerConfig, worker: int = 0, ready: threading.Event | None = None
+) -> None:
+    """Run one worker's gRPC server until SIGTERM/SIGINT; SIGHUP reloads the bundle."""
+    metrics = Metrics() if cfg.metrics_port is not None else None
+    holder = EngineHolder(cfg, metrics)
+    store = FeatureStore(store_config(cfg))
+    service = RecommenderService(cfg, holder, store, metrics)
+    server, health_servicer, _ = build_server(cfg, service)
+    address = f"{cfg.host}:{cfg.port}"
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
