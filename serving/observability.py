@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 # Latency buckets from 50 us to 1 s: a cache hit is tens of microseconds, a timeout 250 ms.
 BUCKETS = (
@@ -34,7 +35,10 @@ class Metrics:
             "socialrec_bundle_reloads_total", "Bundle loads by outcome", ["outcome"]
         )
         self.degraded = Counter(
-            "socialrec_degraded_total", "Reads answered without Redis", ["method"]
+            "socialrec_degraded_total",
+            "Reads answered without Redis, by why (unavailable: Redis down or slow; bad_data: "
+            "a key of the wrong type or an unreadable value)",
+            ["method", "reason"],
         )
         self.version = Gauge(
             "socialrec_bundle_info",
@@ -58,6 +62,27 @@ class Metrics:
             self.version.labels(self._version).set(0)
         self.version.labels(version).set(1)
         self._version = version
+
+
+class RateLimitedLog:
+    """At most ``per_s`` log lines a second from one source; the rest are counted and the
+    count is reported with the next line that gets through (bad requests must not flood logs)."""
+
+    def __init__(self, logger: logging.Logger, per_s: float = 1.0) -> None:
+        self.logger = logger
+        self.interval = 1.0 / per_s
+        self._next = 0.0
+        self.suppressed = 0
+
+    def warning(self, msg: str, **extra: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self.suppressed += 1
+            return
+        self._next = now + self.interval
+        extra = {**extra, "suppressed_since_last": self.suppressed}
+        self.suppressed = 0
+        self.logger.warning(msg, extra=extra)
 
 
 _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}

@@ -11,6 +11,9 @@ published beside the old one and switched over)::
     {ns}:v1:w:{user}   hash    item -> summed interaction weight; always the same members
                                as the zset (an item dropped from history loses its weight)
     {ns}:v1:f:{user}   set     friend ids; undirected, so b in f:a  <=>  a in f:b
+    {ns}:v1:r:{n}:{user}:{request_id}
+                       string  the event id a write with that request id got (n is the
+                               length of user); expires after the idempotency window
     {ns}:v1:events     stream  one entry per write, for retraining:
                                type=interaction  user item weight ts
                                type=friend_add | friend_remove  user friend ts changed(0|1)
@@ -31,6 +34,7 @@ Every script is compatible with Redis 6.2 (``ZADD GT``, exclusive ``XRANGE`` bou
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 
 SCHEMA_VERSION = "v1"
@@ -47,6 +51,13 @@ class Keys:
     def user(self, kind: str, user: str) -> str:
         """The key of ``kind`` (h, w or f) for ``user``."""
         return f"{self.prefix}{kind}:{user}"
+
+    def request(self, user: str, request_id: str) -> str:
+        """The idempotency key of ``request_id`` sent by ``user`` ('' when there is none).
+
+        The user's length comes first, so ("a:b", "c") and ("a", "b:c") are different keys.
+        """
+        return f"{self.prefix}r:{len(user)}:{user}:{request_id}" if request_id else ""
 
 
 @dataclass(frozen=True)
@@ -79,19 +90,61 @@ def parse_features(replies: list) -> UserFeatures:
     return UserFeatures(history=history, friends=sorted(friends), fof=fof_counts)
 
 
-def check_id(name: str, value: str) -> str:
-    """``value`` if it is a non-empty string, else ValueError naming the field."""
-    if not isinstance(value, str) or not value:
+MAX_ID_LEN = 256  # characters, after NFC normalisation (the server may set a lower limit)
+MAX_REQUEST_ID_LEN = 128
+MAX_WEIGHT = 1e6  # one interaction's weight, at most
+MAX_TOTAL_WEIGHT = 1e9  # a user's summed weight for one item is capped here
+MAX_FUTURE_MS = 24 * 3600 * 1000  # live timestamps may run this far ahead of the server clock
+# Characters no id may hold: control (Cc), invisible format (Cf: zero-width space, bidi
+# marks, ...), surrogates (Cs), line and paragraph separators (Zl, Zp).
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def check_id(name: str, value: str, max_len: int = MAX_ID_LEN) -> str:
+    """``value`` in NFC form, or ValueError naming the field: ids must be non-blank strings of
+    at most ``max_len`` characters with no control or invisible format characters.
+
+    NFC makes "café" typed with a combining accent and with a precomposed é one id (so the
+    self-friendship check and every key see the same user).
+    """
+    if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if not value.isascii():
+        value = unicodedata.normalize("NFC", value)
+        bad = next((c for c in value if unicodedata.category(c) in _BAD_CATEGORIES), None)
+        if bad is not None:
+            raise ValueError(f"{name} holds a control or invisible character U+{ord(bad):04X}")
+    elif not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        raise ValueError(f"{name} holds a control character U+{ord(bad):04X}")
+    if len(value) > max_len:
+        raise ValueError(f"{name} is longer than {max_len} characters")
     return value
 
 
-def check_ts(ts_ms: int) -> str:
-    """A timestamp in ms as Redis gets it; ValueError if negative."""
+def check_request_id(value: str) -> str:
+    """An optional idempotency key: '' (none) or an id of at most MAX_REQUEST_ID_LEN."""
+    return check_id("request_id", value, MAX_REQUEST_ID_LEN) if value else ""
+
+
+def check_ts(ts_ms: int, now_ms: int | None = None) -> str:
+    """A timestamp in ms as Redis gets it; ValueError if negative or, when ``now_ms`` is
+    given, more than MAX_FUTURE_MS ahead of it (a far-future time would pin an item first in
+    a history forever)."""
     ts = int(ts_ms)
     if ts < 0:
-        raise ValueError(f"ts_ms must be >= 0, got {ts_ms}")
+        raise ValueError(f"timestamp_ms must be >= 0, got {ts_ms}")
+    if now_ms is not None and ts > now_ms + MAX_FUTURE_MS:
+        raise ValueError(f"timestamp_ms is more than 24 h in the future, got {ts_ms}")
     return str(ts)
+
+
+def check_weight(weight: float) -> float:
+    """A live interaction's weight: finite, > 0 and at most MAX_WEIGHT."""
+    w = float(weight)
+    if not (math.isfinite(w) and 0 < w <= MAX_WEIGHT):
+        raise ValueError(f"weight must be a finite number in (0, {MAX_WEIGHT:g}], got {weight}")
+    return w
 
 
 def fmt_weight(weight: float) -> str:
@@ -102,8 +155,6 @@ def fmt_weight(weight: float) -> str:
     return repr(w)
 
 
-# Lua helpers shared by the scripts below. Weights travel as strings: a Lua number returned
-# to Redis is truncated to an integer, a string is not.
 LUA_LIB = """
 local CHUNK = 1000  -- unpack() has a stack limit: pass long lists in chunks
 
@@ -120,6 +171,17 @@ local function cap_history(h, w, cap)
   redis.call('ZREMRANGEBYRANK', h, 0, n - cap - 1)
   chunked('HDEL', w, old)
   return #old
+end
+
+-- Idempotency: a request-id key ('' when the call has none) holds the first answer.
+local function replayed(key)
+  if key == '' then return false end
+  return redis.call('GET', key)
+end
+
+local function remember(key, answer, ttl)
+  if key ~= '' then redis.call('SET', key, answer, 'EX', ttl) end
+  return answer
 end
 
 local function xadd(stream, maxlen, ...)
@@ -177,16 +239,21 @@ return fof
 """
 )
 
-# KEYS: h, w, events. ARGV: user, item, weight, ts, history_cap, stream maxlen (0: none).
-# Recency is the latest ts seen for the item (ZADD GT), weights add up. Returns the event id.
+# KEYS: h, w, events, request-id key (''). ARGV: user, item, weight, ts, history_cap, stream
+# maxlen (0: none), request-id ttl (s), cap on the summed weight.
+# Recency is the latest ts seen for the item (ZADD GT), weights add up (capped). Returns the
+# event id; a repeated request id returns the first call's event id and changes nothing.
 LOG = (
     LUA_LIB
     + """
+local prev = replayed(KEYS[4])
+if prev then return prev end
 redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[2])
-redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[3])
+local total = tonumber(redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[3]))
+if total > tonumber(ARGV[8]) then redis.call('HSET', KEYS[2], ARGV[2], ARGV[8]) end
 cap_history(KEYS[1], KEYS[2], tonumber(ARGV[5]))
-return xadd(KEYS[3], ARGV[6], 'type', 'interaction', 'user', ARGV[1], 'item', ARGV[2],
-            'weight', ARGV[3], 'ts', ARGV[4])
+return remember(KEYS[4], xadd(KEYS[3], ARGV[6], 'type', 'interaction', 'user', ARGV[1],
+                              'item', ARGV[2], 'weight', ARGV[3], 'ts', ARGV[4]), ARGV[7])
 """
 )
 
@@ -201,15 +268,19 @@ return cap_history(KEYS[1], KEYS[2], tonumber(ARGV[4]))
 """
 )
 
-# KEYS: f of a, f of b, events. ARGV: a, b, ts, stream maxlen, op (add|remove).
-# Returns the event id; the event says whether the graph changed.
+# KEYS: f of a, f of b, events, request-id key (''). ARGV: a, b, ts, stream maxlen,
+# op (add|remove), request-id ttl (s). Returns the event id (the first one for a repeated
+# request id); the event says whether the graph changed.
 FRIEND = (
     LUA_LIB
     + """
+local prev = replayed(KEYS[4])
+if prev then return prev end
 local cmd = ARGV[5] == 'add' and 'SADD' or 'SREM'
 local changed = redis.call(cmd, KEYS[1], ARGV[2])
 redis.call(cmd, KEYS[2], ARGV[1])
-return xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1], 'friend', ARGV[2],
-            'ts', ARGV[3], 'changed', tostring(changed))
+return remember(KEYS[4], xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1],
+                              'friend', ARGV[2], 'ts', ARGV[3], 'changed', tostring(changed)),
+                ARGV[6])
 """
 )

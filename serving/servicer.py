@@ -8,11 +8,12 @@ short CPU burst; a thread hop would cost more than it saves).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,14 +21,15 @@ import grpc
 from socialrec.serving.cache import ResultCache
 from socialrec.serving.config import ServerConfig, load_token
 from socialrec.serving.engine import Engine, Result
-from socialrec.serving.observability import Metrics
-from socialrec.serving.schema import UserFeatures
-from socialrec.serving.store import FeatureStore, StoreUnavailable
+from socialrec.serving.observability import Metrics, RateLimitedLog
+from socialrec.serving.schema import UserFeatures, check_id
+from socialrec.serving.store import FeatureStore, StoreDataError, StoreUnavailable
 
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("socialrec.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"]
 REDIS_RETRY_S = 0.5  # after a failed read, answer from the bundle this long before trying again
 
 
@@ -55,42 +57,56 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.metrics = metrics
         self.token = load_token(cfg)
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
+        self._bad_data_log = RateLimitedLog(log)
 
     # ---- helpers -------------------------------------------------------------------------
-    async def _read(self, user_id: str, with_fof: bool) -> UserFeatures | None:
-        """The user's features from Redis, or None (degraded). After a failure, reads skip
-        Redis for ``REDIS_RETRY_S`` so an outage costs one socket timeout, not one per request."""
+    async def _read(self, method: str, user_id: str, with_fof: bool) -> UserFeatures | None:
+        """The user's features from Redis, or None (degraded). After Redis failed, reads skip
+        it for ``REDIS_RETRY_S`` so an outage costs one socket timeout, not one per request;
+        bad data under one user's keys degrades that user's answer only."""
         now = time.monotonic()
         if now < self._redis_down_until:
+            self._degraded(method, "unavailable")
             return None
         try:
             return await self.store.aread(user_id, with_fof=with_fof)
+        except StoreDataError as e:
+            self._degraded(method, "bad_data")
+            self._bad_data_log.warning(
+                "unreadable features; answering from the bundle",
+                event="bad_data", user=user_id, error=str(e),
+            )  # fmt: skip
+            return None
         except StoreUnavailable as e:
             self._redis_down_until = now + REDIS_RETRY_S
+            self._degraded(method, "unavailable")
             log.warning(
                 "redis unavailable; answering from the bundle",
                 extra={"event": "redis_down", "error": str(e)},
             )
             return None
 
+    def _degraded(self, method: str, reason: str) -> None:
+        if self.metrics:
+            self.metrics.child(self.metrics.degraded, method, reason).inc()
+
     async def _fail(
         self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
     ):
-        if self.metrics:
-            self.metrics.child(self.metrics.requests, method, code.name).inc()
-        await context.abort(code, msg)
+        await context.abort(code, msg)  # counted by the handler wrapper (see `handler`)
 
-    def _check_id(self, name: str, value: str) -> str | None:
-        if not value or not value.strip():
-            return f"{name} must be a non-empty string"
-        if len(value) > self.cfg.max_id_len:
-            return f"{name} is longer than {self.cfg.max_id_len} characters"
-        return None
+    async def _id(self, context, method: str, name: str, value: str) -> str:
+        """``value`` as the store keys it (NFC), or INVALID_ARGUMENT naming the field."""
+        try:
+            return check_id(name, value, self.cfg.max_id_len)
+        except ValueError as e:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-    def _check_k(self, k: int) -> str | None:
+    async def _k(self, context, method: str, k: int) -> int:
         if k <= 0 or k > self.cfg.max_k:
-            return f"k must be between 1 and {self.cfg.max_k}, got {k}"
-        return None
+            msg = f"k must be between 1 and {self.cfg.max_k}, got {k}"
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, msg)
+        return k
 
     async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
         if self.token is None:
@@ -137,7 +153,6 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             return
         m = self.metrics
         m.child(m.latency, method).observe(time.perf_counter() - t0)
-        m.child(m.requests, method, "OK").inc()
         if redis_s is not None:
             m.child(m.stage, method, "redis").observe(redis_s)
         for stage, secs in result.timings.items():
@@ -149,24 +164,18 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     ) -> tuple[Result, Engine, bool]:
         """Shared read path: validate, read features (one Redis round trip), rank or fall back."""
         t0 = time.perf_counter()
-        err = self._check_id("user_id", request.user_id) or self._check_k(request.k)
-        if err:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
+        user = await self._id(context, method, "user_id", request.user_id)
+        k = await self._k(context, method, request.k)
         live = await self._live(context, method)
         engine = live.engine
         t1 = time.perf_counter()
-        features = await self._read(request.user_id, friends)
+        features = await self._read(method, user, friends)
         redis_s = time.perf_counter() - t1 if features is not None else None
         await self._deadline(context, method)
         if features is None:
-            if self.metrics:
-                self.metrics.child(self.metrics.degraded, method).inc()
-            if friends:
-                result = engine.popular_friends(request.user_id, request.k)
-            else:
-                result = engine.popular_content(request.k)
+            result = engine.popular_friends(user, k) if friends else engine.popular_content(k)
         else:
-            result = rank(live, request.user_id, request.k, friends, features)
+            result = rank(live, user, k, friends, features)
         self._observe(context, method, t0, result, redis_s)
         return result, engine, features is None
 
@@ -209,20 +218,27 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         await self._deadline(context, method)
         try:
             event_id = await fn(*args)
+        except ValueError as e:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except StoreDataError as e:
+            await self._fail(
+                context,
+                method,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"write not recorded: the store holds data it cannot apply to ({e})",
+            )
         except StoreUnavailable as e:
             await self._fail(
                 context,
                 method,
                 grpc.StatusCode.UNAVAILABLE,
-                f"feature store unavailable, write not recorded: {e}",
+                f"feature store did not confirm the write ({e}); it may or may not be recorded: "
+                "retry with the same request_id",
             )
-        except ValueError as e:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.metrics:
             m, dt = self.metrics, time.perf_counter() - t0
             m.child(m.latency, method).observe(dt)
             m.child(m.stage, method, "redis").observe(dt)
-            m.child(m.requests, method, "OK").inc()
         return event_id
 
     async def LogInteraction(
@@ -230,24 +246,19 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     ) -> pb.LogInteractionResponse:
         method = "LogInteraction"
         await self._authorize(context, method)
-        err = self._check_id("user_id", request.user_id) or self._check_id(
-            "item_id", request.item_id
-        )
-        if not err and (not math.isfinite(request.weight) or request.weight <= 0):
-            err = f"weight must be a finite number > 0, got {request.weight}"
-        if not err and request.timestamp_ms < 0:
-            err = f"timestamp_ms must be >= 0 (0 = server time), got {request.timestamp_ms}"
-        if err:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
-        ts = request.timestamp_ms or int(time.time() * 1000)
+        user = await self._id(context, method, "user_id", request.user_id)
+        item = await self._id(context, method, "item_id", request.item_id)
+        now = int(time.time() * 1000)
         event_id = await self._write(
             context,
             method,
             self.store.alog_interaction,
-            request.user_id,
-            request.item_id,
-            float(request.weight),
-            ts,
+            user,
+            item,
+            request.weight,
+            request.timestamp_ms or now,
+            request.request_id,
+            now,
         )
         return pb.LogInteractionResponse(event_id=event_id)
 
@@ -255,17 +266,18 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self, request: pb.FriendshipRequest, context, method: str, fn
     ) -> pb.FriendshipResponse:
         await self._authorize(context, method)
-        err = self._check_id("user_id", request.user_id) or self._check_id(
-            "friend_id", request.friend_id
-        )
-        if not err and request.user_id == request.friend_id:
-            err = "friend_id must differ from user_id"
-        if err:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, err)
-        await self._write(
-            context, method, fn, request.user_id, request.friend_id, int(time.time() * 1000)
-        )
-        return pb.FriendshipResponse()
+        user = await self._id(context, method, "user_id", request.user_id)
+        friend = await self._id(context, method, "friend_id", request.friend_id)
+        if user == friend:
+            await self._fail(
+                context,
+                method,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "friend_id must differ from user_id",
+            )
+        now = int(time.time() * 1000)
+        event_id = await self._write(context, method, fn, user, friend, now, request.request_id)
+        return pb.FriendshipResponse(event_id=event_id)
 
     async def AddFriendship(self, request: pb.FriendshipRequest, context) -> pb.FriendshipResponse:
         return await self._friendship(request, context, "AddFriendship", self.store.aadd_friendship)
@@ -276,6 +288,95 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         return await self._friendship(
             request, context, "RemoveFriendship", self.store.aremove_friendship
         )
+
+
+class Malformed:
+    """A request whose bytes did not parse (the handler answers INVALID_ARGUMENT)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe_parser(message: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message.FromString(data)
+        except Exception as e:  # DecodeError, or anything else protobuf raises on bad bytes
+            return Malformed(type(e).__name__)
+
+    return parse
+
+
+class Dispatcher:
+    """Every RPC of the service through one wrapper: malformed bytes are INVALID_ARGUMENT,
+    load beyond ``max_in_flight`` is shed with RESOURCE_EXHAUSTED, an unexpected error is
+    INTERNAL (logged, rate-limited; never UNKNOWN), and every answered status, shed and
+    cancelled calls included, is counted in ``socialrec_requests_total{method,code}``."""
+
+    def __init__(
+        self, service: RecommenderService, metrics: Metrics | None, max_in_flight: int
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._bad_log = RateLimitedLog(log)
+        self._bug_log = RateLimitedLog(log)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for m in SERVICE.methods:
+            req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                self._wrap(m.name, getattr(self.service, m.name)),
+                request_deserializer=_safe_parser(req),
+                response_serializer=resp.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics:
+            self.metrics.child(self.metrics.requests, method, code.name).inc()
+
+    def _wrap(self, method: str, fn):
+        async def call(request, context: grpc.aio.ServicerContext):
+            if isinstance(request, Malformed):
+                self._count(method, grpc.StatusCode.INVALID_ARGUMENT)
+                self._bad_log.warning(
+                    "malformed request", event="bad_request", method=method, error=request.error
+                )
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request bytes are not a valid {method} request message",
+                )
+            if self.in_flight >= self.max_in_flight:
+                self._count(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy ({self.in_flight} requests in flight); retry with backoff",
+                )
+            self.in_flight += 1
+            try:
+                reply = await fn(request, context)
+                self._count(method, grpc.StatusCode.OK)
+                return reply
+            except grpc.aio.AbortError:
+                self._count(method, context.code() or grpc.StatusCode.UNKNOWN)
+                raise
+            except asyncio.CancelledError:
+                self._count(method, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as e:
+                self._count(method, grpc.StatusCode.INTERNAL)
+                self._bug_log.warning(
+                    "internal error", event="internal_error", method=method,
+                    error=f"{type(e).__name__}: {e}",
+                )  # fmt: skip
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                self.in_flight -= 1
+
+        return call
 
 
 def rank(live: Live, user_id: str, k: int, friends: bool, features: UserFeatures) -> Result:

@@ -26,13 +26,25 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from socialrec.serving import schema
-from socialrec.serving.schema import UserFeatures, check_id, check_ts, fmt_weight
+from socialrec.serving.schema import (
+    MAX_TOTAL_WEIGHT,
+    UserFeatures,
+    check_id,
+    check_request_id,
+    check_ts,
+    check_weight,
+)
 
 CLIENTS = ("resp", "redis-py")
 
 
 class StoreUnavailable(RuntimeError):
     """Redis is down, timing out or refusing: reads should degrade, writes must fail loudly."""
+
+
+class StoreDataError(StoreUnavailable):
+    """Redis answered, but with an error about the data (a key of the wrong type, a value that
+    does not parse): reads degrade for this request only; a write cannot be applied."""
 
 
 class ConnectionLost(StoreUnavailable):
@@ -49,6 +61,7 @@ class StoreConfig:
     socket_timeout_s: float = 0.25  # connect and read timeout: how fast "Redis down" is noticed
     stream_maxlen: int | None = None  # approximate cap on the event stream (None: unbounded)
     health_check_interval_s: int = 30  # PING a pooled connection idle this long before use
+    request_id_ttl_s: int = 3600  # idempotency window: a repeated request_id is a no-op this long
     # The server's asynchronous client: "resp" (socialrec.serving.resp, redis:// and unix://
     # only; other URLs use redis-py) or "redis-py" (redis.asyncio with hiredis).
     client: str = "resp"
@@ -84,9 +97,6 @@ class RedisPyAsyncClient:
                 replies = await pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as e:
             raise _store_error(e) from e
-        for r in replies:
-            if isinstance(r, Exception) and not _noscript(r):  # NOSCRIPT: the caller resends
-                raise StoreUnavailable(f"redis: {r}")
         return replies
 
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
@@ -95,6 +105,8 @@ class RedisPyAsyncClient:
                 return await self._r.evalsha(sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return await self._r.eval(source, len(keys), *keys, *args)
+        except redis.exceptions.ResponseError as e:
+            raise StoreDataError(f"redis: {e}") from e
         except redis.exceptions.RedisError as e:
             raise _store_error(e) from e
 
@@ -122,7 +134,9 @@ class RespAsyncClient:
             return await call
         except ConnectionError as e:
             raise ConnectionLost(f"redis: {e}") from e
-        except (TimeoutError, OSError, self._resp.RespError) as e:
+        except self._resp.RespError as e:
+            raise StoreDataError(f"redis: {e}") from e
+        except (TimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis: {e}") from e
 
     async def close(self) -> None:
@@ -161,6 +175,18 @@ def _noscript(reply: object) -> bool:
     return isinstance(reply, redis.exceptions.NoScriptError) or (
         isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
     )
+
+
+def features(replies: list) -> UserFeatures:
+    """Parsed features of a read transaction's replies; StoreDataError if any reply is an error
+    (e.g. WRONGTYPE: a key written by something else) or a value does not parse."""
+    for r in replies:
+        if isinstance(r, Exception):
+            raise StoreDataError(f"redis: {r}")
+    try:
+        return schema.parse_features(replies)
+    except (TypeError, ValueError, IndexError) as e:
+        raise StoreDataError(f"redis: unreadable features ({e})") from e
 
 
 def _store_error(e: redis.exceptions.RedisError) -> StoreUnavailable:
@@ -210,32 +236,46 @@ class FeatureStore:
         return cmds
 
     def log_call(
-        self, user_id: str, item_id: str, weight: float, ts_ms: int
+        self,
+        user_id: str,
+        item_id: str,
+        weight: float,
+        ts_ms: int,
+        request_id: str = "",
+        now_ms: int | None = None,
     ) -> tuple[str, list[str], list[Any]]:
-        """(script, keys, args) recording one interaction and its event.
+        """(script, keys, args) recording one interaction and its event; ValueError if a field
+        is out of bounds (see :mod:`socialrec.serving.schema`).
 
-        ``ts_ms`` is taken as given (the server turns the proto's 0 = "now" into a time first).
+        ``ts_ms`` is taken as given (the server turns the proto's 0 = "now" into a time first)
+        and may be at most a day ahead of ``now_ms`` when that is given.
         """
         user, item = check_id("user_id", user_id), check_id("item_id", item_id)
-        k = self.keys
+        rid, k = check_request_id(request_id), self.keys
         args = [
             user,
             item,
-            fmt_weight(weight),
-            check_ts(ts_ms),
+            repr(check_weight(weight)),
+            check_ts(ts_ms, now_ms),
             self.cfg.history_cap,
             self.cfg.stream_maxlen or 0,
+            self.cfg.request_id_ttl_s,
+            repr(MAX_TOTAL_WEIGHT),
         ]
-        return schema.LOG, [k.user("h", user), k.user("w", user), k.events], args
+        keys = [k.user("h", user), k.user("w", user), k.events, k.request(user, rid)]
+        return schema.LOG, keys, args
 
-    def friend_call(self, op: str, a: str, b: str, ts_ms: int) -> tuple[str, list[str], list[Any]]:
+    def friend_call(
+        self, op: str, a: str, b: str, ts_ms: int, request_id: str = ""
+    ) -> tuple[str, list[str], list[Any]]:
         """(script, keys, args) adding or removing the undirected edge {a, b} and its event."""
         a, b = check_id("user_id", a), check_id("friend_id", b)
         if a == b:
             raise ValueError(f"a user can't befriend themselves: {a!r}")
-        k = self.keys
-        keys = [k.user("f", a), k.user("f", b), k.events]
-        return schema.FRIEND, keys, [a, b, check_ts(ts_ms), self.cfg.stream_maxlen or 0, op]
+        rid, k = check_request_id(request_id), self.keys
+        keys = [k.user("f", a), k.user("f", b), k.events, k.request(a, rid)]
+        args = [a, b, check_ts(ts_ms), self.cfg.stream_maxlen or 0, op, self.cfg.request_id_ttl_s]
+        return schema.FRIEND, keys, args
 
     # ---- async (the server) ------------------------------------------------------------------
     def _aclient(self) -> AsyncClient:
@@ -255,19 +295,29 @@ class FeatureStore:
         if with_fof and _noscript(replies[3]):  # Redis lost its script cache: send the source
             cmds[3] = ("EVAL", schema.FOF, *cmds[3][2:])
             replies = await _aretry(lambda: client.transaction(cmds))
-        return schema.parse_features(replies)
+        return features(replies)
 
-    async def alog_interaction(self, user_id: str, item_id: str, weight: float, ts_ms: int) -> str:
-        """Record one interaction and its event atomically; returns the stream entry id."""
-        return await self._acall(*self.log_call(user_id, item_id, weight, ts_ms))
+    async def alog_interaction(
+        self,
+        user_id: str,
+        item_id: str,
+        weight: float,
+        ts_ms: int,
+        request_id: str = "",
+        now_ms: int | None = None,
+    ) -> str:
+        """Record one interaction and its event atomically; returns the stream entry id (the
+        first call's, and nothing applied, for a repeated ``request_id``)."""
+        call = self.log_call(user_id, item_id, weight, ts_ms, request_id, now_ms)
+        return await self._acall(*call)
 
-    async def aadd_friendship(self, a: str, b: str, ts_ms: int) -> str:
+    async def aadd_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """Add the undirected edge {a, b} (idempotent) and its event; returns the event id."""
-        return await self._acall(*self.friend_call("add", a, b, ts_ms))
+        return await self._acall(*self.friend_call("add", a, b, ts_ms, request_id))
 
-    async def aremove_friendship(self, a: str, b: str, ts_ms: int) -> str:
+    async def aremove_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """Remove the undirected edge {a, b} (idempotent) and log it; returns the event id."""
-        return await self._acall(*self.friend_call("remove", a, b, ts_ms))
+        return await self._acall(*self.friend_call("remove", a, b, ts_ms, request_id))
 
     async def _acall(self, script: str, keys: list[str], args: list[Any]) -> Any:
         client, sha = self._aclient(), self._sha[script]
@@ -292,25 +342,24 @@ class FeatureStore:
                 if with_fof and attempt == 0 and _noscript(replies[3]):
                     self._r.script_load(schema.FOF)
                     continue
-                for r in replies:
-                    if isinstance(r, Exception):
-                        raise r
-                return schema.parse_features(replies)
+                return features(replies)
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
         raise AssertionError("unreachable")
 
-    def log_interaction(self, user_id: str, item_id: str, weight: float, ts_ms: int) -> str:
+    def log_interaction(
+        self, user_id: str, item_id: str, weight: float, ts_ms: int, request_id: str = ""
+    ) -> str:
         """:meth:`alog_interaction` over redis-py, blocking."""
-        return self._call(*self.log_call(user_id, item_id, weight, ts_ms))
+        return self._call(*self.log_call(user_id, item_id, weight, ts_ms, request_id))
 
-    def add_friendship(self, a: str, b: str, ts_ms: int) -> str:
+    def add_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """:meth:`aadd_friendship` over redis-py, blocking."""
-        return self._call(*self.friend_call("add", a, b, ts_ms))
+        return self._call(*self.friend_call("add", a, b, ts_ms, request_id))
 
-    def remove_friendship(self, a: str, b: str, ts_ms: int) -> str:
+    def remove_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """:meth:`aremove_friendship` over redis-py, blocking."""
-        return self._call(*self.friend_call("remove", a, b, ts_ms))
+        return self._call(*self.friend_call("remove", a, b, ts_ms, request_id))
 
     def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -318,6 +367,8 @@ class FeatureStore:
                 return self._r.evalsha(self._sha[script], len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return self._r.eval(script, len(keys), *keys, *args)
+        except redis.exceptions.ResponseError as e:
+            raise StoreDataError(f"redis: {e}") from e
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
 

@@ -23,11 +23,10 @@ from socialrec.serving.cache import ResultCache
 from socialrec.serving.config import ServerConfig, resolve_bundle
 from socialrec.serving.engine import Engine
 from socialrec.serving.observability import Metrics, setup_logging
-from socialrec.serving.servicer import Live, RecommenderService
+from socialrec.serving.servicer import Dispatcher, Live, RecommenderService
 from socialrec.serving.store import FeatureStore, StoreConfig
 
 from socialrec.v1 import recommender_pb2 as pb
-from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("socialrec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
@@ -99,11 +98,14 @@ def build_server(
     ``cfg.host:cfg.port`` (port 0: the OS picks one), not started; and the bound port.
 
     Call it inside the event loop that will run the server."""
+    # The dispatcher sheds load itself (counted, RESOURCE_EXHAUSTED); gRPC's own limit stays
+    # as a backstop well above it.
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=2 * cfg.max_concurrent_rpcs + 64,
     )
-    pb_grpc.add_RecommenderServicer_to_server(service, server)
+    dispatcher = Dispatcher(service, service.metrics, cfg.max_concurrent_rpcs)
+    server.add_generic_rpc_handlers((dispatcher.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

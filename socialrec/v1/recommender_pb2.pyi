@@ -59,16 +59,18 @@ class RecommendFriendsResponse(_message.Message):
     def __init__(self, users: _Optional[_Iterable[_Union[Recommendation, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class LogInteractionRequest(_message.Message):
-    __slots__ = ("user_id", "item_id", "weight", "timestamp_ms")
+    __slots__ = ("user_id", "item_id", "weight", "timestamp_ms", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     weight: float
     timestamp_ms: int
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., weight: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., weight: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LogInteractionResponse(_message.Message):
     __slots__ = ("event_id",)
@@ -77,13 +79,17 @@ class LogInteractionResponse(_message.Message):
     def __init__(self, event_id: _Optional[str] = ...) -> None: ...
 
 class FriendshipRequest(_message.Message):
-    __slots__ = ("user_id", "friend_id")
+    __slots__ = ("user_id", "friend_id", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     FRIEND_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     friend_id: str
-    def __init__(self, user_id: _Optional[str] = ..., friend_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., friend_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FriendshipResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("event_id",)
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    def __init__(self, event_id: _Optional[str] = ...) -> None: ...
