@@ -11,6 +11,7 @@ A bundle is a directory::
     user_ids.txt       external id of each user index, one per line
     popular_items.npy  item indices by training popularity (cold start), int32
     popular_users.npy  user indices by training degree (cold start), int32
+    manifest.sig       optional Ed25519 signature of manifest.json (socialrec.serving.signing)
 
 Nothing in it is a pickle. ``load_manifest`` verifies every checksum before anything is
 used, so a corrupted or half-copied bundle is refused with a clear error.
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from socialrec.serving import signing
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -89,33 +92,61 @@ def write_manifest(bundle_dir: str | Path, meta: dict) -> dict:
         "files": files,
         **meta,
     }
+    (d / signing.SIGNATURE).unlink(missing_ok=True)  # a signature of an older manifest
     tmp = d / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(d / MANIFEST)
+    signing.sign_if_configured(d)
     return manifest
 
 
-def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict:
-    """Read manifest.json and (by default) verify size and sha256 of every listed file."""
+def load_manifest(
+    bundle_dir: str | Path, verify: bool = True, public_key: Ed25519PublicKey | None = None
+) -> dict:
+    """Read manifest.json, check its shape and (by default) the size and sha256 of every
+    listed file; with ``public_key``, also its signature. BundleError for anything wrong."""
     d = Path(bundle_dir)
     mpath = d / MANIFEST
-    if not mpath.exists():
-        raise BundleError(f"{mpath}: no manifest (not a bundle, or still being written)")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+        raw = mpath.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{mpath}: no manifest (not a bundle, or still being written)") from None
+    except OSError as e:
+        raise BundleError(f"{mpath}: unreadable ({e})") from None
+    if public_key is not None:
+        try:
+            signing.verify_manifest(d, raw, public_key)
+        except signing.SignatureError as e:
+            raise BundleError(str(e)) from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{mpath}: format_version {manifest.get('format_version')!r}, this server reads {FORMAT_VERSION}"
         )
+    version = manifest.get("bundle_version")
+    if not isinstance(version, str) or not version:
+        raise BundleError(f"{mpath}: bundle_version missing or not a string")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{mpath}: 'files' missing or not an object")
+    for name, info in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise BundleError(f"{mpath}: file name {name!r} is not a plain file name")
+        ok = isinstance(info, dict) and isinstance(info.get("sha256"), str)
+        if not ok or not isinstance(info.get("bytes"), int):
+            raise BundleError(f"{mpath}: files[{name!r}] needs 'sha256' (str) and 'bytes' (int)")
     for name in REQUIRED_FILES:
-        if name not in manifest.get("files", {}):
+        if name not in files:
             raise BundleError(f"{mpath}: does not list required file {name}")
     if verify:
-        for name, info in manifest["files"].items():
+        for name, info in files.items():
             p = d / name
-            if not p.exists():
+            if not p.is_file():
                 raise BundleError(f"{p}: listed in the manifest but missing")
             size = p.stat().st_size
             if size != info["bytes"]:
@@ -147,10 +178,12 @@ class BundleFiles:
         return self.root / name
 
 
-def open_bundle(bundle_dir: str | Path, verify: bool = True) -> BundleFiles:
+def open_bundle(
+    bundle_dir: str | Path, verify: bool = True, public_key: Ed25519PublicKey | None = None
+) -> BundleFiles:
     """Verify and open a bundle's id maps and cold-start lists."""
     d = Path(bundle_dir).resolve()
-    manifest = load_manifest(d, verify=verify)
+    manifest = load_manifest(d, verify=verify, public_key=public_key)
     item_ids = read_ids(d / "item_ids.txt")
     user_ids = read_ids(d / "user_ids.txt")
     dims = manifest.get("counts", {})

@@ -6,8 +6,9 @@ here can be stale, and no write needs to invalidate anything (a write that chang
 holds for the user changes the features and misses). Every request still reads Redis.
 
 One slot per (call, user, k) keeps the newest features. Slots are evicted least recently used
-once the entries they hold pass ``budget``; an entry weighs 1 + its feature entries (history,
-friends, friends-of-friends) + its result entries. A new bundle gets a new cache.
+once the bytes they hold pass ``budget_bytes``. An entry's bytes are estimated from what it
+holds (its key, features and results) with CPython 3.11 object sizes rounded up; a test checks
+the estimate against tracemalloc's count of the real allocations. A new bundle gets a new cache.
 """
 
 from __future__ import annotations
@@ -18,13 +19,34 @@ from collections import OrderedDict
 from socialrec.serving.engine import Result
 from socialrec.serving.schema import UserFeatures
 
+# Upper bounds of CPython 3.11 (64-bit) object sizes, in bytes, as held by one cache entry.
+ENTRY = 400  # OrderedDict node, slot tuple, entry tuple, UserFeatures, Result, their lists/dicts
+STR = 64  # a str object's header (short ASCII; payload counted separately, x4 for non-ASCII)
+HISTORY = 56 + 32 + 8  # (item, weight) tuple + float + list slot, plus the item str
+FRIEND = 8  # list slot, plus the friend str
+FOF = 112  # dict entry share + int, plus the candidate str
+RESULT = 80 + 32 + 8  # Scored (4 slots) + float score + list slot; ids are the bundle's strings
+
+
+def _str_bytes(s: str) -> int:
+    return STR + (len(s) if s.isascii() else 4 * len(s))
+
+
+def entry_bytes(slot: tuple, features: UserFeatures, result: Result) -> int:
+    """Estimated bytes one cache entry holds (an upper bound; see the module docstring)."""
+    n = ENTRY + _str_bytes(slot[1])
+    n += sum(HISTORY + _str_bytes(item) for item, _ in features.history)
+    n += sum(FRIEND + _str_bytes(f) for f in features.friends)
+    n += sum(FOF + _str_bytes(c) for c in features.fof)
+    return n + RESULT * len(result.items)
+
 
 class ResultCache:
-    """LRU of (call, user, k) -> (features, result), bounded by ``budget`` entries in total."""
+    """LRU of (call, user, k) -> (features, result), at most ``budget_bytes`` in total."""
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.size = 0  # entries held
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.size = 0  # estimated bytes held
         self._slots: OrderedDict[tuple, tuple[UserFeatures, Result, int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -39,7 +61,7 @@ class ResultCache:
 
     def put(self, slot: tuple, features: UserFeatures, result: Result) -> None:
         """Keep ``result`` as the answer of ``slot`` for ``features`` (replacing the old one)."""
-        weight = 1 + features.size + len(result.items)
+        weight = entry_bytes(slot, features, result)
         if weight > self.budget:
             return
         with self._lock:

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from socialrec.serving import signing
+from socialrec.serving.bundle import BundleError
 from socialrec.serving.engine import EngineConfig
 
 POINTER = "CURRENT"  # a bundle root may hold a pointer file naming the live bundle directory
@@ -29,20 +32,45 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     watch_interval_s: float = 2.0  # how often the CURRENT pointer is checked for a new bundle
+    # Ed25519 public key (PEM) bundles must be signed with; default $SOCIALREC_BUNDLE_PUBLIC_KEY.
+    # None: bundles are not checked for a signature (a warning at start).
+    bundle_key: str | None = None
     history_cap: int = 256  # history items kept per user in Redis
-    # Exact result cache (socialrec.serving.cache): entries held per worker; 0 turns it off.
-    result_cache_budget: int = 1_000_000
+    # Exact result cache (socialrec.serving.cache): MiB it may hold per worker; 0 turns it off.
+    result_cache_mb: int = 64
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def resolve_bundle(path: str | Path) -> Path:
-    """A bundle directory, or a root whose CURRENT file names the live bundle (relative to it)."""
-    p = Path(path)
-    pointer = p / POINTER
-    if pointer.is_file():
-        target = pointer.read_text().strip()
-        return (p / target).resolve() if not os.path.isabs(target) else Path(target)
-    return p.resolve()
+    """The bundle directory to serve: ``path`` itself, or, when ``path`` holds a CURRENT
+    pointer, the directory it names inside ``path``.
+
+    BundleError for a pointer that is unreadable, not UTF-8, empty, holds control
+    characters, or names anything outside the bundle root (``..``, an absolute path elsewhere,
+    a symlink leading out).
+    """
+    root = Path(path)
+    pointer = root / POINTER
+    if not pointer.is_file():
+        return root.resolve()
+    try:
+        raw = pointer.read_bytes()[:4097]
+        name = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{pointer}: unreadable pointer ({e})") from None
+    if not name or len(raw) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise BundleError(f"{pointer}: pointer must be one line naming a bundle directory")
+    real_root = root.resolve()
+    target = (real_root / name).resolve()
+    if target == real_root or real_root not in target.parents:
+        raise BundleError(f"{pointer}: names {name!r}, which is outside the bundle root")
+    return target
+
+
+def bundle_key(cfg: ServerConfig) -> Ed25519PublicKey | None:
+    """The public key bundles must be signed with (config, else $SOCIALREC_BUNDLE_PUBLIC_KEY)."""
+    path = cfg.bundle_key or os.environ.get(signing.PUBLIC_KEY_ENV)
+    return signing.load_public_key(path) if path else None
 
 
 def load_token(cfg: ServerConfig) -> str | None:

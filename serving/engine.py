@@ -22,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import onnxruntime as ort
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from socialrec.serving.bundle import (
     TOWER_INPUTS,
     TOWER_OUTPUTS,
@@ -168,12 +169,17 @@ class Engine:
 
     @classmethod
     def load(
-        cls, bundle_dir: str | Path, verify: bool = True, config: EngineConfig = EngineConfig()
+        cls,
+        bundle_dir: str | Path,
+        verify: bool = True,
+        config: EngineConfig = EngineConfig(),
+        public_key: Ed25519PublicKey | None = None,
     ) -> Engine:
-        """Verify a bundle's checksums and open its tower and indexes; BundleError if bad."""
+        """Verify a bundle's checksums (and signature, given a key) and open its tower and
+        indexes; BundleError if bad."""
         faiss.omp_set_num_threads(1)
         _tls.pinned = True
-        bundle = open_bundle(bundle_dir, verify=verify)
+        bundle = open_bundle(bundle_dir, verify=verify, public_key=public_key)
         try:
             session = ort.InferenceSession(
                 str(bundle.path("user_tower.onnx")),

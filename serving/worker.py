@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from socialrec.serving.bundle import BundleError
 from socialrec.serving.cache import ResultCache
-from socialrec.serving.config import ServerConfig, resolve_bundle
+from socialrec.serving.config import POINTER, ServerConfig, bundle_key, resolve_bundle
 from socialrec.serving.engine import Engine
 from socialrec.serving.observability import Metrics, setup_logging
 from socialrec.serving.servicer import Dispatcher, Live, RecommenderService
@@ -30,6 +31,7 @@ from socialrec.v1 import recommender_pb2 as pb
 
 log = logging.getLogger("socialrec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+RETRY_REFUSED_S = 30.0  # a refused bundle the pointer still names is tried again this often
 
 
 class EngineHolder:
@@ -37,6 +39,7 @@ class EngineHolder:
 
     def __init__(self, cfg: ServerConfig, metrics: Metrics | None) -> None:
         self.cfg = cfg
+        self.key = bundle_key(cfg)
         self.live: Live | None = None
         self.path: Path | None = None
         self.metrics = metrics
@@ -51,18 +54,13 @@ class EngineHolder:
         with self._lock:
             t0 = time.perf_counter()
             try:
-                engine = Engine.load(path, verify=True, config=self.cfg.engine)
+                engine = Engine.load(path, verify=True, config=self.cfg.engine, public_key=self.key)
                 engine.warmup()
-            except (BundleError, OSError, RuntimeError, ValueError) as e:
-                log.error(
-                    "bundle refused",
-                    extra={"event": "bundle_refused", "bundle": str(path), "error": str(e)},
-                )
-                if self.metrics:
-                    self.metrics.reloads.labels("refused").inc()
+            except Exception as e:  # any failure leaves the old bundle serving
+                self.refused(path, e)
                 return False
             old = self.engine.version if self.engine else None
-            budget = self.cfg.result_cache_budget
+            budget = self.cfg.result_cache_mb << 20
             self.live = Live(engine, ResultCache(budget) if budget else None)
             self.path = path
             log.info(
@@ -79,6 +77,15 @@ class EngineHolder:
                 self.metrics.reloads.labels("ok").inc()
                 self.metrics.set_version(engine.version)
             return True
+
+    def refused(self, path: Path | str, error: BaseException) -> None:
+        """Log and count a bundle (or pointer) that will not be served."""
+        msg = str(error) if isinstance(error, BundleError) else f"{type(error).__name__}: {error}"
+        log.error(
+            "bundle refused", extra={"event": "bundle_refused", "bundle": str(path), "error": msg}
+        )
+        if self.metrics:
+            self.metrics.reloads.labels("refused").inc()
 
 
 def store_config(cfg: ServerConfig) -> StoreConfig:
@@ -146,33 +153,54 @@ async def serve_worker(
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return ok
 
+    pointer_error = ""
+
+    async def resolve() -> Path | None:
+        nonlocal pointer_error
+        try:
+            target = resolve_bundle(cfg.bundle)
+        except Exception as e:  # a bad pointer: refused like a bad bundle, the old one serves
+            if str(e) != pointer_error:  # once per distinct problem, not every interval
+                pointer_error = str(e)
+                holder.refused(Path(cfg.bundle) / POINTER, e)
+            return None
+        pointer_error = ""
+        return target
+
     # Load before listening: SO_REUSEPORT hands new connections to every listening worker, so a
     # worker that listened first would answer UNAVAILABLE while its siblings already serve
     # (at start-up, and when the supervisor replaces a dead worker). A worker whose bundle
-    # fails to load listens anyway, NOT_SERVING, and keeps watching for a good one.
-    target = resolve_bundle(cfg.bundle)
-    failed: Path | None = None if await load(target) else target
+    # fails to load (or whose pointer is bad) listens anyway, NOT_SERVING, and keeps watching.
+    target = await resolve()
+    failed: Path | None = None
+    failed_at = 0.0
+    if target is not None and not await load(target):
+        failed, failed_at = target, time.monotonic()
     await server.start()
     log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
 
     async def watch() -> None:
-        """Reload when the pointer names another bundle (a refused one is not retried until
-        the pointer moves again), or on SIGHUP (always). Bundles are immutable directories."""
-        nonlocal failed
+        """Reload when the pointer names another bundle, or on SIGHUP (always). A refused
+        bundle is retried every RETRY_REFUSED_S (a half-copied one may complete), so workers
+        converge on what the pointer names. Nothing here can stop the loop."""
+        nonlocal failed, failed_at
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reload_now.wait(), timeout=cfg.watch_interval_s)
             forced = reload_now.is_set()
             reload_now.clear()
             try:
-                target = resolve_bundle(cfg.bundle)
-            except OSError as e:
-                log.error(
-                    "bundle pointer unreadable", extra={"event": "pointer_error", "error": str(e)}
-                )
-                continue
-            if forced or (target != holder.path and target != failed):
-                failed = None if await load(target) else target
+                target = await resolve()
+                if target is None or (target == holder.path and not forced):
+                    continue
+                retry = time.monotonic() - failed_at >= RETRY_REFUSED_S
+                if forced or target != failed or retry:
+                    if await load(target):
+                        failed = None
+                    else:
+                        failed, failed_at = target, time.monotonic()
+            except Exception as e:  # keep watching whatever happened
+                log.error("bundle watcher error", extra={"event": "watch_error", "error": repr(e)})
 
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -190,7 +218,20 @@ async def serve_worker(
     store.close()
 
 
-def worker_main(cfg: ServerConfig, worker: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux PR_SET_PDEATHSIG),
+    and exit now if the parent is already gone (it may have died before the call)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def worker_main(cfg: ServerConfig, worker: int, parent: int) -> None:
     """Entry point of a forked worker process."""
+    die_with_parent(parent)
     setup_logging()
     asyncio.run(serve_worker(cfg, worker))

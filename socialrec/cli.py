@@ -1,40 +1,58 @@
-"""The `socialrec` command: one CLI, one subcommand per stage; each parses and calls a run()."""
+"""The `socialrec` command: one CLI, one subcommand per stage; each parses and calls a run().
+
+Every option default is read from the stage's config dataclass with :func:`default`, so a
+default has one source. A subcommand's options are only added when that subcommand runs
+(:func:`build_parser` with its name): reading the defaults imports the stage's modules, and
+`socialrec serve` must neither need torch nor wait for it, nor `--help` and `--version`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
-RESULT_CACHE_DEFAULT = 1_000_000  # `serve --result-cache-budget`: serving.engine.ResultCache
+
+def default(cls: type, name: str) -> Any:
+    """The default value of dataclass field ``name`` of ``cls`` (default_factory called)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        choices=("synthetic", "lastfm", "tsv"),
-        default="synthetic",
-        help="default: synthetic (embedded, no download)",
-    )
-    g.add_argument("--data-dir", help="lastfm: the HetRec Last.fm-2k directory")
-    g.add_argument(
-        "--interactions", help="tsv: interactions file (user, item, weight[, timestamp])"
-    )
-    g.add_argument("--friends", help="tsv: optional friends file (user, friend)")
-    g.add_argument("--item-names", help="tsv: optional item names file (item, name)")
-    g.add_argument("--synthetic-users", type=int, default=3000)
-    g.add_argument("--synthetic-items", type=int, default=2000)
-    g.add_argument("--synthetic-interactions", type=int, default=60000)
-    g.add_argument("--data-seed", type=int, default=0, help="synthetic generator seed")
-    from socialrec.training.split import DEFAULT_SEED
+def version() -> str:
+    """The installed package's version (pyproject.toml), or 'unknown' outside an install."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
 
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULT_SEED,
-        help=f"split seed (train and split share it; default {DEFAULT_SEED})",
-    )
+    try:
+        return dist_version("socialrec")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless it has none worth showing.
+
+    None, False and "" mean "not set"; such options say in their help what happens then.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if action.required or d is None or d is False or (isinstance(d, str) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _data_config(a: argparse.Namespace):
@@ -63,7 +81,7 @@ def cmd_split(a: argparse.Namespace) -> int:
     ds = load_dataset(_data_config(a))
     split = split_dataset(ds, SplitConfig(seed=a.seed))
     out = export_split(ds, split, a.export)
-    for line in ds.report.lines():
+    for line in ds.describe():
         print(f"[data] {line}")
     print(f"split seed {split.seed} sha256 {split.sha256()}")
     print(
@@ -79,16 +97,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     from socialrec.training.split import SplitConfig
     from socialrec.training.train import TrainConfig
 
-    tc = TrainConfig()
-    overrides = {
-        k: getattr(a, k)
-        for k in ("epochs", "dim", "batch_size", "lr", "threads", "patience")
-        if getattr(a, k) is not None
-    }
-    tc = TrainConfig(**{**tc.__dict__, **overrides})
-    out = a.out or f"runs/{a.dataset}"
+    tc = TrainConfig(
+        epochs=a.epochs,
+        dim=a.dim,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        patience=a.patience,
+        threads=a.threads,
+    )
     cfg = RunConfig(
-        out=out,
+        out=a.out or f"runs/{a.dataset}",
         data=_data_config(a),
         split=SplitConfig(seed=a.seed),
         train=tc,
@@ -108,7 +126,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         run_dir=a.run,
         min_retention=a.min_retention,
         quick=a.quick,
-        threads=a.compress_threads or 0,
+        threads=a.compress_threads,
         progress=not a.no_progress,
     )
     path = run(cfg)
@@ -155,6 +173,17 @@ def cmd_publish(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    # Before anything starts (a local redis-server, worker processes): a typo in the path
+    # should cost one line, not a supervisor restarting workers that cannot load.
+    bundle = Path(a.bundle)
+    if not bundle.is_dir():
+        why = "is not a directory" if bundle.exists() else "does not exist"
+        print(
+            f"socialrec serve: error: --bundle {a.bundle} {why} (expected a bundle directory, "
+            "or a bundle root holding a CURRENT file)",
+            file=sys.stderr,
+        )
+        return 2
     from socialrec.serving.supervisor import pin_threads
 
     pin_threads()  # before onnxruntime / faiss / numpy start their thread pools
@@ -194,7 +223,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         tls_key=a.tls_key,
         watch_interval_s=a.watch_interval,
         redis_client=a.redis_client,
-        result_cache_budget=a.result_cache_budget,
+        result_cache_mb=a.result_cache_mb,
+        bundle_key=a.bundle_key,
     )
     try:
         return serve(cfg)
@@ -234,7 +264,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
 
 
 def cmd_retrain(a: argparse.Namespace) -> int:
-    from socialrec.compression.retrain import RetrainConfig, run
+    from socialrec.retrain import RetrainConfig, run
     from socialrec.serving.store import StoreUnavailable
 
     cfg = RetrainConfig(
@@ -247,7 +277,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
         compress=a.compress,
         work_dir=a.work_dir,
         max_eval_users=a.max_eval_users,
-        threads=a.threads or 0,
+        threads=a.threads,
         progress=not a.no_progress,
     )
     try:
@@ -303,12 +333,313 @@ def cmd_publish_bundle(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_rollout_parsers(sub) -> None:
-    """retrain, rollout, rollback, publish-bundle: the versioned bundle root (ROOT/CURRENT)."""
-    r = sub.add_parser(
-        "retrain",
-        help="events since the last run + base data -> retrain, compress, gate, publish to ROOT",
+# --------------------------------------------------------------------------- options
+
+
+def _no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars or per-step progress lines"
     )
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from socialrec.training.data import DataConfig
+    from socialrec.training.split import SplitConfig
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        choices=("synthetic", "lastfm", "tsv"),
+        default=default(DataConfig, "dataset"),
+        help="synthetic: generated, no download; lastfm: HetRec Last.fm-2k; tsv: your own files",
+    )
+    g.add_argument("--data-dir", help="lastfm: the HetRec Last.fm-2k directory")
+    g.add_argument(
+        "--interactions", help="tsv: interactions file (user, item, weight[, timestamp])"
+    )
+    g.add_argument("--friends", help="tsv: optional friends file (user, friend)")
+    g.add_argument("--item-names", help="tsv: optional item names file (item, name)")
+    g.add_argument(
+        "--synthetic-users",
+        type=int,
+        default=default(DataConfig, "synthetic_users"),
+        help="synthetic: number of users",
+    )
+    g.add_argument(
+        "--synthetic-items",
+        type=int,
+        default=default(DataConfig, "synthetic_items"),
+        help="synthetic: number of items",
+    )
+    g.add_argument(
+        "--synthetic-interactions",
+        type=int,
+        default=default(DataConfig, "synthetic_interactions"),
+        help="synthetic: target number of distinct (user, item) pairs",
+    )
+    g.add_argument(
+        "--data-seed",
+        type=int,
+        default=default(DataConfig, "seed"),
+        help="synthetic: generator seed",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=default(SplitConfig, "seed"),
+        help="evaluation split seed (`split` and `train` with the same seed see the same split)",
+    )
+
+
+def _add_train_args(t: argparse.ArgumentParser) -> None:
+    from socialrec.training.baselines import BaselineConfig
+    from socialrec.training.run import RunConfig
+    from socialrec.training.train import TrainConfig
+
+    _add_data_args(t)
+    t.add_argument("--out", help="run directory (default: runs/DATASET)")
+    g = t.add_argument_group("training")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=default(TrainConfig, "epochs"),
+        help="most epochs of the selection phase (early stopping usually ends it sooner)",
+    )
+    g.add_argument(
+        "--dim", type=int, default=default(TrainConfig, "dim"), help="embedding dimension"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=default(TrainConfig, "batch_size"),
+        help="users per training batch",
+    )
+    g.add_argument(
+        "--lr", type=float, default=default(TrainConfig, "lr"), help="Adam learning rate"
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=default(TrainConfig, "patience"),
+        help="stop when neither head's validation recall@20 improved for this many epochs",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=default(TrainConfig, "threads"),
+        help="torch threads (0: torch's choice)",
+    )
+    g.add_argument(
+        "--ease-lambda",
+        type=float,
+        default=default(BaselineConfig, "ease_lambda"),
+        help="L2 regularisation of the EASE baseline",
+    )
+    g.add_argument(
+        "--max-eval-users",
+        type=int,
+        default=default(RunConfig, "max_eval_users"),
+        help="evaluate a seeded sample of this many users (large data; default: every user)",
+    )
+    _no_progress(t)
+
+
+def _add_compress_args(c: argparse.ArgumentParser) -> None:
+    from socialrec.compression.run import CompressConfig
+
+    g = c.add_argument_group("compress")
+    g.add_argument(
+        "--min-retention",
+        type=float,
+        default=default(CompressConfig, "min_retention"),
+        help="keep the smallest bundle whose content and friends recall@20 are both at least "
+        "this fraction of the teacher's",
+    )
+    g.add_argument("--quick", action="store_true", help="few variants and epochs (smoke test)")
+    g.add_argument(
+        "--compress-threads",
+        type=int,
+        default=default(CompressConfig, "threads"),
+        help="torch threads while fine-tuning (0: torch's choice)",
+    )
+
+
+def _split_parser(s: argparse.ArgumentParser) -> None:
+    _add_data_args(s)
+    s.add_argument("--export", required=True, help="output directory for the four TSV files")
+    s.set_defaults(fn=cmd_split)
+
+
+def _train_parser(t: argparse.ArgumentParser) -> None:
+    _add_train_args(t)
+    t.set_defaults(fn=cmd_train)
+
+
+def _compress_parser(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--run", required=True, help="run directory written by `socialrec train`")
+    _add_compress_args(c)
+    _no_progress(c)
+    c.set_defaults(fn=cmd_compress)
+
+
+def _pipeline_parser(p: argparse.ArgumentParser) -> None:
+    _add_train_args(p)
+    _add_compress_args(p)
+    p.set_defaults(fn=cmd_pipeline)
+
+
+def _export_parser(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--run", required=True, help="run directory written by `socialrec train`")
+    e.add_argument("--out", help="bundle directory (default: RUN_DIR/bundle)")
+    e.set_defaults(fn=cmd_export)
+
+
+def _publish_parser(p: argparse.ArgumentParser) -> None:
+    from socialrec.serving.publish import PublishConfig
+
+    p.add_argument("--run", required=True, help="run directory written by `socialrec train`")
+    p.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
+    p.add_argument(
+        "--namespace", default=default(PublishConfig, "namespace"), help="Redis key prefix"
+    )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="only the train split, so evaluation through the server matches report.json",
+    )
+    p.add_argument(
+        "--flush",
+        action="store_true",
+        help="delete the namespace's features first (the event stream is kept)",
+    )
+    _no_progress(p)
+    p.set_defaults(fn=cmd_publish)
+
+
+def _serve_parser(v: argparse.ArgumentParser) -> None:
+    from socialrec.serving.config import ServerConfig
+
+    def d(name: str) -> Any:
+        return default(ServerConfig, name)
+
+    v.add_argument(
+        "--bundle",
+        required=True,
+        help="bundle directory, or a directory whose CURRENT file names the live bundle (watched)",
+    )
+    v.add_argument(
+        "--redis-url",
+        default=d("redis_url"),
+        help="the feature store; 'local' starts a throwaway redis-server on a free port",
+    )
+    v.add_argument(
+        "--publish", metavar="RUN_DIR", help="bulk-load this run's data into Redis before serving"
+    )
+    v.add_argument("--namespace", default=d("namespace"), help="Redis key prefix")
+    v.add_argument("--host", default=d("host"), help="address to listen on")
+    v.add_argument("--port", type=int, default=d("port"), help="gRPC port")
+    v.add_argument(
+        "--workers",
+        type=int,
+        default=d("workers"),
+        help="worker processes sharing the port (SO_REUSEPORT)",
+    )
+    v.add_argument(
+        "--metrics-port", type=int, help="Prometheus metrics HTTP port (default: no metrics)"
+    )
+    v.add_argument("--max-k", type=int, default=d("max_k"), help="largest k a request may ask")
+    v.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=d("max_concurrent_rpcs"),
+        help="per worker; beyond it calls get RESOURCE_EXHAUSTED",
+    )
+    v.add_argument(
+        "--redis-client",
+        choices=("resp", "redis-py"),
+        default=d("redis_client"),
+        help="the request path's Redis client: resp (socialrec.serving.resp; redis:// and "
+        "unix:// URLs) or redis-py (redis.asyncio with hiredis)",
+    )
+    v.add_argument(
+        "--result-cache-mb",
+        type=int,
+        default=d("result_cache_mb"),
+        help="exact result cache per worker, in MiB (0: off); an answer is reused only when "
+        "the features just read equal the ones it was computed from",
+    )
+    v.add_argument(
+        "--bundle-key",
+        help="Ed25519 public key (PEM) every bundle must be signed with (default: "
+        "$SOCIALREC_BUNDLE_PUBLIC_KEY; none: signatures are not checked)",
+    )
+    v.add_argument(
+        "--token-file",
+        help="file holding the write token (default: $SOCIALREC_WRITE_TOKEN; none: writes refused)",
+    )
+    v.add_argument("--tls-cert", help="TLS certificate (PEM); with --tls-key serves TLS")
+    v.add_argument("--tls-key", help="TLS private key (PEM)")
+    v.add_argument(
+        "--watch-interval",
+        type=float,
+        default=d("watch_interval_s"),
+        help="seconds between checks of the bundle pointer",
+    )
+    v.set_defaults(fn=cmd_serve)
+
+
+def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
+    from socialrec.loadtest.run import LoadTestConfig
+
+    def d(name: str) -> Any:
+        return default(LoadTestConfig, name)
+
+    lt.add_argument("--run", required=True, help="run directory (RUN/bundle exported if missing)")
+    lt.add_argument("--duration", type=float, required=True, help="seconds of load per server")
+    lt.add_argument("--out", help="output directory (default: RUN/loadtest)")
+    lt.add_argument(
+        "--users", type=int, default=d("users"), help="simulated users, one channel each"
+    )
+    lt.add_argument("--spawn-rate", type=float, help="users started per second (default: --users)")
+    lt.add_argument("--workers", type=int, default=d("workers"), help="server worker processes")
+    lt.add_argument(
+        "--shape",
+        choices=("constant", "steps"),
+        default=d("shape"),
+        help="constant load, or steps of growing user counts",
+    )
+    lt.add_argument(
+        "--steps",
+        default=",".join(str(n) for n in d("steps")),
+        help="with --shape steps: user counts to step through, e.g. 1,2,4,6,8,12 "
+        "(default: 1, 2, 4, ... up to --users)",
+    )
+    lt.add_argument(
+        "--fault",
+        choices=("none", "kill-worker", "restart-redis", "swap-bundle"),
+        default=d("fault"),
+        help="inject one fault into our server's run, halfway through",
+    )
+    lt.add_argument(
+        "--serve-args",
+        default=" ".join(d("serve_args")),
+        help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'",
+    )
+    lt.add_argument(
+        "--unix-socket",
+        action="store_true",
+        help="both servers reach the private redis-server over its Unix socket, not loopback TCP",
+    )
+    lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
+    lt.set_defaults(fn=cmd_loadtest)
+
+
+def _retrain_parser(r: argparse.ArgumentParser) -> None:
+    from socialrec.retrain import RetrainConfig
+
+    def d(name: str) -> Any:
+        return default(RetrainConfig, name)
+
     r.add_argument(
         "--run",
         "--base-run",
@@ -318,218 +649,127 @@ def _add_rollout_parsers(sub) -> None:
     )
     r.add_argument("--redis-url", required=True, help="the store whose event stream is consumed")
     r.add_argument("--bundles", required=True, help="bundle root watched by the servers")
-    r.add_argument("--namespace", default="socialrec", help="Redis key namespace")
+    r.add_argument("--namespace", default=d("namespace"), help="Redis key prefix")
     r.add_argument(
         "--gate-margin",
         type=float,
-        default=0.02,
+        default=d("gate_margin"),
         help="publish only if content and friends recall@20 >= live - this (absolute)",
     )
-    r.add_argument("--epochs", type=int, help="override the base run's epochs")
+    r.add_argument(
+        "--epochs", type=int, default=d("epochs"), help="epochs (default: the base run's)"
+    )
     r.add_argument(
         "--compress",
         choices=("auto", "quick", "export"),
-        default="auto",
-        help="auto: as the base run (compression.json settings, else fp32 export)",
+        default=d("compress"),
+        help="auto: as the base run (its compression.json settings, else an fp32 export); "
+        "quick: few variants and epochs; export: the fp32 teacher, uncompressed",
     )
-    r.add_argument("--work-dir", help="retraining run directories (default ROOT/retrain-runs)")
-    r.add_argument("--max-eval-users", type=int, help="gate on a seeded sample of users")
-    r.add_argument("--threads", type=int, help="torch threads")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--work-dir", help="retraining run directories (default: BUNDLES/retrain-runs)")
+    r.add_argument(
+        "--max-eval-users",
+        type=int,
+        default=d("max_eval_users"),
+        help="gate on a seeded sample of this many users (default: every user)",
+    )
+    r.add_argument(
+        "--threads", type=int, default=d("threads"), help="torch threads (0: torch's choice)"
+    )
+    _no_progress(r)
     r.set_defaults(fn=cmd_retrain)
 
-    ro = sub.add_parser("rollout", help="point ROOT/CURRENT at a bundle version")
+
+def _rollout_parser(ro: argparse.ArgumentParser) -> None:
     ro.add_argument("--bundles", required=True, help="bundle root")
-    ro.add_argument("--to", required=True, help="bundle version (a directory under ROOT)")
+    ro.add_argument("--to", required=True, help="bundle version (a directory under the root)")
     ro.set_defaults(fn=cmd_rollout)
 
-    rb = sub.add_parser("rollback", help="point ROOT/CURRENT back at the previous version")
+
+def _rollback_parser(rb: argparse.ArgumentParser) -> None:
     rb.add_argument("--bundles", required=True, help="bundle root")
     rb.set_defaults(fn=cmd_rollback)
 
-    pb = sub.add_parser(
-        "publish-bundle", help="copy a bundle into ROOT/VERSION (checksums verified), make it live"
-    )
+
+def _publish_bundle_parser(pb: argparse.ArgumentParser) -> None:
     pb.add_argument("--bundles", required=True, help="bundle root")
     pb.add_argument("--from", required=True, help="bundle directory (e.g. RUN_DIR/bundle)")
     pb.set_defaults(fn=cmd_publish_bundle)
 
 
-def _add_train_args(t: argparse.ArgumentParser) -> None:
-    _add_data_args(t)
-    t.add_argument("--out", help="run directory (default runs/DATASET)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--dim", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--patience", type=int)
-    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    t.add_argument("--ease-lambda", type=float, default=100.0)
-    t.add_argument(
-        "--max-eval-users", type=int, help="evaluate a seeded sample of users (large data)"
-    )
-    t.add_argument("--no-progress", action="store_true")
+# name -> (one-line help, adds the options and sets fn)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "split": ("export the evaluation split as TSV (original ids)", _split_parser),
+    "train": (
+        "train + evaluate the teacher and the baselines; write RUN_DIR/report.json",
+        _train_parser,
+    ),
+    "compress": (
+        "compress a run's teacher (distill, low-rank, hash, prune, quantize); write RUN_DIR/bundle",
+        _compress_parser,
+    ),
+    "pipeline": ("train, then compress (same data options as train)", _pipeline_parser),
+    "export": (
+        "bundle the run's fp32 teacher (ONNX user tower + FAISS) without compression",
+        _export_parser,
+    ),
+    "publish": (
+        "bulk-load a run's interactions and friendships into Redis",
+        _publish_parser,
+    ),
+    "serve": ("serve a bundle over gRPC with live features from Redis", _serve_parser),
+    "loadtest": (
+        "Locust load test of the server vs a naive peer, side by side; write OUT/summary.json",
+        _loadtest_parser,
+    ),
+    "retrain": (
+        "events since the last run + base data -> retrain, compress, gate, publish to BUNDLES",
+        _retrain_parser,
+    ),
+    "rollout": ("point BUNDLES/CURRENT at a bundle version", _rollout_parser),
+    "rollback": ("point BUNDLES/CURRENT back at the previous version", _rollback_parser),
+    "publish-bundle": (
+        "copy a bundle into BUNDLES/VERSION (checksums verified), make it live",
+        _publish_bundle_parser,
+    ),
+}
 
 
-def _add_compress_args(c: argparse.ArgumentParser) -> None:
-    g = c.add_argument_group("compress")
-    g.add_argument(
-        "--min-retention",
-        type=float,
-        default=0.97,
-        help="keep the smallest bundle with content and friends recall@20 >= this x teacher's",
-    )
-    g.add_argument("--quick", action="store_true", help="few variants and epochs (smoke test)")
-    g.add_argument("--compress-threads", type=int, help="torch threads while fine-tuning")
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser with the options of ``commands`` (None: of every subcommand).
 
-
-def build_parser() -> argparse.ArgumentParser:
+    Every subcommand is listed either way, so `socialrec --help` and errors name them all;
+    :func:`main` adds only the options of the subcommand it runs.
+    """
     p = argparse.ArgumentParser(
-        prog="socialrec", description="Train, compress and serve social recommendations."
+        prog="socialrec",
+        description="Train, compress and serve social recommendations.",
+        formatter_class=_HelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("split", help="export the evaluation split as TSV (original ids)")
-    _add_data_args(s)
-    s.add_argument("--export", required=True, help="output directory for the four TSV files")
-    s.set_defaults(fn=cmd_split)
-
-    t = sub.add_parser(
-        "train", help="train + evaluate the teacher and the baselines; write RUN_DIR/report.json"
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {version()}",
+        help="print the package version and exit",
     )
-    _add_train_args(t)
-    t.set_defaults(fn=cmd_train)
-
-    c = sub.add_parser(
-        "compress",
-        help="compress a run's teacher (distill, low-rank, hash, prune, quantize); write RUN_DIR/bundle",
-    )
-    c.add_argument("--run", required=True, help="run directory written by `socialrec train`")
-    _add_compress_args(c)
-    c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(fn=cmd_compress)
-
-    pl = sub.add_parser("pipeline", help="train, then compress (same data options as train)")
-    _add_train_args(pl)
-    _add_compress_args(pl)
-    pl.set_defaults(fn=cmd_pipeline)
-
-    e = sub.add_parser(
-        "export", help="bundle the run's fp32 teacher (ONNX user tower + FAISS) without compression"
-    )
-    e.add_argument("--run", required=True, help="run directory written by `socialrec train`")
-    e.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
-    e.set_defaults(fn=cmd_export)
-
-    pb = sub.add_parser("publish", help="bulk-load a run's interactions and friendships into Redis")
-    pb.add_argument("--run", required=True, help="run directory written by `socialrec train`")
-    pb.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
-    pb.add_argument("--namespace", default="socialrec", help="key prefix (default socialrec)")
-    pb.add_argument(
-        "--train-only",
-        action="store_true",
-        help="only the train split, so evaluation through the server matches report.json",
-    )
-    pb.add_argument(
-        "--flush",
-        action="store_true",
-        help="delete the namespace's features first (the event stream is kept)",
-    )
-    pb.add_argument("--no-progress", action="store_true")
-    pb.set_defaults(fn=cmd_publish)
-
-    v = sub.add_parser("serve", help="serve a bundle over gRPC with live features from Redis")
-    v.add_argument(
-        "--bundle",
-        required=True,
-        help="bundle directory, or a directory whose CURRENT file names the live bundle (watched)",
-    )
-    v.add_argument(
-        "--redis-url",
-        default="redis://127.0.0.1:6379/0",
-        help="'local' starts a throwaway redis-server on a free port",
-    )
-    v.add_argument(
-        "--publish", metavar="RUN_DIR", help="bulk-load this run's data into Redis before serving"
-    )
-    v.add_argument("--namespace", default="socialrec", help="Redis key namespace")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=50051)
-    v.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)"
-    )
-    v.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port")
-    v.add_argument("--max-k", type=int, default=500)
-    v.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=256,
-        help="per worker; beyond it RESOURCE_EXHAUSTED",
-    )
-    v.add_argument(
-        "--redis-client",
-        choices=("resp", "redis-py"),
-        default="resp",
-        help="the request path's Redis client: resp (socialrec.serving.resp; redis:// and "
-        "unix:// URLs) or redis-py (redis.asyncio with hiredis)",
-    )
-    v.add_argument(
-        "--result-cache-budget",
-        type=int,
-        default=RESULT_CACHE_DEFAULT,
-        help="exact result cache per worker: feature entries it may hold (0: off); an answer is "
-        "reused only when the features just read equal the ones it was computed from",
-    )
-    v.add_argument("--token-file", help="write token file (default: $SOCIALREC_WRITE_TOKEN)")
-    v.add_argument("--tls-cert")
-    v.add_argument("--tls-key")
-    v.add_argument(
-        "--watch-interval",
-        type=float,
-        default=2.0,
-        help="seconds between checks of the bundle pointer",
-    )
-    v.set_defaults(fn=cmd_serve)
-
-    lt = sub.add_parser(
-        "loadtest",
-        help="Locust load test of the server vs a naive peer, side by side; write OUT/summary.json",
-    )
-    lt.add_argument("--run", required=True, help="run directory (RUN/bundle exported if missing)")
-    lt.add_argument("--duration", type=float, required=True, help="seconds of load per server")
-    lt.add_argument("--out", help="output directory (default RUN/loadtest)")
-    lt.add_argument("--users", type=int, default=8, help="simulated users, one channel each")
-    lt.add_argument("--spawn-rate", type=float, help="users started per second (default --users)")
-    lt.add_argument("--workers", type=int, default=2, help="server worker processes")
-    lt.add_argument("--shape", choices=("constant", "steps"), default="constant")
-    lt.add_argument(
-        "--steps",
-        default="",
-        help="with --shape steps: user counts to step through, e.g. 1,2,4,6,8,12 "
-        "(default: 1, 2, 4, ... up to --users)",
-    )
-    lt.add_argument(
-        "--fault",
-        choices=("none", "kill-worker", "restart-redis", "swap-bundle"),
-        default="none",
-        help="inject one fault into our server's run, halfway through",
-    )
-    lt.add_argument(
-        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'"
-    )
-    lt.add_argument(
-        "--unix-socket",
-        action="store_true",
-        help="both servers reach the private redis-server over its Unix socket, not loopback TCP",
-    )
-    lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
-    lt.set_defaults(fn=cmd_loadtest)
-    _add_rollout_parsers(sub)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, add) in COMMANDS.items():
+        s = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+        if commands is None or name in commands:
+            add(s)
     return p
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    word = next((w for w in argv if not w.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_in(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError) as e:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from socialrec.compression.export import INDEX_KINDS, build_index, write_bundle
 from socialrec.serving.bundle import BundleError, load_manifest, open_bundle
-from socialrec.serving.cache import ResultCache
+from socialrec.serving.cache import ResultCache, entry_bytes
 from socialrec.serving.engine import Engine, EngineConfig, Result, ensure_reconstruct
 from socialrec.serving.schema import UserFeatures
 from socialrec.serving.servicer import Live, rank
@@ -457,26 +457,76 @@ def test_result_cache_reuses_only_equal_inputs(model_and_bundle) -> None:
 def test_result_cache_budget_evicts_least_recent_and_zero_disables(model_and_bundle) -> None:
     _, bundle = model_and_bundle
     engine = Engine.load(bundle)
-    cache = ResultCache(27)
-    live = Live(engine, cache)
     hist = [(ITEM_IDS[i], 1.0) for i in range(3)]
 
+    def feats(h: list = hist) -> UserFeatures:
+        return UserFeatures(list(h), [], {})
+
+    one = entry_bytes((False, "user 1", 5), feats(), engine.recommend_content(hist, [], 5))
+    cache = ResultCache(3 * one)  # three users of equal-length ids fit
+    live = Live(engine, cache)
+
     def ask(user: str, h: list = hist):
-        # weight 1 + 3 history entries + 5 results = 9: three users fit in 27
-        return rank(live, user, 5, False, UserFeatures(list(h), [], {}))
+        return rank(live, user, 5, False, feats(h))
 
     for u in ("user 1", "user 2", "user 3"):
         assert len(ask(u).items) == 5
-    assert len(cache) == 3 and cache.size == 27
+    assert len(cache) == 3 and cache.size == 3 * one
     assert "cache" in ask("user 1").timings  # now the most recent
     ask("user 4")  # evicts user 2, the least recently used
-    assert len(cache) == 3 and cache.size <= 27
+    assert len(cache) == 3 and cache.size <= 3 * one
     assert "cache" not in ask("user 2").timings
     assert "cache" in ask("user 4").timings
-    big = [(ITEM_IDS[i], 1.0) for i in range(25)]  # heavier than the whole budget: not kept
+    big = [(ITEM_IDS[i % N_ITEMS], 1.0) for i in range(3 * one // 100)]  # over the whole budget
     ask("user 5", big)
-    assert cache.size <= 27 and "cache" not in ask("user 5", big).timings
+    assert cache.size <= 3 * one and "cache" not in ask("user 5", big).timings
     off = Live(engine, None)
     for _ in range(2):
-        r = rank(off, "user 1", 5, False, UserFeatures(list(hist), [], {}))
+        r = rank(off, "user 1", 5, False, feats())
         assert "cache" not in r.timings
+
+
+def test_entry_bytes_bounds_what_an_entry_really_allocates(model_and_bundle) -> None:
+    """The budget's estimate against tracemalloc's count of the allocations that entries of
+    every shape keep alive (features parsed as the store parses them, results the engine
+    made): never below the real bytes, and not wildly above (the budget would be wasted)."""
+    import gc
+    import tracemalloc
+
+    from socialrec.serving.schema import parse_features
+
+    _, bundle = model_and_bundle
+    engine = Engine.load(bundle)
+    cache = ResultCache(1 << 40)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    estimate = 0
+    for u in range(300):
+        n = u % 40
+        replies = [  # the read transaction's raw shape: items, [item, weight, ...], friends, fof
+            [f"item-{(u + j) % N_ITEMS}" for j in range(n)],
+            [x for j in range(n) for x in (f"item-{(u + j) % N_ITEMS}", f"{j}.5")],
+            [f"user {(u + j) % N_USERS}" for j in range(n // 4)],
+            [x for j in range(n // 3) for x in (f"user {(u * 7 + j) % N_USERS}", str(j + 1))],
+        ]
+        f = parse_features(replies)
+        del replies
+        slot = (u % 2 == 1, f"user-number-{u}", 20)
+        if u % 3 == 0:
+            res = engine.popular_content(20)
+        elif slot[0]:
+            res = engine.recommend_friends(slot[1], f.history, f.friends, f.fof, 20)
+        else:
+            res = engine.recommend_content(f.history, f.friends, 20)
+        res.timings = {}
+        cache.put(slot, f, res)
+        estimate += entry_bytes(slot, f, res)
+        del f, res, slot
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    real = sum(d.size_diff for d in after.compare_to(before, "filename"))
+    assert len(cache) == 300 and cache.size == estimate
+    print(f"entry bytes: real {real}, estimated {estimate} ({estimate / real:.2f}x)")
+    assert real <= estimate <= 3 * real, (real, estimate)
