@@ -93,7 +93,10 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     async def _fail(
         self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str
     ):
-        await context.abort(code, msg)  # counted by the handler wrapper (see `handler`)
+        # Counted before the abort: the client may see the status before this coroutine ends.
+        if self.metrics:
+            self.metrics.child(self.metrics.requests, method, code.name).inc()
+        await context.abort(code, msg)
 
     async def _id(self, context, method: str, name: str, value: str) -> str:
         """``value`` as the store keys it (NFC), or INVALID_ARGUMENT naming the field."""
@@ -311,7 +314,8 @@ class Dispatcher:
     """Every RPC of the service through one wrapper: malformed bytes are INVALID_ARGUMENT,
     load beyond ``max_in_flight`` is shed with RESOURCE_EXHAUSTED, an unexpected error is
     INTERNAL (logged, rate-limited; never UNKNOWN), and every answered status, shed and
-    cancelled calls included, is counted in ``socialrec_requests_total{method,code}``."""
+    cancelled calls included, is counted in ``socialrec_requests_total{method,code}`` (here,
+    or by the servicer's ``_fail`` for the statuses it answers)."""
 
     def __init__(
         self, service: RecommenderService, metrics: Metrics | None, max_in_flight: int
@@ -361,8 +365,7 @@ class Dispatcher:
                 self._count(method, grpc.StatusCode.OK)
                 return reply
             except grpc.aio.AbortError:
-                self._count(method, context.code() or grpc.StatusCode.UNKNOWN)
-                raise
+                raise  # counted by the servicer's _fail before it aborted
             except asyncio.CancelledError:
                 self._count(method, grpc.StatusCode.CANCELLED)
                 raise

@@ -1,0 +1,241 @@
+"""The server under bad input and faults, in-process over real Redis: idempotent writes across
+a paused Redis, contract statuses only (malformed bytes, wrong Redis types, bounds on ids,
+weights and timestamps), every status counted, memory bounded against a stream of distinct
+unknown users."""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+import uuid
+from dataclasses import replace
+
+import grpc
+import psutil
+import pytest
+import redis
+from socialrec.serving.redis_local import start_redis
+from socialrec.serving.schema import MAX_TOTAL_WEIGHT, Keys
+
+from socialrec.v1 import recommender_pb2 as pb
+
+TOKEN = "in-process-token"  # tests/serving/conftest.py
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+METHOD = "/socialrec.v1.Recommender/"
+
+
+def _events(url: str, ns: str) -> list[dict]:
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return [f for _, f in r.xrange(Keys(ns).events)]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("client", ["resp", "redis-py"])
+def test_retry_with_the_same_request_id_after_a_paused_redis_counts_once(
+    server_config, inproc, tmp_path, client: str
+) -> None:
+    """Redis paused mid-write: the write times out (UNAVAILABLE) but is applied once Redis
+    resumes; the client's retry with the same request_id gets the first event id back and
+    applies nothing: one event, one weight."""
+    with start_redis(dir=tmp_path, appendonly=False) as r:
+        cfg = replace(server_config, redis_url=r.url, redis_client=client)
+        s = inproc(cfg)
+        rid = str(uuid.uuid4())
+        req = pb.LogInteractionRequest(user_id="u", item_id="i", weight=2.5, request_id=rid)
+        r.pause()
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                s.stub.LogInteraction(req, metadata=AUTH, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "request_id" in e.value.details()
+        finally:
+            r.resume()
+        time.sleep(0.6)  # past the read breaker; the paused write has been applied by now
+        first = s.stub.LogInteraction(req, metadata=AUTH, timeout=10).event_id
+        again = s.stub.LogInteraction(req, metadata=AUTH, timeout=10).event_id
+        assert first == again
+        events = _events(r.url, cfg.namespace)
+        assert [(e["item"], e["weight"]) for e in events] == [("i", "2.5")]
+        raw = redis.Redis.from_url(r.url, decode_responses=True)
+        assert float(raw.hget(Keys(cfg.namespace).user("w", "u"), "i")) == 2.5
+        raw.close()
+        other = pb.LogInteractionRequest(user_id="u", item_id="i", weight=2.5, request_id="x")
+        assert s.stub.LogInteraction(other, metadata=AUTH).event_id != first  # a new id: a new write
+        assert len(_events(r.url, cfg.namespace)) == 2
+
+
+def test_friendship_request_ids_and_event_ids(server_config, inproc) -> None:
+    s = inproc(server_config)
+    req = pb.FriendshipRequest(user_id="a", friend_id="b", request_id="add-a-b-1")
+    first = s.stub.AddFriendship(req, metadata=AUTH).event_id
+    assert first and s.stub.AddFriendship(req, metadata=AUTH).event_id == first
+    rm = pb.FriendshipRequest(user_id="a", friend_id="b", request_id="rm-a-b-1")
+    assert s.stub.RemoveFriendship(rm, metadata=AUTH).event_id != first
+    kinds = [e["type"] for e in _events(server_config.redis_url, server_config.namespace)]
+    assert kinds == ["friend_add", "friend_remove"]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.LogInteractionRequest(user_id="u", item_id="i", weight=3.4e38),
+        pb.LogInteractionRequest(user_id="u", item_id="i", weight=-1.0),
+        pb.LogInteractionRequest(user_id="u", item_id="i", weight=1.0, timestamp_ms=2**62),
+        pb.LogInteractionRequest(user_id="u\x00x", item_id="i", weight=1.0),
+        pb.LogInteractionRequest(user_id="u", item_id="line\nbreak", weight=1.0),
+        pb.LogInteractionRequest(user_id="zero\u200bwidth", item_id="i", weight=1.0),
+        pb.LogInteractionRequest(user_id="u", item_id="i", weight=1.0, request_id="r" * 129),
+        pb.LogInteractionRequest(user_id="   ", item_id="i", weight=1.0),
+    ],
+    ids=[
+        "huge-weight",
+        "negative",
+        "far-future",
+        "nul",
+        "newline",
+        "zero-width",
+        "long-rid",
+        "blank",
+    ],
+)
+def test_out_of_bounds_writes_are_invalid_argument_and_write_nothing(
+    server_config, inproc, request_
+) -> None:
+    s = inproc(server_config)
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.LogInteraction(request_, metadata=AUTH)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _events(server_config.redis_url, server_config.namespace) == []
+
+
+def test_nfc_and_nfd_spellings_are_one_user(server_config, inproc) -> None:
+    s = inproc(server_config)
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.AddFriendship(pb.FriendshipRequest(user_id=nfc, friend_id=nfd), metadata=AUTH)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    s.stub.LogInteraction(
+        pb.LogInteractionRequest(user_id=nfd, item_id="x", weight=1.0), metadata=AUTH
+    )
+    events = _events(server_config.redis_url, server_config.namespace)
+    assert [e["user"] for e in events] == [nfc]  # stored in NFC
+
+
+def test_summed_weight_is_capped(server_config, inproc) -> None:
+    s = inproc(server_config)
+    key = Keys(server_config.namespace).user("w", "u")
+    raw = redis.Redis.from_url(server_config.redis_url, decode_responses=True)
+    s.stub.LogInteraction(
+        pb.LogInteractionRequest(user_id="u", item_id="i", weight=1.0), metadata=AUTH
+    )
+    raw.hset(key, "i", repr(MAX_TOTAL_WEIGHT - 10))
+    s.stub.LogInteraction(
+        pb.LogInteractionRequest(user_id="u", item_id="i", weight=1e6), metadata=AUTH
+    )
+    assert float(raw.hget(key, "i")) == MAX_TOTAL_WEIGHT
+    raw.close()
+
+
+def test_malformed_bytes_are_invalid_argument_naming_no_internals(server_config, inproc) -> None:
+    s = inproc(server_config, metrics=True)
+    before = s.count("RecommendContent", "INVALID_ARGUMENT")
+    call = s.channel.unary_unary(METHOD + "RecommendContent")  # raw bytes in and out
+    for junk in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x12" + b"\x80" * 11):
+        with pytest.raises(grpc.RpcError) as e:
+            call(junk)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "class" not in e.value.details() and "Error" not in e.value.details()
+    assert s.count("RecommendContent", "INVALID_ARGUMENT") - before == 3
+
+
+def test_every_status_is_counted(server_config, inproc) -> None:
+    s = inproc(server_config, metrics=True)
+    ok0 = s.count("RecommendFriends", "OK")
+    bad0 = s.count("RecommendFriends", "INVALID_ARGUMENT")
+    auth0 = s.count("AddFriendship", "UNAUTHENTICATED")
+    s.stub.RecommendFriends(pb.RecommendFriendsRequest(user_id="u", k=3))
+    with pytest.raises(grpc.RpcError):
+        s.stub.RecommendFriends(pb.RecommendFriendsRequest(user_id="u", k=0))
+    with pytest.raises(grpc.RpcError):
+        s.stub.AddFriendship(pb.FriendshipRequest(user_id="a", friend_id="b"))
+    assert s.count("RecommendFriends", "OK") - ok0 == 1
+    assert s.count("RecommendFriends", "INVALID_ARGUMENT") - bad0 == 1
+    assert s.count("AddFriendship", "UNAUTHENTICATED") - auth0 == 1
+
+
+def test_shed_load_is_resource_exhausted_and_counted(server_config, inproc, tmp_path) -> None:
+    """With Redis paused, calls pile up in flight; beyond the limit they are shed at once."""
+    with start_redis(dir=tmp_path, appendonly=False) as r:
+        s = inproc(replace(server_config, redis_url=r.url, max_concurrent_rpcs=4), metrics=True)
+        shed0 = s.count("LogInteraction", "RESOURCE_EXHAUSTED")
+        r.pause()
+        try:
+            futures = [
+                s.stub.LogInteraction.future(
+                    pb.LogInteractionRequest(user_id="u", item_id=f"i{j}", weight=1.0),
+                    metadata=AUTH,
+                    timeout=10,
+                )
+                for j in range(12)
+            ]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+        finally:
+            r.resume()
+        shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert shed >= 12 - 4 - 1  # at most the limit (give or take one racing) got in
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+        assert s.count("LogInteraction", "RESOURCE_EXHAUSTED") - shed0 == shed
+
+
+def test_wrong_redis_types_degrade_reads_and_refuse_writes(server_config, inproc) -> None:
+    s = inproc(server_config, metrics=True)
+    k = Keys(server_config.namespace)
+    raw = redis.Redis.from_url(server_config.redis_url, decode_responses=True)
+    raw.set(k.user("h", "bad"), "a string where a sorted set belongs")
+    raw.hset(k.user("f", "bad2"), "x", "1")  # a hash where a set belongs
+    raw.close()
+    for user in ("bad", "bad2"):
+        res = s.stub.RecommendContent(pb.RecommendContentRequest(user_id=user, k=5))
+        assert res.degraded and len(res.items) == 5
+        fr = s.stub.RecommendFriends(pb.RecommendFriendsRequest(user_id=user, k=5))
+        assert fr.degraded and len(fr.users) == 5
+    degraded = s.metrics.degraded.labels("RecommendContent", "bad_data")._value.get()
+    assert degraded >= 2
+    # One user's bad keys do not trip the breaker for everyone else.
+    assert not s.stub.RecommendContent(pb.RecommendContentRequest(user_id="fine", k=5)).degraded
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.LogInteraction(
+            pb.LogInteractionRequest(user_id="bad", item_id="i", weight=1.0), metadata=AUTH
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_memory_stays_bounded_under_distinct_unknown_users(server_config, inproc) -> None:
+    """Thousands of anonymous reads at the largest k, each for a new user (a cold-start answer
+    of k items each): the worker grows by about the cache budget, not by the request count.
+    Unbounded, 4,000 answers of 50 results would hold ~24 MB."""
+    budget_mb = 2
+    s = inproc(replace(server_config, result_cache_mb=budget_mb))
+    proc = psutil.Process()
+
+    def burst(tag: str, n: int) -> None:
+        for j in range(n):
+            req = pb.RecommendContentRequest(user_id=f"{tag}-{j}", k=server_config.max_k)
+            s.stub.RecommendContent(req)
+
+    burst("warm", 500)
+    rss0 = proc.memory_info().rss
+    burst("anon", 4000)
+    cache = s.holder.live.cache
+    assert cache is not None and cache.size <= budget_mb << 20
+    grown = proc.memory_info().rss - rss0
+    assert grown < (budget_mb << 20) + (8 << 20), f"grew {grown / 2**20:.1f} MiB"
