@@ -117,3 +117,18 @@ def inproc() -> Iterator[Callable[..., InProcessServer]]:
     yield make
     for s in made:
         s.close()
+
+
+@pytest.fixture(scope="module")
+def module_server(small_bundle: Path, redis_server) -> Iterator[InProcessServer]:
+    """One in-process server (with metrics) for a whole module, e.g. for Hypothesis tests."""
+    cfg = ServerConfig(
+        bundle=str(small_bundle),
+        redis_url=redis_server.url,
+        namespace=f"svc-{uuid.uuid4().hex[:8]}",
+        max_k=50,
+        write_token=TOKEN,
+    )
+    s = InProcessServer(cfg, metrics=True)
+    yield s
+    s.close()
