@@ -15,7 +15,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import onnxruntime as ort
-from socialrec.serving.bundle import TOWER_INPUTS, load_manifest
+from socialrec.serving.bundle import TOWER_INPUTS, load_manifest, read_ids
+from socialrec.training.dataset import csr_grouped, csr_rows
 from socialrec.training.features import Features
 from socialrec.training.metrics import KS, Graph, recall_ndcg
 from socialrec.training.split import Split
@@ -72,13 +73,22 @@ def served_topk(
     train: Graph,
     exclude_self: bool,
     k: int,
+    to_split: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Top-k candidate ids of the served list: search, drop train positives (+ self).  (B, k), -1 pads"""
-    n = index.ntotal
+    """Top-k candidate ids of the served list: search, drop train positives (+ self).  (B, k), -1 pads
+
+    ``to_split`` maps the index's ids to the split's (-1: not in the split, dropped) when the
+    bundle was built on another dataset; None: the index's ids are the split's.
+    """
     extra = min(int(train.counts()[users].max(initial=0)), K_EXTRA_CAP) + int(exclude_self)
-    _, ids = index.search(u, min(n, k + extra))  # (B, k')
-    drop = ids < 0  # (B, k') missing results (approximate indexes)
-    seen = np.zeros((len(users), n), dtype=bool)
+    _, ids = index.search(u, min(index.ntotal, k + extra))  # (B, k')
+    if to_split is not None:
+        ids = np.where(ids >= 0, to_split[np.maximum(ids, 0)], -1)
+    drop = ids < 0  # (B, k') missing results (approximate indexes) or unknown to the split
+    width = max(int(ids.max(initial=-1)), int(train.indices.max(initial=-1)))
+    if exclude_self:
+        width = max(width, int(users.max(initial=-1)))
+    seen = np.zeros((len(users), width + 1), dtype=bool)
     rows, cols = train.batch(users)
     seen[rows, cols] = True
     if exclude_self:
@@ -101,13 +111,69 @@ def served_hits(
     test: Graph,
     exclude_self: bool,
     k: int,
+    to_split: np.ndarray | None = None,
 ) -> np.ndarray:
     """(B, k) hit matrix of the served list against the test positives."""
-    top = served_topk(index, u, users, train, exclude_self, k)  # (B, k)
-    rel = np.zeros((len(users), index.ntotal), dtype=bool)
+    top = served_topk(index, u, users, train, exclude_self, k, to_split)  # (B, k)
+    width = max(int(top.max(initial=-1)), int(test.indices.max(initial=-1))) + 1
+    rel = np.zeros((len(users), width), dtype=bool)
     rows, cols = test.batch(users)
     rel[rows, cols] = True
     return np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
+
+
+def bundle_index_of(
+    bundle_dir: str | Path, user_ids: np.ndarray, item_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(U,), (I,) int64: each external user and item id's index in the bundle, -1 if unknown."""
+    d = Path(bundle_dir)
+    b_users = {s: k for k, s in enumerate(read_ids(d / "user_ids.txt"))}
+    b_items = {s: k for k, s in enumerate(read_ids(d / "item_ids.txt"))}
+    u_to_b = np.array([b_users.get(s, -1) for s in user_ids.tolist()], np.int64)
+    i_to_b = np.array([b_items.get(s, -1) for s in item_ids.tolist()], np.int64)
+    return u_to_b, i_to_b
+
+
+def _inverse(to_b: np.ndarray, n_b: int) -> np.ndarray:
+    """(n_b,) split index of each bundle index, -1 where the split has none."""
+    back = np.full(n_b, -1, np.int64)
+    known = np.flatnonzero(to_b >= 0)
+    back[to_b[known]] = known
+    return back
+
+
+def mapped_features(
+    split: Split,
+    u_to_b: np.ndarray,
+    i_to_b: np.ndarray,
+    n_items_b: int,
+    max_history: int,
+    max_friends: int,
+) -> Features:
+    """Tower inputs of the split's users in the bundle's id space (unknown ids left out).
+
+    Rows are split users, columns bundle indices: history items and friends the bundle does
+    not know are dropped, as the server drops what its bundle cannot embed.
+    """
+    order = np.lexsort((-split.train_weight, split.train_user))  # heaviest first, as training
+    u, i, w = split.train_user[order], i_to_b[split.train_item[order]], split.train_weight[order]
+    keep = i >= 0
+    indptr, items, weight = csr_grouped(split.n_users, u[keep], i[keep], w[keep])
+    a, b = split.friends_train[:, 0], split.friends_train[:, 1]
+    fu, fv = np.concatenate([a, b]), u_to_b[np.concatenate([b, a])]  # both directions
+    keep = fv >= 0
+    f_indptr, f_users, _ = csr_rows(split.n_users, fu[keep], fv[keep])
+    return Features(
+        split.n_users,
+        n_items_b,
+        indptr,
+        items,
+        weight,
+        f_indptr,
+        f_users,
+        max_history,
+        max_friends,
+    )
 
 
 def served_evaluate(
@@ -116,33 +182,54 @@ def served_evaluate(
     max_users: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    user_ids: np.ndarray | None = None,
+    item_ids: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Content and friend Recall/NDCG@10/20 of a bundle, scored through ONNX Runtime + FAISS."""
+    """Content and friend Recall/NDCG@10/20 of a bundle, scored through ONNX Runtime + FAISS.
+
+    Without ids the bundle is one of the split's own dataset (its indices are the split's).
+    With ``user_ids``/``item_ids`` (the split's external ids) it may come from another dataset
+    (the live bundle in the retraining gate): split indices are translated to the bundle's by
+    external id, history and friends it does not know are left out of the tower input (as the
+    server does), candidates map back, and test positives it cannot rank count as misses.
+    """
     sm = ServedModel(bundle_dir)
-    feats = sm.features(split)
-    graphs = {
+    n_items_b, n_users_b = sm.items.ntotal, sm.users.ntotal
+    if user_ids is None or item_ids is None:
+        u_to_b = np.where(np.arange(split.n_users) < n_users_b, np.arange(split.n_users), -1)
+        i_to_b = np.where(np.arange(split.n_items) < n_items_b, np.arange(split.n_items), -1)
+    else:
+        u_to_b, i_to_b = bundle_index_of(bundle_dir, user_ids, item_ids)
+    f = sm.manifest.get("features", {})
+    feats = mapped_features(
+        split, u_to_b, i_to_b, n_items_b, f.get("max_history", 256), f.get("max_friends", 256)
+    )
+    tasks = {
         "content": (
             Graph(split.n_users, split.train_user, split.train_item),
             Graph(split.n_users, split.test_user, split.test_item),
+            sm.items,
+            _inverse(i_to_b, n_items_b),
         ),
         "friends": (
             Graph.undirected(split.n_users, split.friends_train),
             Graph.undirected(split.n_users, split.friends_test),
+            sm.users,
+            _inverse(u_to_b, n_users_b),
         ),
     }
     out = {}
-    for task, (train, test) in graphs.items():
+    for task, (train, test, index, to_split) in tasks.items():
         users = np.flatnonzero(test.counts() > 0)
         if max_users is not None and len(users) > max_users:
             rng = np.random.default_rng(seed)
             users = np.sort(rng.choice(users, max_users, replace=False))
-        index = sm.items if task == "content" else sm.users
         sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in KS}
         for start in range(0, len(users), batch_size):
             b = users[start : start + batch_size]
             u_c, u_f = sm.vectors(tower_inputs(feats, b))
             u = u_c if task == "content" else u_f
-            hits = served_hits(index, u, b, train, test, task == "friends", max(KS))
+            hits = served_hits(index, u, b, train, test, task == "friends", max(KS), to_split)
             for k in KS:
                 r, nd = recall_ndcg(hits, test.counts()[b], k)
                 sums[f"recall@{k}"] += float(r.sum())

@@ -1,6 +1,8 @@
 """`socialrec retrain`: app events -> new dataset -> retrained, compressed bundle -> gated publish.
 
-``run(RetrainConfig) -> ROOT/retrain-<version>.json``. Steps (rank 0 does all but training):
+``run(RetrainConfig) -> ROOT/retrain-<version>.json``. A pipeline stage of its own that drives
+training, compression and serving modules, so it lives in the top-level package beside the
+CLI rather than inside any one of them. Steps (rank 0 does all but training):
 
 1. **Consume** the Redis event stream after ``state.json``'s ``last_id``: each entry is appended
    to ``ROOT/events.jsonl`` (id-keyed, fsynced). Reading dedups by stream id, so a crash
@@ -18,7 +20,8 @@
 5. **Gate**: the candidate and the live bundle are both scored through the served path (ONNX
    Runtime + FAISS) on the *new* protocol split (same seed), minus the test rows the live
    bundle trained on (see :func:`unseen_by`), the live one through an id mapping (ids it
-   never saw count as misses: that is what serving it would do). Publish only if content
+   never saw count as misses: that is what serving it would do; see
+   :func:`compression.served_eval.served_evaluate`). Publish only if content
    and friends recall@20 are each >= live - ``gate_margin`` (absolute).
 6. **Publish** (``serving.rollout.publish_bundle``: copy, verify, move CURRENT), write the
    report, then ``state.json`` atomically.
@@ -34,13 +37,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
-from socialrec.compression.served_eval import ServedModel, tower_inputs
-from socialrec.serving.bundle import load_manifest, read_ids
+
+from socialrec.compression.served_eval import served_evaluate
+from socialrec.serving.bundle import load_manifest
 from socialrec.serving.rollout import current, publish_bundle
-from socialrec.training.data import DataConfig, csr_rows
+from socialrec.training.data import DataConfig, load_dataset
 from socialrec.training.events import Event, merge_events, stream_key, write_tsv
-from socialrec.training.features import Features, _csr_sorted
-from socialrec.training.metrics import KS, Graph, recall_ndcg
 from socialrec.training.split import Split
 
 EVENTS = "events.jsonl"
@@ -127,108 +129,6 @@ def consume(cfg: RetrainConfig, root: Path, after: str) -> tuple[int, str]:
 
 
 # --------------------------------------------------------------------------- gate scoring
-
-
-def served_evaluate_ids(
-    bundle_dir: str | Path,
-    split: Split,
-    user_ids: np.ndarray,
-    item_ids: np.ndarray,
-    max_users: int | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Recall/NDCG@10/20 of any bundle on a split of another id space, through ONNX + FAISS.
-
-    Split indices are translated to the bundle's by external id: history and friends the
-    bundle does not know are left out of the tower input (as the server does), candidates
-    map back, and test positives the bundle cannot rank count as misses. For a bundle of the
-    split's own dataset this is exactly :func:`compression.served_eval.served_evaluate`.
-    """
-    sm = ServedModel(bundle_dir)
-    d = Path(bundle_dir)
-    b_users = {s: k for k, s in enumerate(read_ids(d / "user_ids.txt"))}
-    b_items = {s: k for k, s in enumerate(read_ids(d / "item_ids.txt"))}
-    u_to_b = np.array([b_users.get(s, -1) for s in user_ids.tolist()], np.int64)  # (U,)
-    i_to_b = np.array([b_items.get(s, -1) for s in item_ids.tolist()], np.int64)  # (I,)
-    b_to_u = np.full(len(b_users), -1, np.int64)
-    b_to_u[u_to_b[u_to_b >= 0]] = np.flatnonzero(u_to_b >= 0)
-    b_to_i = np.full(len(b_items), -1, np.int64)
-    b_to_i[i_to_b[i_to_b >= 0]] = np.flatnonzero(i_to_b >= 0)
-    f = sm.manifest.get("features", {})
-
-    # Tower inputs: rows are split users, columns bundle indices (unknown ones dropped).
-    order = np.lexsort((-split.train_weight, split.train_user))  # heaviest first, as training
-    u, i, w = split.train_user[order], i_to_b[split.train_item[order]], split.train_weight[order]
-    keep = i >= 0
-    indptr, items, weight = _csr_sorted(split.n_users, u[keep], i[keep], w[keep])
-    a, b = split.friends_train[:, 0], split.friends_train[:, 1]
-    fu, fv = np.concatenate([a, b]), u_to_b[np.concatenate([b, a])]  # both directions
-    keep = fv >= 0
-    f_indptr, f_users, _ = csr_rows(split.n_users, fu[keep], fv[keep])
-    feats = Features(
-        split.n_users,
-        len(b_items),
-        indptr,
-        items,
-        weight,
-        f_indptr,
-        f_users,
-        f.get("max_history", 256),
-        f.get("max_friends", 256),
-    )
-    graphs = {
-        "content": (
-            Graph(split.n_users, split.train_user, split.train_item),
-            Graph(split.n_users, split.test_user, split.test_item),
-            sm.items,
-            b_to_i,
-            split.n_items,
-        ),
-        "friends": (
-            Graph.undirected(split.n_users, split.friends_train),
-            Graph.undirected(split.n_users, split.friends_test),
-            sm.users,
-            b_to_u,
-            split.n_users,
-        ),
-    }
-    k = max(KS)
-    out = {}
-    for task, (train, test, index, to_split, n) in graphs.items():
-        users = np.flatnonzero(test.counts() > 0)
-        if max_users is not None and len(users) > max_users:
-            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-        sums = {f"{m}@{kk}": 0.0 for m in ("recall", "ndcg") for kk in KS}
-        for start in range(0, len(users), batch_size):
-            bu = users[start : start + batch_size]
-            q = sm.vectors(tower_inputs(feats, bu))[0 if task == "content" else 1]  # (B, D + 1)
-            extra = int(train.counts()[bu].max(initial=0)) + int(task == "friends")
-            _, ids = index.search(q, min(index.ntotal, k + extra))  # (B, k')
-            cand = np.where(ids >= 0, to_split[np.maximum(ids, 0)], -1)  # split indices
-            drop = cand < 0
-            seen = np.zeros((len(bu), n), dtype=bool)
-            rows, cols = train.batch(bu)
-            seen[rows, cols] = True
-            if task == "friends":
-                seen[np.arange(len(bu)), bu] = True
-            safe = np.where(drop, 0, cand)
-            drop |= np.take_along_axis(seen, safe, axis=1)
-            top_order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-            kept = ~np.take_along_axis(drop, top_order, axis=1)
-            top = np.where(kept, np.take_along_axis(safe, top_order, axis=1), -1)
-            if top.shape[1] < k:
-                top = np.pad(top, ((0, 0), (0, k - top.shape[1])), constant_values=-1)
-            rel = np.zeros((len(bu), n), dtype=bool)
-            rows, cols = test.batch(bu)
-            rel[rows, cols] = True
-            hits = np.take_along_axis(rel, np.maximum(top, 0), axis=1) & (top >= 0)
-            for kk in KS:
-                r, nd = recall_ndcg(hits, test.counts()[bu], kk)
-                sums[f"recall@{kk}"] += float(r.sum())
-                sums[f"ndcg@{kk}"] += float(nd.sum())
-        out[task] = {key: v / max(len(users), 1) for key, v in sums.items()}
-    return out
 
 
 def gate(candidate: dict, live: dict | None, margin: float) -> dict:
@@ -400,8 +300,6 @@ def run(cfg: RetrainConfig) -> Path | None:
         if after_consume is not None:
             after_consume()
         events = read_events(root)
-        from socialrec.training.data import load_dataset
-
         merged, stats = merge_events(load_dataset(DataConfig(**base["data"])), events)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         work = Path(cfg.work_dir) if cfg.work_dir else root / "retrain-runs"
@@ -441,10 +339,16 @@ def run(cfg: RetrainConfig) -> Path | None:
     live = None
     if live_version is not None:
         gate_split, gate_rows = unseen_by(split, ds, live_run_dir(root, live_version, base_dir))
-        live = served_evaluate_ids(
-            root / live_version, gate_split, ds.user_ids, ds.item_ids, cfg.max_eval_users
+        live = served_evaluate(
+            root / live_version,
+            gate_split,
+            cfg.max_eval_users,
+            user_ids=ds.user_ids,
+            item_ids=ds.item_ids,
         )
-    cand = served_evaluate_ids(bundle, gate_split, ds.user_ids, ds.item_ids, cfg.max_eval_users)
+    cand = served_evaluate(
+        bundle, gate_split, cfg.max_eval_users, user_ids=ds.user_ids, item_ids=ds.item_ids
+    )
     verdict = gate(cand, live, cfg.gate_margin)
     version = str(load_manifest(bundle, verify=False)["bundle_version"])
     published = None

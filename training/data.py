@@ -1,20 +1,22 @@
-"""Datasets: one in-memory shape for Last.fm, user TSV files and synthetic data.
+"""Loading data: Last.fm and user TSV files, and :func:`load_dataset` over every source.
 
-Every loader returns a :class:`Dataset` whose users and items are dense indices
-``0..n-1`` with the external ids (strings, as the source spells them) kept alongside,
-plus a :class:`LoadReport` that counts every row that was merged or skipped.
-Bad rows raise :class:`DataError` naming the file, line, field and value.
+Every loader returns a :class:`~training.dataset.Dataset` whose users and items are dense
+indices ``0..n-1`` with the external ids (strings, as the source spells them) kept alongside,
+plus a :class:`~training.dataset.LoadReport` that counts every row that was merged or skipped.
+Bad rows raise :class:`DataError` naming the file, line, field and value. Synthetic data
+comes from ``training.synthetic``, which :func:`load_dataset` calls.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from socialrec.training.dataset import Dataset, LoadReport
+from socialrec.training.synthetic import SyntheticConfig, generate
 
 
 class DataError(ValueError):
@@ -24,104 +26,6 @@ class DataError(ValueError):
         self.path = str(path)
         self.line = line
         super().__init__(f"{path}:{line}: {message}")
-
-
-@dataclass
-class LoadReport:
-    """What the loader did besides reading rows verbatim (nothing is dropped silently)."""
-
-    rows_read: int = 0
-    merged_duplicate_interactions: int = 0
-    merged_reverse_friend_rows: int = 0
-    merged_duplicate_friend_rows: int = 0
-    skipped_self_friendships: int = 0
-    skipped_zero_weight_interactions: int = 0
-    friends_only_users: int = 0
-    items_without_names: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, int | list[str]]:
-        return {k: v for k, v in self.__dict__.items()}
-
-    def lines(self) -> list[str]:
-        """Human-readable lines for every non-zero counter."""
-        out = [
-            f"{k.replace('_', ' ')}: {v}"
-            for k, v in self.__dict__.items()
-            if isinstance(v, int) and v and k != "rows_read"
-        ]
-        return out + list(self.notes)
-
-
-@dataclass
-class Dataset:
-    """Interactions (COO) and an undirected friend graph over dense indices.
-
-    ``inter_user``/``inter_item``/``inter_weight`` (and optional ``inter_ts``) are one row per
-    unique (user, item) pair; ``friends`` is (P, 2) int32 with ``a < b`` and no duplicates.
-    """
-
-    name: str
-    user_ids: np.ndarray  # (U,) str: external id of each user index
-    item_ids: np.ndarray  # (I,) str: external id of each item index
-    inter_user: np.ndarray  # (N,) int32
-    inter_item: np.ndarray  # (N,) int32
-    inter_weight: np.ndarray  # (N,) float32, > 0
-    friends: np.ndarray  # (P, 2) int32, a < b
-    inter_ts: np.ndarray | None = None  # (N,) int64 or None
-    item_names: np.ndarray | None = None  # (I,) str or None
-    report: LoadReport = field(default_factory=LoadReport)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def n_interactions(self) -> int:
-        return len(self.inter_user)
-
-    @property
-    def n_friend_pairs(self) -> int:
-        return len(self.friends)
-
-    def summary(self) -> dict[str, int | str]:
-        return {
-            "name": self.name,
-            "users": self.n_users,
-            "items": self.n_items,
-            "interactions": self.n_interactions,
-            "friend_pairs": self.n_friend_pairs,
-        }
-
-    def fingerprint(self) -> str:
-        """sha256 over ids, interactions and friend pairs: identifies the data a model saw."""
-        h = hashlib.sha256()
-        for arr in (self.inter_user, self.inter_item, self.inter_weight, self.friends):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        h.update("\x1f".join(self.user_ids.tolist()).encode())
-        h.update("\x1f".join(self.item_ids.tolist()).encode())
-        return h.hexdigest()
-
-
-class IdMap:
-    """External string ids <-> dense indices, built once from the index-ordered id array."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        self.ids = ids
-        self._index = {s: i for i, s in enumerate(ids.tolist())}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def index(self, external: str) -> int:
-        return self._index[external]
-
-    def get(self, external: str, default: int = -1) -> int:
-        return self._index.get(external, default)
 
 
 def canonical_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -379,17 +283,6 @@ def load_tsv(
     return _build(name, inter, fr, names, report, sort_numeric=False)
 
 
-def csr_rows(
-    n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr, indices, data) of a CSR matrix from COO, rows sorted, without scipy."""
-    order = np.argsort(rows, kind="stable")
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    data = np.ones(len(rows), np.float32) if vals is None else np.asarray(vals, np.float32)[order]
-    return indptr, np.asarray(cols)[order].astype(np.int32), data
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset to load; ``synthetic`` is the embedded default."""
@@ -399,10 +292,10 @@ class DataConfig:
     interactions: str | None = None  # tsv: interactions file
     friends: str | None = None  # tsv: optional friends file
     item_names: str | None = None  # tsv: optional item-names file
-    synthetic_users: int = 3000
-    synthetic_items: int = 2000
-    synthetic_interactions: int = 60000
-    seed: int = 0
+    synthetic_users: int = SyntheticConfig.n_users
+    synthetic_items: int = SyntheticConfig.n_items
+    synthetic_interactions: int = SyntheticConfig.n_interactions
+    seed: int = SyntheticConfig.seed  # synthetic generator seed
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -420,8 +313,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             )
         return load_tsv(cfg.interactions, cfg.friends, cfg.item_names)
     if cfg.dataset == "synthetic":
-        from socialrec.training.synthetic import SyntheticConfig, generate
-
         return generate(
             SyntheticConfig(
                 n_users=cfg.synthetic_users,

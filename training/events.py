@@ -1,6 +1,6 @@
 """App events (the Redis stream) applied to a Dataset, and the dataset written back out as TSV.
 
-:func:`merge_events` is a pure function: base :class:`~training.data.Dataset` + events in
+:func:`merge_events` is a pure function: base :class:`~training.dataset.Dataset` + events in
 stream order -> a new Dataset. Interactions add weight to (user, item) (new users and items
 get new indices after the existing ones); ``friend_add`` / ``friend_remove`` add or remove an
 undirected pair, in stream order. Events that cannot be applied are skipped and counted in
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from socialrec.training.data import DataConfig, Dataset, LoadReport
+from socialrec.training.data import DataConfig
+from socialrec.training.dataset import Dataset, LoadReport
 
 Event = tuple[str, dict[str, str]]  # (stream id "ms-seq", fields)
 EVENT_TYPES = ("interaction", "friend_add", "friend_remove")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from socialrec.training.data import csr_rows
+from socialrec.training.dataset import csr_grouped, csr_rows
 from socialrec.training.split import Split
 
 
@@ -31,7 +31,7 @@ class Features:
     def from_split(cls, split: Split, max_history: int = 256, max_friends: int = 256) -> Features:
         order = np.lexsort((-split.train_weight, split.train_user))
         u, i, w = split.train_user[order], split.train_item[order], split.train_weight[order]
-        indptr, items, weight = _csr_sorted(split.n_users, u, i, w)
+        indptr, items, weight = csr_grouped(split.n_users, u, i, w)
         a, b = split.friends_train[:, 0], split.friends_train[:, 1]
         fu = np.concatenate([a, b])
         fv = np.concatenate([b, a])
@@ -60,15 +60,6 @@ class Features:
     def active_users(self) -> np.ndarray:
         """Users with any history or friend: the ones a tower can say something about."""
         return np.flatnonzero((np.diff(self.hist_indptr) > 0) | (np.diff(self.fr_indptr) > 0))
-
-
-def _csr_sorted(
-    n_rows: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR from COO rows that are already grouped by row (order inside a row is kept)."""
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return indptr, cols.astype(np.int32), vals.astype(np.float32)
 
 
 def _padded(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from socialrec.training.data import csr_rows
+from socialrec.training.dataset import csr_rows
 from tqdm import tqdm
 
 KS = (10, 20)

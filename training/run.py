@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from socialrec.training.baselines import BaselineConfig, content_baselines, friend_baselines
-from socialrec.training.data import DataConfig, Dataset, load_dataset
+from socialrec.training.data import DataConfig, load_dataset
+from socialrec.training.dataset import Dataset
 from socialrec.training.metrics import Graph, evaluate
 from socialrec.training.split import (
     Split,
@@ -89,8 +90,9 @@ def run(cfg: RunConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ds, split = prepare(cfg)
-    if ds.report.lines() and cfg.progress and rank == 0:
-        print(f"[data] {ds.name}: " + "; ".join(ds.report.lines()))
+    if cfg.progress and rank == 0:
+        for line in ds.describe():
+            print(f"[data] {line}")
     val = validation_split(split)
     t0 = time.time()
     model, log = train_teacher(split, val, cfg.train, progress=cfg.progress)
@@ -171,8 +173,6 @@ def format_table(report: dict) -> str:
 
 def load_run(run_dir: str | Path) -> tuple[Dataset, Split, dict]:
     """Reload a run's dataset and split from run.json; checks the split is the one reported."""
-    from socialrec.training.data import DataConfig
-
     run_dir = Path(run_dir)
     for name in ("run.json", "report.json"):
         if not (run_dir / name).exists():

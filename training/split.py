@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from socialrec.training.data import Dataset
-
-DEFAULT_SEED = 42
+from socialrec.training.dataset import Dataset
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    seed: int = DEFAULT_SEED
+    seed: int = 42
     test_fraction: float = 0.2
 
 

@@ -279,7 +279,11 @@ def fit(
                 f=f"{m['friends']['recall@20']:.4f}",
             )
             if all(epoch - best[t][2] >= cfg.patience for t in best):
+                log["stopped_early"] = epoch
                 break
+    bar.close()
+    if val is not None and progress and rank == 0:
+        print(f"{desc}: {_selection_summary(log.get('stopped_early'), epochs, best, cfg)}")
     state = copy.deepcopy(model.state_dict())
     for t in best:
         if best[t][1] is not None:
@@ -288,6 +292,17 @@ def fit(
     model.eval()
     log["best"] = {t: {"epoch": best[t][2], "val_recall@20": best[t][0]} for t in best}
     return model, log
+
+
+def _selection_summary(stopped: int | None, epochs: int, best: dict, cfg: TrainConfig) -> str:
+    """Why selection ended and what it kept: the line printed after the progress bar."""
+    kept = ", ".join(f"{t} {best[t][0]:.4f} at epoch {best[t][2]}" for t in best)
+    if stopped is None:
+        return f"ran all {epochs} epochs; best validation recall@20: {kept}"
+    return (
+        f"early stop at epoch {stopped} of {epochs}: neither head's validation recall@20 "
+        f"improved in the last {cfg.patience} epochs (patience); best: {kept}"
+    )
 
 
 def _head_state(model: TwoTower, task: str) -> dict[str, torch.Tensor]:

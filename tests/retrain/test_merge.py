@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from socialrec.training.data import Dataset, load_dataset
+from socialrec.training.data import load_dataset
+from socialrec.training.dataset import Dataset
 from socialrec.training.events import merge_events, stream_key, write_tsv
 
 
@@ -91,13 +92,12 @@ def test_tsv_round_trip_keeps_every_row(tmp_path: Path) -> None:
 
 def test_mapped_served_eval_equals_served_eval_on_own_split(base_run: Path) -> None:
     """On the bundle's own dataset the id mapping is the identity: same numbers exactly."""
-    from socialrec.compression.retrain import served_evaluate_ids
     from socialrec.compression.served_eval import served_evaluate
     from socialrec.training.run import load_run
 
     ds, split, _ = load_run(base_run)
     ref = served_evaluate(base_run / "bundle", split)
-    got = served_evaluate_ids(base_run / "bundle", split, ds.user_ids, ds.item_ids)
+    got = served_evaluate(base_run / "bundle", split, user_ids=ds.user_ids, item_ids=ds.item_ids)
     for task in ("content", "friends"):
         for key, v in ref[task].items():
             assert abs(got[task][key] - v) < 1e-9, (task, key)  # same ranking, float sums

@@ -7,11 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from socialrec.compression import retrain
-from socialrec.compression.retrain import EVENTS, STATE, RetrainConfig, read_events
 from socialrec.serving.rollout import current, history
 from socialrec.serving.store import FeatureStore
 from socialrec.training.run import load_run
+
+from socialrec import retrain
+from socialrec.retrain import EVENTS, STATE, RetrainConfig, read_events
 
 
 def _cfg(base_run: Path, root: Path, store_config, **kw) -> RetrainConfig:
@@ -101,7 +102,8 @@ def test_worse_model_is_refused_and_current_stays(base_run, root, store_config) 
 
 def test_compress_config_rebuilt_from_the_base_runs_json(tmp_path: Path) -> None:
     from socialrec.compression.distill import DistillConfig
-    from socialrec.compression.retrain import compress_config
+
+    from socialrec.retrain import compress_config
 
     saved = {
         "run_dir": "/elsewhere",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from socialrec.training.data import DataError, Dataset, load_lastfm, load_tsv
+from socialrec.training.data import DataError, load_lastfm, load_tsv
+from socialrec.training.dataset import Dataset
 
 
 def _write(path: Path, lines: list[str]) -> Path:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from socialrec.training.data import Dataset, load_tsv
+from socialrec.training.data import load_tsv
+from socialrec.training.dataset import Dataset
 from socialrec.training.split import (
     SPLIT_FILES,
     Split,

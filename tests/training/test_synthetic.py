@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from socialrec.training.data import DataConfig, Dataset, load_dataset
+from socialrec.training.data import DataConfig, load_dataset
+from socialrec.training.dataset import Dataset
 from socialrec.training.synthetic import SyntheticConfig, generate, generate_with_truth
 
 SMALL = SyntheticConfig(n_users=300, n_items=200, n_interactions=5000, seed=0)
@@ -86,7 +87,8 @@ def test_well_formed(cfg: SyntheticConfig) -> None:
     assert f.ndim == 2 and f.shape[1] == 2 and len(f) > 0
     assert np.all(f[:, 0] < f[:, 1]) and f.min() >= 0 and f.max() < u
     assert len(np.unique(f[:, 0].astype(np.int64) * u + f[:, 1])) == len(f)
-    assert ds.report.rows_read - ds.report.merged_duplicate_interactions - truth.trimmed == n
+    assert ds.report.rows_read - ds.report.repeat_interactions_summed - truth.trimmed == n
+    assert ds.report.merged_duplicate_interactions == 0  # repeat listens are not bad rows
     assert any("synthetic generator" in note for note in ds.report.notes)
 
 
@@ -196,3 +198,20 @@ def test_load_dataset_and_progress(capsys: pytest.CaptureFixture[str]) -> None:
     assert ds.fingerprint() == direct.fingerprint()
     generate(SyntheticConfig(n_users=120, n_items=90, n_interactions=1500), progress=True)
     assert "synthetic" in capsys.readouterr().err
+
+
+def test_summary_is_short_and_calls_repeat_draws_repeat_interactions() -> None:
+    """The `[data]` lines `train` prints: sizes, then only the counters that are not zero."""
+    ds, truth = generate_with_truth(SMALL)
+    lines = ds.describe()
+    assert len(lines) <= 4 and all(len(line) < 160 for line in lines), lines
+    assert lines[0] == (
+        f"synthetic: {ds.n_users:,} users, {ds.n_items:,} items, "
+        f"{ds.n_interactions:,} interactions, {ds.n_friend_pairs:,} friend pairs"
+    )
+    repeats = truth.draws - truth.trimmed - ds.n_interactions
+    assert (
+        f"repeat interactions summed (same user and item again: play counts add up): {repeats:,}"
+        in lines
+    )
+    assert not any("duplicate" in line or "skipped" in line for line in lines)

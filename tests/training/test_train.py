@@ -137,6 +137,25 @@ def test_training_is_seeded(small_run) -> None:
         assert torch.equal(va, vb), ka
 
 
+def test_early_stop_says_why_selection_ended(small_run, capsys) -> None:
+    """Early stopping prints the epoch, the best validation recall@20 and the patience."""
+    from socialrec.training.train import fit
+
+    _, split, _, _ = small_run
+    val = validation_split(split)
+    cfg = replace(FAST, epochs=40, patience=1, eval_every=1)
+    _, log = fit(val, cfg, cfg.epochs, val=val, progress=True, desc="select")
+    out = capsys.readouterr().out
+    assert "stopped_early" in log, log["epochs"][-1]
+    stop = log["stopped_early"]
+    best = log["best"]
+    assert f"select: early stop at epoch {stop} of 40" in out
+    assert "(patience)" in out and "last 1 epochs" in out
+    for task in ("content", "friends"):
+        b = best[task]
+        assert f"{task} {b['val_recall@20']:.4f} at epoch {b['epoch']}" in out
+
+
 def test_sampled_softmax_path_learns(monkeypatch, small_run) -> None:
     """Large catalogues train with sampled softmax + log-Q; force it on small data."""
     import socialrec.training.train as tr
