@@ -39,6 +39,9 @@ class ServerConfig:
     # Exact result cache (socialrec.serving.cache): MiB it may hold per worker; 0 turns it off.
     result_cache_mb: int = 64
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Set by the supervisor: where workers record the last bundle they loaded, so a worker
+    # started while the pointer is bad serves that one instead of nothing.
+    last_good_file: str | None = None
 
 
 def resolve_bundle(path: str | Path) -> Path:

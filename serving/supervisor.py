@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from socialrec.serving.bundle import open_bundle
@@ -114,6 +116,8 @@ def serve(cfg: ServerConfig) -> int:
         )
         for f in Path(mdir).glob("*.db"):
             f.unlink()
+    state = tempfile.mkdtemp(prefix="socialrec-serve-")
+    cfg = replace(cfg, last_good_file=str(Path(state) / "last-good-bundle"))
     ctx = mp.get_context("fork")
     procs: dict[int, mp.Process] = {}
     started: dict[int, float] = {}
@@ -199,4 +203,5 @@ def serve(cfg: ServerConfig) -> int:
             stopping.wait(0.2)
     finally:
         stop_all()
+        shutil.rmtree(state, ignore_errors=True)
     return 0

@@ -88,6 +88,25 @@ class EngineHolder:
             self.metrics.reloads.labels("refused").inc()
 
 
+def remember_good(cfg: ServerConfig, path: Path) -> None:
+    """Record ``path`` as the last bundle a worker loaded (atomic; best effort)."""
+    if cfg.last_good_file:
+        with contextlib.suppress(OSError):
+            tmp = Path(f"{cfg.last_good_file}.{os.getpid()}")
+            tmp.write_text(str(path))
+            tmp.replace(cfg.last_good_file)
+
+
+def last_good(cfg: ServerConfig) -> Path | None:
+    """The last bundle any worker of this server loaded, if any."""
+    if not cfg.last_good_file:
+        return None
+    try:
+        return Path(Path(cfg.last_good_file).read_text())
+    except OSError:
+        return None
+
+
 def store_config(cfg: ServerConfig) -> StoreConfig:
     """The feature store settings a server runs with."""
     return StoreConfig(
@@ -151,6 +170,7 @@ async def serve_worker(
         if ok:
             for name in ("", SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            remember_good(cfg, target)
         return ok
 
     pointer_error = ""
@@ -176,6 +196,12 @@ async def serve_worker(
     failed_at = 0.0
     if target is not None and not await load(target):
         failed, failed_at = target, time.monotonic()
+    if holder.live is None and (good := last_good(cfg)) is not None:
+        log.warning(
+            "serving the last good bundle until the pointer names a good one",
+            extra={"event": "last_good", "bundle": str(good)},
+        )
+        await load(good)
     await server.start()
     log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
 
