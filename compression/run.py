@@ -251,7 +251,11 @@ def run(cfg: CompressConfig) -> Path:
     work = run_dir / "compress"
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for v in variants(teacher, split, tc, cfg, epochs):
+    todo = variants(teacher, split, tc, cfg, epochs)
+    for k, v in enumerate(todo, start=1):
+        step = f"[compress] variant {k} of {len(todo)}: {v.name}"
+        if cfg.progress:
+            print(f"{step} ({', '.join(v.techniques) or 'the teacher as trained'})", flush=True)
         t0 = time.time()
         model = v.build().eval()
         t_build = time.time() - t0
@@ -312,10 +316,12 @@ def run(cfg: CompressConfig) -> Path:
         rows.append(row)
         if cfg.progress:
             print(
-                f"[compress] {v.name:28s} {row['bytes'] / 1e6:8.2f} MB  R@20 {row['recall@20']:.4f}  "
-                f"friends R@20 {row['friends_recall@20']:.4f}  ({t_build:.0f}s)",
+                f"{step}: {row['bytes'] / 1e6:.2f} MB, R@20 {row['recall@20']:.4f}, "
+                f"friends R@20 {row['friends_recall@20']:.4f} (built in {t_build:.0f}s)",
                 flush=True,
             )
+    if cfg.progress:
+        print(f"[compress] timing {len(rows)} bundles side by side", flush=True)
     us = us_per_query([r["bundle"] for r in rows], split, cfg.timing_queries)
     for r, t in zip(rows, us, strict=True):
         r["us_per_query"] = round(t, 1)
@@ -390,44 +396,79 @@ def format_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _family(name: str) -> str:
+    """The technique family of a variant name (one colour per family in the plot)."""
+    return name.split("-")[0]
+
+
 def plot(out: dict, path: Path) -> Path:
-    """Bytes (log x) vs content recall@20, one point per variant, teacher marked."""
+    """Size (MB, log x) vs recall@20, one panel per task; teacher and selected variant ringed.
+
+    Every variant has its own colour (by technique family) and marker in one shared legend
+    instead of a text label next to its point: variants of near-equal size and quality would
+    print their labels over each other.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in out["variants"]:
-        is_t = r["name"] == "teacher-fp32"
-        ax.scatter(
-            r["bytes"],
-            r["recall@20"],
-            marker="*" if is_t else "o",
-            s=160 if is_t else 40,
-            c="crimson" if is_t else ("green" if r["name"] == out["selected"] else "steelblue"),
+    rows = out["variants"]
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
+    families = list(dict.fromkeys(_family(r["name"]) for r in rows))
+    markers = "os^DvP<>Xph*"
+    count: dict[str, int] = {}
+    style: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        fam = _family(r["name"])
+        count[fam] = count.get(fam, -1) + 1
+        style[r["name"]] = (
+            palette[families.index(fam) % len(palette)],
+            markers[count[fam] % len(markers)],
         )
-        ax.annotate(
-            r["name"],
-            (r["bytes"], r["recall@20"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+    rings = {"teacher-fp32": ("tab:red", "teacher (fp32)")}
+    rings[out["selected"]] = ("black", f"selected: {out['selected']}")  # may be the teacher
+
     t = out["teacher"]
-    ax.axhline(
-        t["recall@20"] * out["min_retention"],
-        ls="--",
-        c="grey",
-        lw=0.8,
-        label=f"{out['min_retention']:.0%} of teacher",
+    panels = (("recall@20", "content recall@20"), ("friends_recall@20", "friends recall@20"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for r in rows:
+            colour, marker = style[r["name"]]
+            ax.scatter(r["bytes"] / 1e6, r[key], color=colour, marker=marker, s=45, zorder=3)
+        for name, (ring, _) in rings.items():
+            r = next(v for v in rows if v["name"] == name)
+            ax.scatter(
+                r["bytes"] / 1e6, r[key], s=260, facecolors="none", edgecolors=ring, lw=2, zorder=4
+            )
+        ax.axhline(t[key] * out["min_retention"], ls="--", c="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("served size, MB (ONNX tower + FAISS indexes)")
+        ax.set_ylabel(f"{label} (served path)")
+        ax.set_title(label)
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [
+        Line2D([], [], ls="", marker=m, color=c, label=name) for name, (c, m) in style.items()
+    ]
+    handles += [
+        Line2D([], [], ls="", marker="o", ms=12, mfc="none", mec=ring, mew=2, label=text)
+        for ring, text in rings.values()
+    ]
+    handles.append(
+        Line2D([], [], ls="--", c="grey", lw=0.8, label=f"{out['min_retention']:.0%} of teacher")
     )
-    ax.set_xscale("log")
-    ax.set_xlabel("served bytes (ONNX + FAISS indexes)")
-    ax.set_ylabel("content recall@20 (served path)")
-    ax.set_title("compression: size vs quality")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(
+        f"compression: size vs quality, {len(rows)} variants; selected: {out['selected']} "
+        f"(smallest with >= {out['min_retention']:.0%} of the teacher on both tasks)",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
