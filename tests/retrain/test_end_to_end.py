@@ -18,14 +18,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from socialrec.compression import retrain
-from socialrec.compression.retrain import RetrainConfig
 from socialrec.serving.publish import PublishConfig
 from socialrec.serving.publish import run as publish
 from socialrec.serving.redis_local import find_free_port
 from socialrec.serving.rollout import current
 from socialrec.training.run import load_run
 
+from socialrec import retrain
+from socialrec.retrain import RetrainConfig
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
