@@ -5,6 +5,10 @@ part, candidates ranked by inner product, train positives (and self for friends)
 Recall/NDCG@10/20 over users with a test positive. FAISS returns a top-k list rather than
 all scores, so k = 20 + the user's train positives (+1 for self) is searched: after the
 removal at least 20 candidates remain, as in a full ranking.
+
+One function scores every bundle: a bundle of the split's own dataset (compression), or one
+built on another dataset (the live bundle in the retraining gate), through an external-id
+mapping; see :func:`served_evaluate`.
 """
 
 from __future__ import annotations
