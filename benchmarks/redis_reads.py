@@ -3,7 +3,7 @@
 Starts a private redis-server, publishes a run's training data, then for every user of the
 bundle (in order, several passes) times: PING (the round-trip floor), a content read, a
 friends read (with friends-of-friends) and an interaction write. Redis CPU per call is the
-redis-server process's CPU time (/proc, user + system) over the calls, divided by the calls;
+redis-server process's CPU time (psutil, user + system) over the calls, divided by the calls;
 client wall time is the caller's. Both request paths side by side: ``serving.resp`` (what the
 server uses) and redis-py (``StoreConfig(fast_path=False)``).
 
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,12 +28,11 @@ from socialrec.serving.publish import run as publish  # noqa: E402
 from socialrec.serving.redis_local import start_redis  # noqa: E402
 from socialrec.serving.store import FeatureStore, StoreConfig  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    """User + system CPU seconds of the redis-server process itself."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def main() -> int:
@@ -79,7 +79,7 @@ def main() -> int:
     finally:
         redis.stop()
 
-    print(f"{len(users)} users x {a.passes} passes per call kind; Redis CPU from /proc")
+    print(f"{len(users)} users x {a.passes} passes per call kind; Redis CPU from psutil")
     print(f"{'call':22s} {'path':14s} {'client us':>10s} {'redis CPU us':>13s}")
     for name, by_path in results.items():
         for path, r in by_path.items():

@@ -6,7 +6,7 @@ Why: grpc.aio keeps one pending request per registered method and ``asyncio.wait
 them for every call it accepts; with the Recommender, Health and reflection services that is
 ~9 futures per call. Each round starts a one-process server with the three services and a
 handler that returns an empty reply, drives it from an asyncio client process with
-``--concurrency`` channels for ``--seconds``, and reads the server's CPU time from /proc.
+``--concurrency`` channels for ``--seconds``, and reads the server's CPU time (psutil).
 
     python benchmarks/rpc_overhead.py [--rounds 5] [--seconds 6] [--concurrency 4] [--json OUT]
 """
@@ -23,6 +23,7 @@ import statistics
 import time
 
 import grpc
+import psutil
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from socialrec.serving.redis_local import find_free_port
@@ -57,9 +58,9 @@ def _serve(mode: str, port: int, ready) -> None:
 
 
 def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of the (single-process) server."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 async def _drive(port: int, pid: int, concurrency: int, seconds: float) -> tuple[float, float]:
