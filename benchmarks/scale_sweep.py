@@ -17,15 +17,15 @@ For each size N (items) in ``--sizes``:
 3. **Bundle**: ``compression.export.write_bundle`` with ``choose_index``'s default kind per
    side (timed, ONNX export included = "build s"); index bytes = items.faiss + users.faiss.
 4. **Serving**: a private redis (``serving.redis_local.start_redis``) holding only a sample of
-   the data (published with ``FeatureStore.bulk_load``): the train histories of the users the
+   the data (published with ``OfflineStore.bulk_load``): the train histories of the users the
    benchmark will query, and every friend pair touching them or their friends (so the
    friends-of-friends the server reads are complete). Then a real ``socialrec serve --workers 1``
    subprocess. ``--n`` sequential RecommendContent + RecommendFriends calls (interleaved,
    ``--warmup`` more first) for users drawn Zipf(1.1) from the user list. Server-side p50/p99
    come from the worker's Prometheus histogram ``socialrec_rpc_seconds`` (warm-up calls
    subtracted; quantiles interpolated inside buckets by ``serving_latency.histogram_quantiles``),
-   client p50/p99 from wall time. Worker memory = VmRSS (and VmHWM) of the forked worker from
-   /proc, after warm-up and after the timed calls.
+   client p50/p99 from wall time. Worker memory = RSS (psutil) and peak RSS (VmHWM) of the forked
+   worker, after warm-up and after the timed calls.
 5. **Recall**: recall@20 of the chosen index vs an exact ``IndexFlatIP`` over the same vectors
    for 200 query vectors built like the tower's (tanh of a random train user's pooled history,
    plus the bias slot 1); 1.0 when the chosen index is exact.
@@ -42,8 +42,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -53,18 +51,19 @@ from pathlib import Path
 import faiss
 import grpc
 import numpy as np
+import psutil
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from serving_latency import histogram_quantiles  # noqa: E402
 from socialrec.compression.export import bundle_meta, write_bundle  # noqa: E402
-from socialrec.serving.client import wait_serving  # noqa: E402
-from socialrec.serving.publish import _timestamps  # noqa: E402
-from socialrec.serving.redis_local import find_free_port, start_redis  # noqa: E402
-from socialrec.serving.store import FeatureStore, StoreConfig  # noqa: E402
+from socialrec.serving.harness import ServerProcess  # noqa: E402
+from socialrec.serving.offline_store import OfflineStore  # noqa: E402
+from socialrec.serving.publish import row_timestamps  # noqa: E402
+from socialrec.serving.redis_local import start_redis  # noqa: E402
+from socialrec.serving.store import StoreConfig  # noqa: E402
 from socialrec.training.data import Dataset  # noqa: E402
 from socialrec.training.model import TwoTower  # noqa: E402
 from socialrec.training.split import Split, split_dataset  # noqa: E402
@@ -203,7 +202,7 @@ def publish_sample(ds: Dataset, split: Split, users: np.ndarray, url: str) -> di
     hop[fr[first].ravel()] = True
     pairs = fr[hop[fr[:, 0]] | hop[fr[:, 1]]]
     u, i, w = split.train_user[rows], split.train_item[rows], split.train_weight[rows]
-    ts = _timestamps(ds, u, i)
+    ts = row_timestamps(ds, u, i)
     hist = zip(
         ds.user_ids[u].tolist(),
         ds.item_ids[i].tolist(),
@@ -214,27 +213,26 @@ def publish_sample(ds: Dataset, split: Split, users: np.ndarray, url: str) -> di
     friend_pairs = zip(
         ds.user_ids[pairs[:, 0]].tolist(), ds.user_ids[pairs[:, 1]].tolist(), strict=True
     )
-    with FeatureStore(StoreConfig(url=url)) as store:
+    with OfflineStore(StoreConfig(url=url)) as store:
         return store.bulk_load(hist, friend_pairs, progress=False)
 
 
 def proc_mem_mib(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (peak RSS) of a process, MiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, val = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = round(int(val.split()[0]) / 1024, 1)
-    return out
+    rss = psutil.Process(pid).memory_info().rss
+    # psutil has no peak RSS of another process: VmHWM is read from the kernel's status file.
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm_kib = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:"))
+    return {"VmRSS": round(rss / 2**20, 1), "VmHWM": round(hwm_kib / 1024, 1)}
 
 
 def worker_pid(server_pid: int, timeout_s: float = 10.0) -> int:
     """The pid of the single worker forked by ``socialrec serve``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        kids = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+        kids = psutil.Process(server_pid).children()
         if kids:
-            return int(kids[0])
+            return kids[0].pid
         time.sleep(0.1)
     raise RuntimeError("no worker process found")
 
@@ -267,18 +265,18 @@ def serve_and_measure(
         t0 = time.perf_counter()
         res["published"] = publish_sample(ds, split, np.unique(picks), redis.url)
         res["publish_s"] = round(time.perf_counter() - t0, 2)
-        port, mport = find_free_port(), find_free_port()
-        env = {**os.environ, "SOCIALREC_WRITE_TOKEN": "bench"}
-        cmd = [sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle),
-               "--redis-url", redis.url, "--port", str(port), "--workers", "1",
-               "--metrics-port", str(mport)]  # fmt: skip
-        t0 = time.perf_counter()
-        server = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        server = ServerProcess(
+            ["--bundle", str(bundle), "--redis-url", redis.url, "--workers", "1"],
+            metrics=True,
+            env={"SOCIALREC_WRITE_TOKEN": "bench"},
+            ready_timeout_s=300,
+            stop_timeout_s=30,
         )
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        t0 = time.perf_counter()
+        server.start()
+        channel = grpc.insecure_channel(server.address)
         stub = pb_grpc.RecommenderStub(channel)
-        wait_serving(f"127.0.0.1:{port}", 300, alive=lambda: server.poll() is None)
+        server.wait_serving()
         res["ready_s"] = round(time.perf_counter() - t0, 2)
         wpid = worker_pid(server.pid)
         res["rss_ready_mib"] = proc_mem_mib(wpid)["VmRSS"]
@@ -292,7 +290,7 @@ def serve_and_measure(
             ),
         }
         times: dict[str, list[float]] = {m: [] for m in METHODS}
-        metrics_url = f"http://127.0.0.1:{mport}/metrics"
+        metrics_url = server.metrics_url
         before = ""
         for i, j in enumerate(picks):
             if i == warmup:
@@ -324,11 +322,7 @@ def serve_and_measure(
         channel.close()
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            server.stop()
         redis.stop()
         redis.cleanup()
     return res

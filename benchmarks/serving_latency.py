@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -34,8 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from socialrec.serving.client import wait_serving  # noqa: E402
-from socialrec.serving.redis_local import find_free_port, start_redis  # noqa: E402
+from socialrec.serving.harness import ServerProcess  # noqa: E402
+from socialrec.serving.redis_local import start_redis  # noqa: E402
 
 from socialrec.v1 import recommender_pb2 as pb  # noqa: E402
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
@@ -112,18 +109,15 @@ def main() -> int:
         from socialrec.serving.publish import run as publish
 
         publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
-        port, mport = find_free_port(), find_free_port()
-        env = {**os.environ, "SOCIALREC_WRITE_TOKEN": "bench"}
-        cmd = [sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle), "--redis-url", redis_url,
-               "--port", str(port), "--workers", str(a.workers), "--metrics-port", str(mport),
-               "--result-cache-budget", "0", *a.serve_args.split()]  # fmt: skip
-        server = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        args = ["--bundle", str(bundle), "--redis-url", redis_url, "--workers", str(a.workers),
+                "--result-cache-budget", "0", *a.serve_args.split()]  # fmt: skip
+        server = ServerProcess(
+            args, metrics=True, env={"SOCIALREC_WRITE_TOKEN": "bench"}, ready_timeout_s=60
+        ).start()
+        channel = grpc.insecure_channel(server.address)
         health = health_pb2_grpc.HealthStub(channel)
         stub = pb_grpc.RecommenderStub(channel)
-        wait_serving(f"127.0.0.1:{port}", 60, alive=lambda: server.poll() is None)
+        server.wait_serving()
 
         rng = np.random.default_rng(0)
         ranks = np.arange(1, len(users) + 1, dtype=np.float64) ** -1.1
@@ -146,13 +140,10 @@ def main() -> int:
                 fn(users[j])
                 if i >= 200:  # warm-up
                     times[name].append(time.perf_counter() - t0)
-        text = (
-            urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-        )
+        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=20)
+            server.stop()
         redis.stop()
 
     manifest = json.loads((bundle / "manifest.json").read_text())

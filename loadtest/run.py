@@ -7,8 +7,8 @@ same Locust settings right after. The machine is shared and noisy, so what count
 ratios measured in the same run (DESIGN.md "Performance rules").
 
 Measured per server: client percentiles (Locust CSV, Aggregated row), per-stage server
-histograms (Prometheus /metrics before/after), server CPU-seconds per request (/proc stat of
-the server and its workers, before/after) and a check that every acknowledged write is in the
+histograms (Prometheus /metrics before/after), server CPU-seconds per request (psutil: the
+server and its workers, before/after) and a check that every acknowledged write is in the
 event stream and in the user's features. ``fault`` injects one failure mid-run into our
 server's run: SIGKILL a worker, restart Redis, or hot-swap the bundle.
 """
@@ -28,9 +28,11 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 from socialrec.serving.bundle import copy_bundle
-from socialrec.serving.client import wait_serving
-from socialrec.serving.redis_local import RedisProcess, find_free_port, start_redis
+from socialrec.serving.harness import ServerProcess
+from socialrec.serving.offline_store import OfflineStore
+from socialrec.serving.redis_local import RedisProcess, start_redis
 from socialrec.serving.store import FeatureStore, StoreConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,6 @@ SHAPES = ("constant", "steps")
 FAULTS = ("none", "kill-worker", "restart-redis", "swap-bundle")
 PEER_NAME = "naive-torch"
 THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -85,19 +86,23 @@ class Proc:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
-    def wait_rusage(self, timeout_s: float) -> tuple[int, float]:
-        """Exit code and CPU seconds of the finished process (wait4: the kernel's account)."""
+    def wait_cpu(self, timeout_s: float) -> tuple[int, float]:
+        """Exit code and CPU seconds of the finished process, its reaped children included.
+
+        The exit is awaited with WNOWAIT: the process stays a zombie whose final CPU times
+        psutil can still read (user + system, plus children_user/children_system for what it
+        reaped: the same total as wait4's rusage), and only then is it reaped.
+        """
         deadline = time.monotonic() + timeout_s
-        while True:
-            pid, status, ru = os.wait4(self.pid, os.WNOHANG)
-            if pid == self.pid:
-                self.p.returncode = os.waitstatus_to_exitcode(status)
-                self._log.close()
-                return self.p.returncode, ru.ru_utime + ru.ru_stime
+        while os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self.cmd[:4]} did not finish in {timeout_s}s:\n{self.tail()}")
             time.sleep(0.1)
+        t = psutil.Process(self.pid).cpu_times()
+        code = self.p.wait()
+        self._log.close()
+        return code, t.user + t.system + t.children_user + t.children_system
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.alive():
@@ -111,35 +116,34 @@ class Proc:
             self._log.close()
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
 def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (a /proc scan; no psutil in the serve install)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (f := _stat(int(d.name))) is not None and int(f[1]) == pid:
-            out.append(int(d.name))
-    return out
+    """Pids of the direct children of ``pid`` (none if it is gone)."""
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of ``pid``, its reaped children and all live descendants.
 
-    A worker that died and was reaped lands in the parent's cutime/cstime, so a kill between
-    two readings still counts (its time before the first reading cancels out).
+    Each process's cpu_times() holds its own time and, in children_user/children_system, that
+    of the children it has reaped: a worker that died and was reaped still counts (its time
+    before the first reading cancels out), while a live one is counted as a descendant.
     """
-    f = _stat(pid)
-    if f is None:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
         return 0.0
-    own = sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
-    return own + sum(tree_cpu_s(c) for c in children(pid))
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue  # exited between the listing and the reading
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -357,8 +361,7 @@ def locust_env(cfg: LoadTestConfig, bundle: Path, out: Path, tag: str, token: st
 def drive(
     cfg: LoadTestConfig,
     tag: str,
-    server: Proc,
-    address: str,
+    server: ServerProcess,
     bundle: Path,
     out: Path,
     token: str,
@@ -379,7 +382,7 @@ def drive(
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(cfg.users), "-r", str(cfg.spawn_rate), "-t", f"{int(round(cfg.duration))}s",
         "--csv", str(out / tag), "--html", str(out / f"{tag}.html"),
-        "--host", address, "--stop-timeout", "5", "--exit-code-on-error", "0",
+        "--host", server.address, "--stop-timeout", "5", "--exit-code-on-error", "0",
     ]  # fmt: skip
     locust = Proc(cmd, out / f"{tag}-locust.log", locust_env(cfg, bundle, out, tag, token))
     fault_info = None
@@ -388,7 +391,7 @@ def drive(
         while time.monotonic() < t_fault and locust.alive():
             time.sleep(0.05)
         fault_info = fault()
-    code, locust_cpu = locust.wait_rusage(cfg.duration + 60)
+    code, locust_cpu = locust.wait_cpu(cfg.duration + 60)
     if code != 0:
         raise RuntimeError(f"locust exited with {code}:\n{locust.tail()}")
     cpu1 = tree_cpu_s(server.pid)
@@ -433,7 +436,7 @@ def drive(
 
 
 def make_fault(
-    cfg: LoadTestConfig, server: Proc, redis: RedisProcess, root: Path | None, src: Path
+    cfg: LoadTestConfig, server: ServerProcess, redis: RedisProcess, root: Path | None, src: Path
 ):
     """The callable that injects ``cfg.fault`` and returns what it did (timings, pids)."""
 
@@ -520,7 +523,7 @@ def run(cfg: LoadTestConfig) -> Path:
         for tag, ns in namespaces.items():
             if tag == "peer" and not cfg.peer:
                 continue
-            with FeatureStore(StoreConfig(url=redis.url, namespace=ns)) as s:
+            with OfflineStore(StoreConfig(url=redis.url, namespace=ns)) as s:
                 s.flush(events=True)
             publish(PublishConfig(run=str(run_dir), redis_url=redis.url, namespace=ns,
                                   train_only=True, progress=False))  # fmt: skip
@@ -534,22 +537,21 @@ def run(cfg: LoadTestConfig) -> Path:
             copy_bundle(bundle, root / "a", "loadtest-a")
             _point(root, "a")
             serve_bundle = root
-        port, mport = find_free_port(), find_free_port()
-        env = {**os.environ, **THREAD_ENV, "SOCIALREC_WRITE_TOKEN": token}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        cmd = [
-            sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(serve_bundle),
-            "--redis-url", serve_redis, "--namespace", namespaces["ours"], "--port", str(port),
-            "--workers", str(cfg.workers), "--metrics-port", str(mport), "--watch-interval", "0.5", *cfg.serve_args,
+        env = {**THREAD_ENV, "SOCIALREC_WRITE_TOKEN": token}
+        args = [
+            "--bundle", str(serve_bundle), "--redis-url", serve_redis,
+            "--namespace", namespaces["ours"], "--workers", str(cfg.workers),
+            "--watch-interval", "0.5", *cfg.serve_args,
         ]  # fmt: skip
-        server = Proc(cmd, out / "ours-server.log", env)
-        address = f"127.0.0.1:{port}"
+        server = ServerProcess(
+            args, metrics=True, env=env, log=out / "ours-server.log", stop_timeout_s=15.0
+        )
         try:
-            wait_serving(address, alive=server.alive, describe=server.tail)
+            server.start().wait_serving()
             with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["ours"])) as store:
                 fault = make_fault(cfg, server, redis, root, bundle)
-                ours = drive(cfg, "ours", server, address, bundle, out, token, redis, store,
-                             mport, fault)  # fmt: skip
+                ours = drive(cfg, "ours", server, bundle, out, token, redis, store,
+                             server.metrics_port, fault)  # fmt: skip
         finally:
             server.stop()
         summary.update(ours)
@@ -557,17 +559,18 @@ def run(cfg: LoadTestConfig) -> Path:
         # ---- the naive peer, same Locust settings, right after
         peer = None
         if cfg.peer:
-            pport = find_free_port()
-            pcmd = [
-                sys.executable, "-m", "socialrec.loadtest.naive_server", "--run", str(run_dir),
-                "--redis-url", serve_redis, "--namespace", namespaces["peer"], "--port", str(pport),
+            pargs = [
+                "--run", str(run_dir), "--redis-url", serve_redis,
+                "--namespace", namespaces["peer"],
             ]  # fmt: skip
-            pserver = Proc(pcmd, out / "peer-server.log", env)
-            paddress = f"127.0.0.1:{pport}"
+            pserver = ServerProcess(
+                pargs, env=env, log=out / "peer-server.log", stop_timeout_s=15.0,
+                program=("socialrec.loadtest.naive_server",),
+            )  # fmt: skip
             try:
-                wait_serving(paddress, alive=pserver.alive, describe=pserver.tail)
+                pserver.start().wait_serving()
                 with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["peer"])) as s:
-                    p = drive(cfg, "peer", pserver, paddress, bundle, out, token, redis, s)
+                    p = drive(cfg, "peer", pserver, bundle, out, token, redis, s)
             finally:
                 pserver.stop()
             peer = {"name": PEER_NAME, **p}

@@ -8,19 +8,14 @@ through the whole retrain and swap; every request must succeed.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from socialrec.serving.harness import ServerProcess, new_channel
 from socialrec.serving.publish import PublishConfig
 from socialrec.serving.publish import run as publish
-from socialrec.serving.redis_local import find_free_port
 from socialrec.serving.rollout import current
 from socialrec.training.run import load_run
 
@@ -29,29 +24,8 @@ from socialrec.retrain import RetrainConfig
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "retrain-e2e-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-
-
-def _channel(address: str) -> grpc.Channel:
-    # own subchannel pool: a new connection, which SO_REUSEPORT hands to either worker
-    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with _channel(address) as ch:
-                req = health_pb2.HealthCheckRequest(service="socialrec.v1.Recommender")
-                if health_pb2_grpc.HealthStub(ch).Check(req, timeout=1).status == 1:
-                    return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server never became healthy:\n{log.read_text()[-3000:]}")
 
 
 def test_publish_serve_write_retrain_swap(base_run, root, store_config, tmp_path) -> None:
@@ -60,23 +34,22 @@ def test_publish_serve_write_retrain_swap(base_run, root, store_config, tmp_path
     ds, _, _ = load_run(base_run)
     users, items = ds.user_ids.tolist(), ds.item_ids.tolist()
     friend = users[0]
-    port = find_free_port()
-    address = f"127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    cmd = [
-        sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(root),
-        "--redis-url", store_config.url, "--namespace", store_config.namespace,
-        "--port", str(port), "--workers", "2", "--watch-interval", "0.3",
-    ]  # fmt: skip
-    env = {**os.environ, "SOCIALREC_WRITE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(
+        [
+            "--bundle", str(root), "--redis-url", store_config.url,
+            "--namespace", store_config.namespace, "--workers", "2", "--watch-interval", "0.3",
+        ],
+        env={"SOCIALREC_WRITE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"},
+        log=tmp_path / "server.log",
+        ready_timeout_s=60.0,
+    )  # fmt: skip
+    address, log = server.address, server.log_path
     stop = threading.Event()
     versions: list[str] = []
     failures: list[str] = []
 
     def hammer(seed: int) -> None:
-        with _channel(address) as ch:
+        with new_channel(address) as ch:
             stub = pb_grpc.RecommenderStub(ch)
             n = seed
             while not stop.is_set():
@@ -89,9 +62,9 @@ def test_publish_serve_write_retrain_swap(base_run, root, store_config, tmp_path
 
     threads = [threading.Thread(target=hammer, args=(s,), daemon=True) for s in (0, 7)]
     try:
-        _wait_serving(address, proc, log)
+        server.start().wait_serving()
         old = current(root)
-        with _channel(address) as ch:
+        with new_channel(address) as ch:
             stub = pb_grpc.RecommenderStub(ch)
             for item, w in ((items[0], 3.0), (items[1], 2.0), (items[2], 1.0)):
                 stub.LogInteraction(
@@ -124,7 +97,7 @@ def test_publish_serve_write_retrain_swap(base_run, root, store_config, tmp_path
         deadline, seen_new = time.monotonic() + 30, 0
         while seen_new < 10:
             assert time.monotonic() < deadline, f"no swap to {new}:\n{log.read_text()[-3000:]}"
-            with _channel(address) as ch:
+            with new_channel(address) as ch:
                 req = pb.RecommendContentRequest(user_id="e2e-new", k=10)
                 resp = pb_grpc.RecommenderStub(ch).RecommendContent(req, timeout=5)
             seen_new = seen_new + 1 if resp.bundle_version == new else 0
@@ -139,7 +112,7 @@ def test_publish_serve_write_retrain_swap(base_run, root, store_config, tmp_path
         # the new bundle knows the new user and the new friendship
         bundle_users = (root / new / "user_ids.txt").read_text().split("\n")[:-1]
         assert "e2e-new" in bundle_users
-        with _channel(address) as ch:
+        with new_channel(address) as ch:
             stub = pb_grpc.RecommenderStub(ch)
             c = stub.RecommendContent(pb.RecommendContentRequest(user_id="e2e-new", k=10))
             assert c.bundle_version == new and not c.cold_start and len(c.items) == 10
@@ -157,8 +130,4 @@ def test_publish_serve_write_retrain_swap(base_run, root, store_config, tmp_path
         assert "bundle_live" in log.read_text()  # the swap is logged with its version
     finally:
         stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -17,14 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from socialrec.serving.bundle import copy_bundle
+from socialrec.serving.harness import NOT_SERVING, SERVING, ServerProcess
 from socialrec.serving.redis_local import find_free_port, start_redis
 
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-123"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
@@ -62,74 +59,33 @@ def published(run_dir, redis_server) -> str:
     return ns
 
 
-class Server:
-    """`socialrec serve` in a subprocess on free ports; stopped with SIGTERM."""
-
-    def __init__(
-        self, bundle: Path, redis_url: str, namespace: str, workers: int = 2, *extra: str
-    ) -> None:
-        self.port = find_free_port()
-        self.metrics_port = find_free_port()
-        cmd = [
-            sys.executable, "-m", "socialrec.cli", "serve", "--bundle", str(bundle),
-            "--redis-url", redis_url, "--namespace", namespace, "--port", str(self.port),
-            "--workers", str(workers), "--metrics-port", str(self.metrics_port),
-            "--max-k", "100", "--watch-interval", "0.3", *extra,
-        ]  # fmt: skip
-        env = {**os.environ, "SOCIALREC_WRITE_TOKEN": TOKEN}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.log = open(Path(bundle).parent / f"server-{self.port}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        self.address = f"127.0.0.1:{self.port}"
-
-    def channel(self) -> grpc.Channel:
-        # A separate subchannel pool per channel: each one opens its own connection, which
-        # SO_REUSEPORT hands to one of the workers.
-        return grpc.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-    def health(self, timeout: float = 1.0) -> int:
-        with self.channel() as ch:
-            req = health_pb2.HealthCheckRequest(service="socialrec.v1.Recommender")
-            return health_pb2_grpc.HealthStub(ch).Check(req, timeout=timeout).status
-
-    def wait_until(self, status: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_text()
-            try:
-                last = self.health()
-                if last == status:
-                    return
-            except grpc.RpcError as e:
-                last = e.code()
-            time.sleep(0.1)
-        raise AssertionError(
-            f"server never reached health {status} (last {last}):\n{self.log_text()}"
-        )
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def start_server(
+    bundle: Path, redis_url: str, namespace: str, workers: int = 2, *extra: str
+) -> ServerProcess:
+    """`socialrec serve` in a subprocess on free ports, started (not waited for)."""
+    port = find_free_port()
+    args = [
+        "--bundle", str(bundle), "--redis-url", redis_url, "--namespace", namespace,
+        "--workers", str(workers), "--max-k", "100", "--watch-interval", "0.3", *extra,
+    ]  # fmt: skip
+    return ServerProcess(
+        args,
+        port=port,
+        metrics=True,
+        env={"SOCIALREC_WRITE_TOKEN": TOKEN},
+        log=Path(bundle).parent / f"server-{port}.log",
+        ready_timeout_s=60.0,
+    ).start()
 
 
 @pytest.fixture(scope="module")
 def server(run_dir, redis_server, published):
-    s = Server(run_dir / "bundle", redis_server.url, published, 2)
-    s.wait_until(health_pb2.HealthCheckResponse.SERVING)
-    yield s
-    s.stop()
+    s = start_server(run_dir / "bundle", redis_server.url, published, 2)
+    try:
+        s.wait_serving()
+        yield s
+    finally:
+        s.stop()
 
 
 def _user_ids(run_dir: Path) -> list[str]:
@@ -299,7 +255,7 @@ def test_deadline_exceeded(server, redis_server, run_dir) -> None:
         while stub.RecommendContent(req, timeout=5).degraded:
             assert time.monotonic() < deadline, "reads stayed degraded after Redis resumed"
             time.sleep(0.05)
-    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    assert server.health() == SERVING
 
 
 def test_reflection_lists_the_service(server) -> None:
@@ -334,9 +290,11 @@ def test_metrics_endpoint(server, run_dir) -> None:
 
 
 def test_resource_exhausted_when_overloaded(run_dir, redis_server, published) -> None:
-    s = Server(run_dir / "bundle", redis_server.url, published, 1, "--max-concurrent-rpcs", "1")
+    s = start_server(
+        run_dir / "bundle", redis_server.url, published, 1, "--max-concurrent-rpcs", "1"
+    )
     try:
-        s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+        s.wait_serving()
         user = _user_ids(run_dir)[2]
         codes = []
         with s.channel() as ch:
@@ -355,7 +313,7 @@ def test_resource_exhausted_when_overloaded(run_dir, redis_server, published) ->
                     codes.append(e.code())
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert s.health() == health_pb2.HealthCheckResponse.SERVING
+        assert s.health() == SERVING
     finally:
         s.stop()
 
@@ -367,9 +325,9 @@ def test_unavailable_before_bundle_then_hot_reload(
     corrupted bundle -> refused, the old one keeps serving."""
     root = tmp_path / "bundles"
     root.mkdir()
-    s = Server(root, redis_server.url, published, 2)
+    s = start_server(root, redis_server.url, published, 2)
     try:
-        s.wait_until(health_pb2.HealthCheckResponse.NOT_SERVING)
+        s.wait_health(NOT_SERVING)
         with s.channel() as ch, pytest.raises(grpc.RpcError) as e:
             pb_grpc.RecommenderStub(ch).RecommendContent(
                 pb.RecommendContentRequest(user_id="u1", k=5), timeout=5
@@ -383,7 +341,7 @@ def test_unavailable_before_bundle_then_hot_reload(
         data[len(data) // 2] ^= 0xFF
         (bad / "items.faiss").write_bytes(bytes(data))
         (root / "CURRENT").write_text("v1\n")
-        s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+        s.wait_serving()
 
         user = _user_ids(run_dir)[4]
 
@@ -428,7 +386,7 @@ def test_unavailable_before_bundle_then_hot_reload(
         assert len(refusals()) == 2 and all("sha256" in line for line in refusals()), s.log_text()
         ok, versions, errors = hammer(1.0)
         assert versions == {"v2"} and not errors and ok > 0
-        assert s.health() == health_pb2.HealthCheckResponse.SERVING
+        assert s.health() == SERVING
 
         # SIGHUP forces a reload of the current pointer (here back to v1).
         (root / "CURRENT").write_text("v1\n")
@@ -449,8 +407,8 @@ def test_redis_down_degrades_reads_fails_writes_and_recovers(run_dir, tmp_path) 
     s = None
     try:
         publish(replace(PublishConfig(run=str(run_dir), redis_url=redis.url), progress=False))
-        s = Server(run_dir / "bundle", redis.url, "socialrec", 1)
-        s.wait_until(health_pb2.HealthCheckResponse.SERVING)
+        s = start_server(run_dir / "bundle", redis.url, "socialrec", 1)
+        s.wait_serving()
         user = _user_ids(run_dir)[5]
         with s.channel() as ch:
             stub = pb_grpc.RecommenderStub(ch)
@@ -500,7 +458,7 @@ def test_tls_and_token_file(run_dir, redis_server, published, tmp_path) -> None:
     )  # fmt: skip
     token_file = tmp_path / "token"
     token_file.write_text("file-token\n")
-    s = Server(
+    s = start_server(
         run_dir / "bundle",
         redis_server.url,
         published,
