@@ -26,6 +26,8 @@ HISTORY = 56 + 32 + 8  # (item, weight) tuple + float + list slot, plus the item
 FRIEND = 8  # list slot, plus the friend str
 FOF = 112  # dict entry share + int, plus the candidate str
 RESULT = 80 + 32 + 8  # Scored (4 slots) + float score + list slot; ids are the bundle's strings
+SETS = 3 * 216  # the seen / dismissed / blocked frozensets, empty
+SET_ITEM = 48  # one frozenset member's share of its hash table, plus the member str
 
 
 def _str_bytes(s: str) -> int:
@@ -38,6 +40,11 @@ def entry_bytes(slot: tuple, features: UserFeatures, result: Result) -> int:
     n += sum(HISTORY + _str_bytes(item) for item, _ in features.history)
     n += sum(FRIEND + _str_bytes(f) for f in features.friends)
     n += sum(FOF + _str_bytes(c) for c in features.fof)
+    n += SETS + sum(
+        SET_ITEM + _str_bytes(x)
+        for members in (features.seen, features.dismissed, features.blocked)
+        for x in members
+    )
     return n + RESULT * len(result.items)
 
 

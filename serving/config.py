@@ -29,6 +29,9 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256  # per worker; beyond it calls get RESOURCE_EXHAUSTED
     write_token: str | None = None  # default: $SOCIALREC_WRITE_TOKEN or token_file
     token_file: str | None = None
+    admin_token: str | None = None  # RemoveItem/RestoreItem; default $SOCIALREC_ADMIN_TOKEN
+    admin_token_file: str | None = None
+    max_exclude: int = 1000  # exclude_ids a request may carry
     tls_cert: str | None = None
     tls_key: str | None = None
     watch_interval_s: float = 2.0  # how often the CURRENT pointer is checked for a new bundle
@@ -76,10 +79,19 @@ def bundle_key(cfg: ServerConfig) -> Ed25519PublicKey | None:
     return signing.load_public_key(path) if path else None
 
 
+def _token(value: str | None, file: str | None, env: str) -> str | None:
+    if value:
+        return value
+    if file:
+        return Path(file).read_text().strip() or None
+    return os.environ.get(env) or None
+
+
 def load_token(cfg: ServerConfig) -> str | None:
     """The write token: the config's, else the token file's, else $SOCIALREC_WRITE_TOKEN."""
-    if cfg.write_token:
-        return cfg.write_token
-    if cfg.token_file:
-        return Path(cfg.token_file).read_text().strip() or None
-    return os.environ.get("SOCIALREC_WRITE_TOKEN") or None
+    return _token(cfg.write_token, cfg.token_file, "SOCIALREC_WRITE_TOKEN")
+
+
+def load_admin_token(cfg: ServerConfig) -> str | None:
+    """The admin token (takedowns): config, else file, else $SOCIALREC_ADMIN_TOKEN."""
+    return _token(cfg.admin_token, cfg.admin_token_file, "SOCIALREC_ADMIN_TOKEN")

@@ -276,27 +276,35 @@ class Engine:
     # ---- content -----------------------------------------------------------------------
 
     def recommend_content(
-        self, history: Sequence[tuple[str, float]], friends: Sequence[str], k: int
+        self,
+        history: Sequence[tuple[str, float]],
+        friends: Sequence[str],
+        k: int,
+        exclude: Collection[str] = (),
     ) -> Result:
-        """Top-k unseen items for a user described by history (recent first) and friends."""
+        """Top-k items for a user described by history (recent first) and friends, never an
+        item of the history nor of ``exclude`` (seen, dismissed, taken down, excluded by the
+        request). Searches deeper until k items pass the filter or the catalogue runs out."""
         t0 = time.perf_counter()
         feeds, n_h, n_f, unknown, seen = self._features(history, friends)
+        items = self.item_index
+        banned = seen.union(j for item in exclude if (j := items.get(item)) is not None)
         if n_h == 0 and n_f == 0:
-            res = self.popular_content(k, exclude=[item for item, _ in history])
+            res = self.popular_content(k, exclude=[item for item, _ in history], banned=banned)
             res.unknown = unknown
             return res
         _pin_thread()
         u = self._tower(feeds, "content_vector")  # (1, D + 1)
         t1 = time.perf_counter()
         n = self.items.ntotal
-        kk = min(n, k + len(seen) + self.config.overfetch)
+        kk = min(n, k + len(banned) + self.config.overfetch)
         t_search = 0.0
         while True:
             s0 = time.perf_counter()
             D, I = self.items.search(u, kk)  # noqa: E741  (1, kk) each; STYLE names D, I
             t_search += time.perf_counter() - s0
             ids, scores = I[0].tolist(), D[0].tolist()
-            top = [(j, s) for j, s in zip(ids, scores, strict=True) if j >= 0 and j not in seen]
+            top = [(j, s) for j, s in zip(ids, scores, strict=True) if j >= 0 and j not in banned]
             if len(top) >= k or kk >= n:
                 break
             kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
@@ -306,11 +314,15 @@ class Engine:
         t2 = time.perf_counter()
         return Result(out, False, _timings(t1 - t0, t_search, t2 - t1 - t_search), unknown)
 
-    def popular_content(self, k: int, exclude: Collection[str] = ()) -> Result:
-        """Most popular items at training time, minus ``exclude``; scores are rank-based."""
+    def popular_content(
+        self, k: int, exclude: Collection[str] = (), banned: Collection[int] = ()
+    ) -> Result:
+        """Most popular items at training time, minus ``exclude`` (ids) and ``banned``
+        (indices); scores are rank-based."""
         t0 = time.perf_counter()
         items = self.item_index
         skip = {j for item in exclude if (j := items.get(item)) is not None}
+        skip.update(banned)
         out = _popular(self.popular_items, self.item_ids, skip, k)
         return Result(out, True, _timings(rank=time.perf_counter() - t0))
 
@@ -323,8 +335,11 @@ class Engine:
         friends: Sequence[str],
         fof: Mapping[str, int],
         k: int,
+        exclude: Collection[str] = (),
     ) -> Result:
-        """Top-k people to befriend: tower + ANN candidates and friends-of-friends, blended.
+        """Top-k people to befriend: tower + ANN candidates and friends-of-friends, blended;
+        never the user, a friend, nor anyone in ``exclude`` (blocked either way, dismissed,
+        excluded by the request).
 
         score = u_f . [w, b] + fof_weight * log1p(mutual friends). Candidates are the
         k + |excluded| + overfetch nearest users plus every known friend-of-friend (at most
@@ -339,6 +354,7 @@ class Engine:
         users = self.user_index
         feeds, n_h, n_f, unknown, _ = self._features(history, friends)
         banned = {j for u in friends if (j := users.get(u)) is not None}
+        banned.update(j for u in exclude if (j := users.get(u)) is not None)
         me = users.get(user_id)
         if me is not None:
             banned.add(me)
@@ -350,7 +366,7 @@ class Engine:
             elif j not in banned:
                 cand_fof[j] = max(int(m), 0)
         if n_h == 0 and n_f == 0 and not cand_fof:
-            res = self.popular_friends(user_id, k, exclude=friends)
+            res = self.popular_friends(user_id, k, exclude=[*friends, *exclude])
             res.unknown = unknown
             return res
         if len(cand_fof) > self.config.max_fof:
@@ -361,10 +377,14 @@ class Engine:
         t1 = time.perf_counter()
         n = self.users.ntotal
         kk = min(n, k + len(banned) + self.config.overfetch)
-        _, I = self.users.search(u, kk)  # noqa: E741  (1, kk)
+        while True:
+            _, I = self.users.search(u, kk)  # noqa: E741  (1, kk)
+            cand = dict.fromkeys(j for j in I[0].tolist() if j >= 0 and j not in banned)
+            cand.update(dict.fromkeys(cand_fof))
+            if len(cand) >= k or kk >= n:
+                break
+            kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
         t2 = time.perf_counter()
-        cand = dict.fromkeys(j for j in I[0].tolist() if j >= 0 and j not in banned)
-        cand.update(dict.fromkeys(cand_fof))
         idx = np.fromiter(cand, dtype=np.int64, count=len(cand))  # (C,)
         mutual = np.fromiter((cand_fof.get(j, 0) for j in cand), dtype=np.float32, count=len(cand))
         if self.user_vectors is not None:

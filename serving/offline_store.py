@@ -73,7 +73,7 @@ class OfflineStore:
             n = 0
             for user, item, weight, ts in _progress(history_rows, "history", progress):
                 user, item = check_id("user", str(user)), check_id("item", str(item))
-                keys = [k.user("h", user), k.user("w", user)]
+                keys = [k.user("h", user), k.user("w", user), k.user("s", user)]
                 self._upsert(
                     keys=keys, args=[item, fmt_weight(weight), check_ts(ts), cap], client=pipe
                 )

@@ -11,6 +11,13 @@ published beside the old one and switched over)::
     {ns}:v1:w:{user}   hash    item -> summed interaction weight; always the same members
                                as the zset (an item dropped from history loses its weight)
     {ns}:v1:f:{user}   set     friend ids; undirected, so b in f:a  <=>  a in f:b
+    {ns}:v1:s:{user}   set     every item the user ever interacted with (seen; not capped)
+    {ns}:v1:d:{user}   set     items the user dismissed
+    {ns}:v1:du:{user}  set     users the user dismissed as friend suggestions
+    {ns}:v1:b:{user}   set     users the user blocks
+    {ns}:v1:bb:{user}  set     users who block the user (the reverse of b)
+    {ns}:v1:removed    set     items taken down (for everyone)
+    {ns}:v1:removed:v  int     bumped by every takedown or restore
     {ns}:v1:r:{n}:{user}:{request_id}
                        string  the event id a write with that request id got (n is the
                                length of user); expires after the idempotency window
@@ -46,6 +53,8 @@ class Keys:
     def __init__(self, namespace: str) -> None:
         self.prefix = f"{namespace}:{SCHEMA_VERSION}:"
         self.events = self.prefix + "events"
+        self.removed = self.prefix + "removed"  # items taken down (global)
+        self.removed_version = self.prefix + "removed:v"  # bumped by every takedown/restore
         self.friends_prefix = self.prefix + "f:"  # the fof script builds friend-set keys from it
 
     def user(self, kind: str, user: str) -> str:
@@ -70,24 +79,53 @@ class UserFeatures:
 
     history: list[tuple[str, float]] = field(default_factory=list)  # (item, weight), newest 1st
     friends: list[str] = field(default_factory=list)  # sorted
-    fof: dict[str, int] = field(default_factory=dict)  # candidate -> mutual friends (if asked)
+    fof: dict[str, int] = field(default_factory=dict)  # candidate -> mutual friends (friends)
+    # What must not be recommended: content reads fill seen and dismissed (items), friend
+    # reads fill dismissed (users) and blocked (either direction).
+    seen: frozenset[str] = frozenset()
+    dismissed: frozenset[str] = frozenset()
+    blocked: frozenset[str] = frozenset()
+    removed_version: int = 0  # content reads: the takedown set's version (0: none yet)
 
     @property
     def size(self) -> int:
-        """Entries held (history + friends + friends-of-friends), for cache accounting."""
-        return len(self.history) + len(self.friends) + len(self.fof)
+        """Entries held, for cache accounting."""
+        return (
+            len(self.history) + len(self.friends) + len(self.fof) + len(self.seen)
+            + len(self.dismissed) + len(self.blocked)
+        )  # fmt: skip
 
 
-def parse_features(replies: list) -> UserFeatures:
-    """UserFeatures from the read transaction's replies (RESP2 lists or redis-py's dicts)."""
-    items, weights, friends = replies[0], replies[1], replies[2]
-    if not isinstance(weights, dict):  # raw RESP2: a flat [field, value, ...] list
-        it = iter(weights)
-        weights = dict(zip(it, it, strict=True))
-    history = [(i, float(weights.get(i) or 0.0)) for i in items]
-    fof = replies[3] if len(replies) > 3 else []
-    fof_counts = {fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)}
-    return UserFeatures(history=history, friends=sorted(friends), fof=fof_counts)
+def _pairs(reply: list | dict) -> dict:
+    if isinstance(reply, dict):  # redis-py's HGETALL
+        return reply
+    it = iter(reply)  # raw RESP2: a flat [field, value, ...] list
+    return dict(zip(it, it, strict=True))
+
+
+def parse_features(replies: list, friends: bool) -> UserFeatures:
+    """UserFeatures from the read transaction's replies (RESP2 lists or redis-py's dicts).
+
+    Content reads: history, weights, friends, seen, dismissed items, takedown version.
+    Friend reads: history, weights, friends, dismissed users, blocked (both ways), fof.
+    """
+    weights = _pairs(replies[1])
+    history = [(i, float(weights.get(i) or 0.0)) for i in replies[0]]
+    base = {"history": history, "friends": sorted(replies[2])}
+    if friends:
+        fof = replies[5]
+        return UserFeatures(
+            **base,
+            fof={fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)},
+            dismissed=frozenset(replies[3]),
+            blocked=frozenset(replies[4]),
+        )
+    return UserFeatures(
+        **base,
+        seen=frozenset(replies[3]),
+        dismissed=frozenset(replies[4]),
+        removed_version=int(replies[5] or 0),
+    )
 
 
 MAX_ID_LEN = 256  # characters, after NFC normalisation (the server may set a lower limit)
@@ -193,16 +231,24 @@ end
 """
 
 # Friends-of-friends, computed inside Redis so only the top candidates travel.
-# KEYS: f of the user. ARGV: fof_friends_cap, fof_cap, friend-set key prefix, user.
+# KEYS: f, b, bb, du of the user. ARGV: fof_friends_cap, fof_cap, friend-set key prefix, user.
+# Candidates never include the user, friends, anyone blocked in either direction or dismissed;
+# friends in a block (which cannot persist: a block removes the friendship) are not scanned.
 # Returns {fof id, mutual count, ...}, highest count first, ties by id.
 FOF = (
     LUA_LIB
     + """
-local friends = redis.call('SMEMBERS', KEYS[1])
+local exclude = {[ARGV[4]] = true}
+for i = 2, 4 do
+  for _, u in ipairs(redis.call('SMEMBERS', KEYS[i])) do exclude[u] = true end
+end
+local friends = {}
+for _, f in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not exclude[f] then friends[#friends + 1] = f end
+end
 local fof = {}
 if #friends == 0 then return fof end
 table.sort(friends)  -- the first fof_friends_cap friends by id are scanned
-local exclude = {[ARGV[4]] = true}
 for _, f in ipairs(friends) do exclude[f] = true end
 local counts = {}
 for i = 1, math.min(#friends, tonumber(ARGV[1])) do
@@ -239,8 +285,8 @@ return fof
 """
 )
 
-# KEYS: h, w, events, request-id key (''). ARGV: user, item, weight, ts, history_cap, stream
-# maxlen (0: none), request-id ttl (s), cap on the summed weight.
+# KEYS: h, w, events, request-id key (''), s. ARGV: user, item, weight, ts, history_cap,
+# stream maxlen (0: none), request-id ttl (s), cap on the summed weight.
 # Recency is the latest ts seen for the item (ZADD GT), weights add up (capped). Returns the
 # event id; a repeated request id returns the first call's event id and changes nothing.
 LOG = (
@@ -249,6 +295,7 @@ LOG = (
 local prev = replayed(KEYS[4])
 if prev then return prev end
 redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[2])
 local total = tonumber(redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[3]))
 if total > tonumber(ARGV[8]) then redis.call('HSET', KEYS[2], ARGV[2], ARGV[8]) end
 cap_history(KEYS[1], KEYS[2], tonumber(ARGV[5]))
@@ -257,30 +304,99 @@ return remember(KEYS[4], xadd(KEYS[3], ARGV[6], 'type', 'interaction', 'user', A
 """
 )
 
-# KEYS: h, w. ARGV: item, weight, ts, history_cap. Bulk load: the weight is *set* (re-running a
-# publish is idempotent), no event. Returns how many items the cap dropped.
+# KEYS: h, w, s. ARGV: item, weight, ts, history_cap. Bulk load: the weight is *set* (re-running
+# a publish is idempotent), no event. Returns how many items the cap dropped.
 UPSERT = (
     LUA_LIB
     + """
 redis.call('ZADD', KEYS[1], 'GT', ARGV[3], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return cap_history(KEYS[1], KEYS[2], tonumber(ARGV[4]))
 """
 )
 
-# KEYS: f of a, f of b, events, request-id key (''). ARGV: a, b, ts, stream maxlen,
-# op (add|remove), request-id ttl (s). Returns the event id (the first one for a repeated
-# request id); the event says whether the graph changed.
+# KEYS: f of a, f of b, events, request-id key (''), b of a, b of b. ARGV: a, b, ts, stream
+# maxlen, op (add|remove), request-id ttl (s). Returns the event id (the first one for a
+# repeated request id); the event says whether the graph changed. Adding an edge one end of
+# which blocks the other is refused with a BLOCKED error.
 FRIEND = (
     LUA_LIB
     + """
 local prev = replayed(KEYS[4])
 if prev then return prev end
+if ARGV[5] == 'add' and (redis.call('SISMEMBER', KEYS[5], ARGV[2]) == 1
+                         or redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 1) then
+  return redis.error_reply('BLOCKED one of the users blocks the other')
+end
 local cmd = ARGV[5] == 'add' and 'SADD' or 'SREM'
 local changed = redis.call(cmd, KEYS[1], ARGV[2])
 redis.call(cmd, KEYS[2], ARGV[1])
 return remember(KEYS[4], xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'user', ARGV[1],
                               'friend', ARGV[2], 'ts', ARGV[3], 'changed', tostring(changed)),
                 ARGV[6])
+"""
+)
+
+# KEYS: the user's dismissed set (d or du), events, request-id key (''). ARGV: user, target,
+# kind (item|user), ts, stream maxlen, request-id ttl (s). Returns the event id.
+DISMISS = (
+    LUA_LIB
+    + """
+local prev = replayed(KEYS[3])
+if prev then return prev end
+local changed = redis.call('SADD', KEYS[1], ARGV[2])
+return remember(KEYS[3], xadd(KEYS[2], ARGV[5], 'type', 'dismiss_' .. ARGV[3], 'user', ARGV[1],
+                              'target', ARGV[2], 'ts', ARGV[4], 'changed', tostring(changed)),
+                ARGV[6])
+"""
+)
+
+# KEYS: b of a, bb of b, f of a, f of b, events, request-id key (''). ARGV: a, b, op
+# (block|unblock), ts, stream maxlen, request-id ttl (s). A block also removes the friendship
+# {a, b}, logged as its own friend_remove event (so retraining drops the edge as for any
+# removal). Returns the block event's id.
+BLOCK = (
+    LUA_LIB
+    + """
+local prev = replayed(KEYS[6])
+if prev then return prev end
+local changed
+if ARGV[3] == 'block' then
+  changed = redis.call('SADD', KEYS[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  local unfriended = redis.call('SREM', KEYS[3], ARGV[2])
+  redis.call('SREM', KEYS[4], ARGV[1])
+  if unfriended == 1 then
+    xadd(KEYS[5], ARGV[5], 'type', 'friend_remove', 'user', ARGV[1], 'friend', ARGV[2],
+         'ts', ARGV[4], 'changed', '1')
+  end
+else
+  changed = redis.call('SREM', KEYS[1], ARGV[2])
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+return remember(KEYS[6], xadd(KEYS[5], ARGV[5], 'type', ARGV[3], 'user', ARGV[1],
+                              'blocked', ARGV[2], 'ts', ARGV[4], 'changed', tostring(changed)),
+                ARGV[6])
+"""
+)
+
+# KEYS: removed set, its version counter, events, request-id key (''). ARGV: item, op
+# (remove|restore), ts, stream maxlen, request-id ttl (s). Every change bumps the version,
+# which every content read fetches, so workers reload the set at their next read.
+ITEM = (
+    LUA_LIB
+    + """
+local prev = replayed(KEYS[4])
+if prev then return prev end
+local changed
+if ARGV[2] == 'remove' then
+  changed = redis.call('SADD', KEYS[1], ARGV[1])
+else
+  changed = redis.call('SREM', KEYS[1], ARGV[1])
+end
+redis.call('INCR', KEYS[2])
+return remember(KEYS[4], xadd(KEYS[3], ARGV[4], 'type', 'item_' .. ARGV[2], 'item', ARGV[1],
+                              'ts', ARGV[3], 'changed', tostring(changed)), ARGV[5])
 """
 )

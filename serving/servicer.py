@@ -19,11 +19,16 @@ from typing import Protocol
 
 import grpc
 from socialrec.serving.cache import ResultCache
-from socialrec.serving.config import ServerConfig, load_token
+from socialrec.serving.config import ServerConfig, load_admin_token, load_token
 from socialrec.serving.engine import Engine, Result
 from socialrec.serving.observability import Metrics, RateLimitedLog
 from socialrec.serving.schema import UserFeatures, check_id
-from socialrec.serving.store import FeatureStore, StoreDataError, StoreUnavailable
+from socialrec.serving.store import (
+    FeatureStore,
+    StoreDataError,
+    StoreUnavailable,
+    WriteConflict,
+)
 
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -56,6 +61,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.store = store
         self.metrics = metrics
         self.token = load_token(cfg)
+        self.admin_token = load_admin_token(cfg)
+        # Items taken down, as of the version every content read fetches (see _removed_items).
+        self._removed: tuple[int, frozenset[str]] = (0, frozenset())
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
         self._bad_data_log = RateLimitedLog(log)
 
@@ -111,25 +119,47 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, msg)
         return k
 
-    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        if self.token is None:
+    async def _authorize(
+        self, context: grpc.aio.ServicerContext, method: str, admin: bool = False
+    ) -> None:
+        """The bearer token must be the write token (or, for ``admin`` RPCs, the admin token;
+        the write token there is PERMISSION_DENIED). Compared in constant time."""
+        want = self.admin_token if admin else self.token
+        if want is None:
+            what = "admin RPCs are" if admin else "writes are"
+            hint = (
+                "SOCIALREC_ADMIN_TOKEN or --admin-token-file"
+                if admin
+                else ("SOCIALREC_WRITE_TOKEN or --token-file")
+            )
             await self._fail(
                 context,
                 method,
                 grpc.StatusCode.UNAUTHENTICATED,
-                "writes are disabled: the server has no write token "
-                "(set SOCIALREC_WRITE_TOKEN or --token-file)",
+                f"{what} disabled: the server has no token for them (set {hint})",
             )
         got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not got.startswith("Bearer ") or not hmac.compare_digest(
-            got[7:].encode(), self.token.encode()
+        presented = got[7:].encode() if got.startswith("Bearer ") else b""
+        if presented and hmac.compare_digest(presented, want.encode()):
+            return
+        if (
+            admin
+            and self.token
+            and presented
+            and hmac.compare_digest(presented, self.token.encode())
         ):
             await self._fail(
                 context,
                 method,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid 'authorization: Bearer <token>' metadata",
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} needs the admin token; the write token is not enough",
             )
+        await self._fail(
+            context,
+            method,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid 'authorization: Bearer <token>' metadata",
+        )
 
     async def _live(self, context: grpc.aio.ServicerContext, method: str) -> Live:
         live = self.holder.live
@@ -162,23 +192,56 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             m.child(m.stage, method, stage).observe(secs)
 
     # ---- reads -----------------------------------------------------------------------------
+    async def _exclude(self, context, method: str, ids) -> frozenset[str]:
+        if len(ids) > self.cfg.max_exclude:
+            msg = f"exclude_ids holds {len(ids)} ids; at most {self.cfg.max_exclude}"
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, msg)
+        try:
+            return frozenset(check_id("exclude_ids", x, self.cfg.max_id_len) for x in ids)
+        except ValueError as e:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _removed_items(self, version: int | None) -> frozenset[str]:
+        """Items taken down, at least as new as ``version`` (the one the feature read just saw;
+        None: Redis is down, use what is known). The set is fetched again only when a read
+        shows a newer version, so a takedown is seen by the next content read of any worker."""
+        known, items = self._removed
+        if version is None or version == known:
+            return items
+        try:
+            self._removed = await self.store.aremoved()
+        except StoreUnavailable as e:
+            log.warning(
+                "could not refresh taken-down items", extra={"event": "removed", "error": str(e)}
+            )
+        return self._removed[1]
+
     async def _recommend(
         self, method: str, request, context, friends: bool
     ) -> tuple[Result, Engine, bool]:
-        """Shared read path: validate, read features (one Redis round trip), rank or fall back."""
+        """Shared read path: validate, read features and filters (one Redis round trip), rank
+        or fall back; filters apply to every answer, fallbacks included."""
         t0 = time.perf_counter()
         user = await self._id(context, method, "user_id", request.user_id)
         k = await self._k(context, method, request.k)
+        exclude = await self._exclude(context, method, request.exclude_ids)
         live = await self._live(context, method)
         engine = live.engine
         t1 = time.perf_counter()
         features = await self._read(method, user, friends)
         redis_s = time.perf_counter() - t1 if features is not None else None
         await self._deadline(context, method)
-        if features is None:
-            result = engine.popular_friends(user, k) if friends else engine.popular_content(k)
+        if friends:
+            if features is None:
+                result = engine.popular_friends(user, k, exclude=exclude)
+            else:
+                result = rank(live, user, k, True, features, exclude)
         else:
-            result = rank(live, user, k, friends, features)
+            removed = await self._removed_items(features and features.removed_version)
+            if features is None:
+                result = engine.popular_content(k, exclude=removed | exclude)
+            else:
+                result = rank(live, user, k, False, features, exclude, removed)
         self._observe(context, method, t0, result, redis_s)
         return result, engine, features is None
 
@@ -223,6 +286,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             event_id = await fn(*args)
         except ValueError as e:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except WriteConflict as e:
+            await self._fail(context, method, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except StoreDataError as e:
             await self._fail(
                 context,
@@ -291,6 +356,57 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         return await self._friendship(
             request, context, "RemoveFriendship", self.store.aremove_friendship
         )
+
+    async def Dismiss(self, request: pb.DismissRequest, context) -> pb.DismissResponse:
+        method = "Dismiss"
+        await self._authorize(context, method)
+        now = int(time.time() * 1000)
+        event_id = await self._write(
+            context,
+            method,
+            self.store.adismiss,
+            request.user_id,
+            request.item_id,
+            request.other_user_id,
+            now,
+            request.request_id,
+        )
+        return pb.DismissResponse(event_id=event_id)
+
+    async def _block(self, request: pb.BlockRequest, context, method: str, op: str):
+        await self._authorize(context, method)
+        now = int(time.time() * 1000)
+        event_id = await self._write(
+            context,
+            method,
+            self.store.ablock,
+            op,
+            request.user_id,
+            request.blocked_id,
+            now,
+            request.request_id,
+        )
+        return pb.BlockResponse(event_id=event_id)
+
+    async def BlockUser(self, request: pb.BlockRequest, context) -> pb.BlockResponse:
+        return await self._block(request, context, "BlockUser", "block")
+
+    async def UnblockUser(self, request: pb.BlockRequest, context) -> pb.BlockResponse:
+        return await self._block(request, context, "UnblockUser", "unblock")
+
+    async def _item(self, request: pb.ItemRequest, context, method: str, op: str):
+        await self._authorize(context, method, admin=True)
+        now = int(time.time() * 1000)
+        event_id = await self._write(
+            context, method, self.store.aitem, op, request.item_id, now, request.request_id
+        )
+        return pb.ItemResponse(event_id=event_id)
+
+    async def RemoveItem(self, request: pb.ItemRequest, context) -> pb.ItemResponse:
+        return await self._item(request, context, "RemoveItem", "remove")
+
+    async def RestoreItem(self, request: pb.ItemRequest, context) -> pb.ItemResponse:
+        return await self._item(request, context, "RestoreItem", "restore")
 
 
 class Malformed:
@@ -382,14 +498,28 @@ class Dispatcher:
         return call
 
 
-def rank(live: Live, user_id: str, k: int, friends: bool, features: UserFeatures) -> Result:
-    """The engine's answer for these features, through the live bundle's exact result cache.
+def rank(
+    live: Live,
+    user_id: str,
+    k: int,
+    friends: bool,
+    features: UserFeatures,
+    exclude: frozenset[str] = frozenset(),
+    removed: frozenset[str] = frozenset(),
+) -> Result:
+    """The engine's filtered answer for these features, through the live bundle's exact
+    result cache.
 
-    A hit comes back with ``timings == {"cache": secs}``.
+    Content answers leave out everything the user has seen and dismissed and every item taken
+    down; friend answers everyone dismissed or blocked either way; both leave out ``exclude``
+    (the request's own list). The filters are part of the features (the takedown set by its
+    version), so the cache stays exact; a request with its own exclude list bypasses it. A hit
+    comes back with ``timings == {"cache": secs}``.
     """
     cache, engine = live.cache, live.engine
     slot = (friends, user_id, k)
-    if cache is not None:
+    use_cache = cache is not None and not exclude
+    if use_cache:
         t0 = time.perf_counter()
         hit = cache.get(slot, features)
         if hit is not None:
@@ -398,9 +528,11 @@ def rank(live: Live, user_id: str, k: int, friends: bool, features: UserFeatures
             )
     f = features
     if friends:
-        res = engine.recommend_friends(user_id, f.history, f.friends, f.fof, k)
+        banned = f.dismissed | f.blocked | exclude
+        res = engine.recommend_friends(user_id, f.history, f.friends, f.fof, k, banned)
     else:
-        res = engine.recommend_content(f.history, f.friends, k)
-    if cache is not None:
+        banned = f.seen | f.dismissed | removed | exclude
+        res = engine.recommend_content(f.history, f.friends, k, banned)
+    if use_cache:
         cache.put(slot, features, res)
     return res

@@ -47,6 +47,17 @@ class StoreDataError(StoreUnavailable):
     does not parse): reads degrade for this request only; a write cannot be applied."""
 
 
+class WriteConflict(Exception):
+    """The store refused a write that conflicts with its state (a friendship under a block)."""
+
+
+def _refusal(message: str) -> Exception:
+    """The error an error reply of a write script stands for."""
+    if message.startswith("BLOCKED"):
+        return WriteConflict(message.removeprefix("BLOCKED").strip())
+    return StoreDataError(f"redis: {message}")
+
+
 class ConnectionLost(StoreUnavailable):
     """The connection failed before a reply: retried once at once (a restart closes sockets)."""
 
@@ -106,7 +117,7 @@ class RedisPyAsyncClient:
             except redis.exceptions.NoScriptError:
                 return await self._r.eval(source, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as e:
-            raise StoreDataError(f"redis: {e}") from e
+            raise _refusal(str(e)) from e
         except redis.exceptions.RedisError as e:
             raise _store_error(e) from e
 
@@ -135,7 +146,7 @@ class RespAsyncClient:
         except ConnectionError as e:
             raise ConnectionLost(f"redis: {e}") from e
         except self._resp.RespError as e:
-            raise StoreDataError(f"redis: {e}") from e
+            raise _refusal(str(e)) from e
         except (TimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis: {e}") from e
 
@@ -177,14 +188,14 @@ def _noscript(reply: object) -> bool:
     )
 
 
-def features(replies: list) -> UserFeatures:
+def features(replies: list, friends: bool) -> UserFeatures:
     """Parsed features of a read transaction's replies; StoreDataError if any reply is an error
     (e.g. WRONGTYPE: a key written by something else) or a value does not parse."""
     for r in replies:
         if isinstance(r, Exception):
             raise StoreDataError(f"redis: {r}")
     try:
-        return schema.parse_features(replies)
+        return schema.parse_features(replies, friends)
     except (TypeError, ValueError, IndexError) as e:
         raise StoreDataError(f"redis: unreadable features ({e})") from e
 
@@ -213,14 +224,18 @@ class FeatureStore:
         self.keys = schema.Keys(cfg.namespace)
         self._r = redis_py(cfg)
         self._client: AsyncClient | None = None  # created in the event loop that uses it
-        self._sha = {s: _sha1(s) for s in (schema.FOF, schema.LOG, schema.FRIEND)}
+        scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK, schema.ITEM)
+        self._sha = {s: _sha1(s) for s in scripts}
 
     # ---- commands (pure: what to send) -------------------------------------------------------
     def read_commands(self, user_id: str, with_fof: bool) -> list[tuple]:
-        """The read transaction: history (newest first), weights, friends, and fof if asked.
+        """The read transaction of a content read, or of a friend read (``with_fof``).
 
-        Plain commands where they suffice: returning a long history through Lua costs Redis
-        about five times the CPU.
+        Both: history (newest first), weights, friends. Content: seen items, dismissed items,
+        the takedown set's version. Friends: dismissed users, blocked users (both
+        directions), and friends-of-friends (one EVALSHA, always last). Plain commands where
+        they suffice: returning a long history through Lua costs Redis about five times the
+        CPU.
         """
         cfg, k = self.cfg, self.keys
         user = check_id("user_id", user_id)
@@ -231,8 +246,19 @@ class FeatureStore:
             ("SMEMBERS", f),
         ]
         if with_fof:
+            b, bb, du = k.user("b", user), k.user("bb", user), k.user("du", user)
             fof_args = (cfg.fof_friends_cap, cfg.fof_cap, k.friends_prefix, user)
-            cmds.append(("EVALSHA", self._sha[schema.FOF], 1, f, *fof_args))
+            cmds += [
+                ("SMEMBERS", du),
+                ("SUNION", b, bb),
+                ("EVALSHA", self._sha[schema.FOF], 4, f, b, bb, du, *fof_args),
+            ]
+        else:
+            cmds += [
+                ("SMEMBERS", k.user("s", user)),
+                ("SMEMBERS", k.user("d", user)),
+                ("GET", k.removed_version),
+            ]
         return cmds
 
     def log_call(
@@ -263,7 +289,7 @@ class FeatureStore:
             repr(MAX_TOTAL_WEIGHT),
         ]
         keys = [k.user("h", user), k.user("w", user), k.events, k.request(user, rid)]
-        return schema.LOG, keys, args
+        return schema.LOG, [*keys, k.user("s", user)], args
 
     def friend_call(
         self, op: str, a: str, b: str, ts_ms: int, request_id: str = ""
@@ -274,8 +300,50 @@ class FeatureStore:
             raise ValueError(f"a user can't befriend themselves: {a!r}")
         rid, k = check_request_id(request_id), self.keys
         keys = [k.user("f", a), k.user("f", b), k.events, k.request(a, rid)]
+        keys += [k.user("b", a), k.user("b", b)]
         args = [a, b, check_ts(ts_ms), self.cfg.stream_maxlen or 0, op, self.cfg.request_id_ttl_s]
         return schema.FRIEND, keys, args
+
+    def dismiss_call(
+        self, user_id: str, item_id: str, other_user_id: str, ts_ms: int, request_id: str = ""
+    ) -> tuple[str, list[str], list[Any]]:
+        """(script, keys, args) recording that the user dismissed an item or a person."""
+        user = check_id("user_id", user_id)
+        if bool(item_id) == bool(other_user_id):
+            raise ValueError("exactly one of item_id and other_user_id must be set")
+        kind, target = ("item", item_id) if item_id else ("user", other_user_id)
+        target = check_id("item_id" if item_id else "other_user_id", target)
+        if kind == "user" and target == user:
+            raise ValueError("other_user_id must differ from user_id")
+        rid, k = check_request_id(request_id), self.keys
+        key = k.user("d" if kind == "item" else "du", user)
+        args = [user, target, kind, check_ts(ts_ms), self.cfg.stream_maxlen or 0]
+        return (
+            schema.DISMISS,
+            [key, k.events, k.request(user, rid)],
+            [*args, self.cfg.request_id_ttl_s],
+        )
+
+    def block_call(
+        self, op: str, user_id: str, blocked_id: str, ts_ms: int, request_id: str = ""
+    ) -> tuple[str, list[str], list[Any]]:
+        """(script, keys, args) for ``op`` block or unblock of ``blocked_id`` by ``user_id``."""
+        a, b = check_id("user_id", user_id), check_id("blocked_id", blocked_id)
+        if a == b:
+            raise ValueError("blocked_id must differ from user_id")
+        rid, k = check_request_id(request_id), self.keys
+        keys = [k.user("b", a), k.user("bb", b), k.user("f", a), k.user("f", b), k.events]
+        args = [a, b, op, check_ts(ts_ms), self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s]
+        return schema.BLOCK, [*keys, k.request(a, rid)], args
+
+    def item_call(
+        self, op: str, item_id: str, ts_ms: int, request_id: str = ""
+    ) -> tuple[str, list[str], list[Any]]:
+        """(script, keys, args) taking an item down (``op`` remove) or restoring it."""
+        item, rid, k = check_id("item_id", item_id), check_request_id(request_id), self.keys
+        keys = [k.removed, k.removed_version, k.events, k.request("", rid) if rid else ""]
+        args = [item, op, check_ts(ts_ms), self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s]
+        return schema.ITEM, keys, args
 
     # ---- async (the server) ------------------------------------------------------------------
     def _aclient(self) -> AsyncClient:
@@ -292,10 +360,19 @@ class FeatureStore:
         cmds = self.read_commands(user_id, with_fof)
         client = self._aclient()
         replies = await _aretry(lambda: client.transaction(cmds))
-        if with_fof and _noscript(replies[3]):  # Redis lost its script cache: send the source
-            cmds[3] = ("EVAL", schema.FOF, *cmds[3][2:])
+        if with_fof and _noscript(replies[-1]):  # Redis lost its script cache: send the source
+            cmds[-1] = ("EVAL", schema.FOF, *cmds[-1][2:])
             replies = await _aretry(lambda: client.transaction(cmds))
-        return features(replies)
+        return features(replies, with_fof)
+
+    async def aremoved(self) -> tuple[int, frozenset[str]]:
+        """The takedown set and its version, read together (one MULTI/EXEC)."""
+        k, client = self.keys, self._aclient()
+        cmds = [("GET", k.removed_version), ("SMEMBERS", k.removed)]
+        version, items = await _aretry(lambda: client.transaction(cmds))
+        if isinstance(version, Exception) or isinstance(items, Exception):
+            raise StoreDataError(f"redis: {version if isinstance(version, Exception) else items}")
+        return int(version or 0), frozenset(items)
 
     async def alog_interaction(
         self,
@@ -319,6 +396,24 @@ class FeatureStore:
         """Remove the undirected edge {a, b} (idempotent) and log it; returns the event id."""
         return await self._acall(*self.friend_call("remove", a, b, ts_ms, request_id))
 
+    async def adismiss(
+        self, user_id: str, item_id: str, other_user_id: str, ts_ms: int, request_id: str = ""
+    ) -> str:
+        """Never recommend ``item_id`` (or ``other_user_id``) to ``user_id`` again."""
+        return await self._acall(
+            *self.dismiss_call(user_id, item_id, other_user_id, ts_ms, request_id)
+        )
+
+    async def ablock(
+        self, op: str, user_id: str, blocked_id: str, ts_ms: int, request_id: str = ""
+    ) -> str:
+        """Block (``op`` "block") or unblock; a block also removes the friendship."""
+        return await self._acall(*self.block_call(op, user_id, blocked_id, ts_ms, request_id))
+
+    async def aitem(self, op: str, item_id: str, ts_ms: int, request_id: str = "") -> str:
+        """Take an item down (``op`` "remove") or restore it, for everyone."""
+        return await self._acall(*self.item_call(op, item_id, ts_ms, request_id))
+
     async def _acall(self, script: str, keys: list[str], args: list[Any]) -> Any:
         client, sha = self._aclient(), self._sha[script]
         return await _aretry(lambda: client.evalsha(sha, script, keys, args))
@@ -339,10 +434,10 @@ class FeatureStore:
                 for c in cmds:
                     pipe.execute_command(*c)
                 replies = pipe.execute(raise_on_error=False)
-                if with_fof and attempt == 0 and _noscript(replies[3]):
+                if with_fof and attempt == 0 and _noscript(replies[-1]):
                     self._r.script_load(schema.FOF)
                     continue
-                return features(replies)
+                return features(replies, with_fof)
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
         raise AssertionError("unreachable")
@@ -361,6 +456,22 @@ class FeatureStore:
         """:meth:`aremove_friendship` over redis-py, blocking."""
         return self._call(*self.friend_call("remove", a, b, ts_ms, request_id))
 
+    def dismiss(
+        self, user_id: str, item_id: str, other_user_id: str, ts_ms: int, request_id: str = ""
+    ) -> str:
+        """:meth:`adismiss` over redis-py, blocking."""
+        return self._call(*self.dismiss_call(user_id, item_id, other_user_id, ts_ms, request_id))
+
+    def block(
+        self, op: str, user_id: str, blocked_id: str, ts_ms: int, request_id: str = ""
+    ) -> str:
+        """:meth:`ablock` over redis-py, blocking."""
+        return self._call(*self.block_call(op, user_id, blocked_id, ts_ms, request_id))
+
+    def item(self, op: str, item_id: str, ts_ms: int, request_id: str = "") -> str:
+        """:meth:`aitem` over redis-py, blocking."""
+        return self._call(*self.item_call(op, item_id, ts_ms, request_id))
+
     def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             try:
@@ -368,7 +479,7 @@ class FeatureStore:
             except redis.exceptions.NoScriptError:
                 return self._r.eval(script, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as e:
-            raise StoreDataError(f"redis: {e}") from e
+            raise _refusal(str(e)) from e
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from socialrec.serving.bundle import open_bundle
 from socialrec.serving.config import ServerConfig, bundle_key, load_token, resolve_bundle
 from socialrec.serving.observability import setup_logging
+from socialrec.serving.threads import pin_threads
 from socialrec.serving.worker import worker_main
 
 log = logging.getLogger("socialrec.server")
@@ -31,13 +32,6 @@ HEALTHY_S = 10.0  # a worker that lived this long resets its back-off
 
 class StartupError(RuntimeError):
     """Something the server needs at start is missing or taken; nothing was started."""
-
-
-def pin_threads() -> None:
-    """One thread per library per worker (docs/design.md "Performance rules"); call before
-    numpy, ONNX Runtime or FAISS start their thread pools."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
 
 
 def _port_free(host: str, port: int, what: str) -> None:

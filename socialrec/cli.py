@@ -184,7 +184,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from socialrec.serving.supervisor import pin_threads
+    from socialrec.serving.threads import pin_threads
 
     pin_threads()  # before onnxruntime / faiss / numpy start their thread pools
     from socialrec.serving.config import ServerConfig
@@ -202,7 +202,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"socialrec serve: error: {e}", file=sys.stderr)
             return 2
         redis_url = local.url
-        print(f"started a local redis-server at {redis_url} (data is thrown away on exit)")
+        print(
+            f"started a local {local.info.describe()} at {redis_url} (data is thrown away on exit)"
+        )
     if a.publish:
         from socialrec.serving.publish import PublishConfig
         from socialrec.serving.publish import run as publish

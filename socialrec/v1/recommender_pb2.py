@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esocialrec/v1/recommender.proto\x12\x0csocialrec.v1\"S\n\x0eRecommendation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0emutual_friends\x18\x04 \x01(\x05\"5\n\x17RecommendContentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"\x85\x01\n\x18RecommendContentResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.socialrec.v1.Recommendation\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\"5\n\x17RecommendFriendsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"\x85\x01\n\x18RecommendFriendsResponse\x12+\n\x05users\x18\x01 \x03(\x0b\x32\x1c.socialrec.v1.Recommendation\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\"s\n\x15LogInteractionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"*\n\x16LogInteractionResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"K\n\x11\x46riendshipRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tfriend_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x12\x46riendshipResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t2\xdb\x03\n\x0bRecommender\x12\x61\n\x10RecommendContent\x12%.socialrec.v1.RecommendContentRequest\x1a&.socialrec.v1.RecommendContentResponse\x12\x61\n\x10RecommendFriends\x12%.socialrec.v1.RecommendFriendsRequest\x1a&.socialrec.v1.RecommendFriendsResponse\x12[\n\x0eLogInteraction\x12#.socialrec.v1.LogInteractionRequest\x1a$.socialrec.v1.LogInteractionResponse\x12R\n\rAddFriendship\x12\x1f.socialrec.v1.FriendshipRequest\x1a .socialrec.v1.FriendshipResponse\x12U\n\x10RemoveFriendship\x12\x1f.socialrec.v1.FriendshipRequest\x1a .socialrec.v1.FriendshipResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esocialrec/v1/recommender.proto\x12\x0csocialrec.v1\"S\n\x0eRecommendation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0emutual_friends\x18\x04 \x01(\x05\"J\n\x17RecommendContentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0b\x65xclude_ids\x18\x03 \x03(\t\"\x85\x01\n\x18RecommendContentResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.socialrec.v1.Recommendation\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\"J\n\x17RecommendFriendsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0b\x65xclude_ids\x18\x03 \x03(\t\"\x85\x01\n\x18RecommendFriendsResponse\x12+\n\x05users\x18\x01 \x03(\x0b\x32\x1c.socialrec.v1.Recommendation\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\"s\n\x15LogInteractionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"*\n\x16LogInteractionResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"K\n\x11\x46riendshipRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tfriend_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x12\x46riendshipResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"]\n\x0e\x44ismissRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x15\n\rother_user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"#\n\x0f\x44ismissResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"G\n\x0c\x42lockRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nblocked_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"!\n\rBlockResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"2\n\x0bItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\" \n\x0cItemResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t2\xbc\x06\n\x0bRecommender\x12\x61\n\x10RecommendContent\x12%.socialrec.v1.RecommendContentRequest\x1a&.socialrec.v1.RecommendContentResponse\x12\x61\n\x10RecommendFriends\x12%.socialrec.v1.RecommendFriendsRequest\x1a&.socialrec.v1.RecommendFriendsResponse\x12[\n\x0eLogInteraction\x12#.socialrec.v1.LogInteractionRequest\x1a$.socialrec.v1.LogInteractionResponse\x12R\n\rAddFriendship\x12\x1f.socialrec.v1.FriendshipRequest\x1a .socialrec.v1.FriendshipResponse\x12U\n\x10RemoveFriendship\x12\x1f.socialrec.v1.FriendshipRequest\x1a .socialrec.v1.FriendshipResponse\x12\x46\n\x07\x44ismiss\x12\x1c.socialrec.v1.DismissRequest\x1a\x1d.socialrec.v1.DismissResponse\x12\x44\n\tBlockUser\x12\x1a.socialrec.v1.BlockRequest\x1a\x1b.socialrec.v1.BlockResponse\x12\x46\n\x0bUnblockUser\x12\x1a.socialrec.v1.BlockRequest\x1a\x1b.socialrec.v1.BlockResponse\x12\x43\n\nRemoveItem\x12\x19.socialrec.v1.ItemRequest\x1a\x1a.socialrec.v1.ItemResponse\x12\x44\n\x0bRestoreItem\x12\x19.socialrec.v1.ItemRequest\x1a\x1a.socialrec.v1.ItemResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDATION']._serialized_start=48
   _globals['_RECOMMENDATION']._serialized_end=131
   _globals['_RECOMMENDCONTENTREQUEST']._serialized_start=133
-  _globals['_RECOMMENDCONTENTREQUEST']._serialized_end=186
-  _globals['_RECOMMENDCONTENTRESPONSE']._serialized_start=189
-  _globals['_RECOMMENDCONTENTRESPONSE']._serialized_end=322
-  _globals['_RECOMMENDFRIENDSREQUEST']._serialized_start=324
-  _globals['_RECOMMENDFRIENDSREQUEST']._serialized_end=377
-  _globals['_RECOMMENDFRIENDSRESPONSE']._serialized_start=380
-  _globals['_RECOMMENDFRIENDSRESPONSE']._serialized_end=513
-  _globals['_LOGINTERACTIONREQUEST']._serialized_start=515
-  _globals['_LOGINTERACTIONREQUEST']._serialized_end=630
-  _globals['_LOGINTERACTIONRESPONSE']._serialized_start=632
-  _globals['_LOGINTERACTIONRESPONSE']._serialized_end=674
-  _globals['_FRIENDSHIPREQUEST']._serialized_start=676
-  _globals['_FRIENDSHIPREQUEST']._serialized_end=751
-  _globals['_FRIENDSHIPRESPONSE']._serialized_start=753
-  _globals['_FRIENDSHIPRESPONSE']._serialized_end=791
-  _globals['_RECOMMENDER']._serialized_start=794
-  _globals['_RECOMMENDER']._serialized_end=1269
+  _globals['_RECOMMENDCONTENTREQUEST']._serialized_end=207
+  _globals['_RECOMMENDCONTENTRESPONSE']._serialized_start=210
+  _globals['_RECOMMENDCONTENTRESPONSE']._serialized_end=343
+  _globals['_RECOMMENDFRIENDSREQUEST']._serialized_start=345
+  _globals['_RECOMMENDFRIENDSREQUEST']._serialized_end=419
+  _globals['_RECOMMENDFRIENDSRESPONSE']._serialized_start=422
+  _globals['_RECOMMENDFRIENDSRESPONSE']._serialized_end=555
+  _globals['_LOGINTERACTIONREQUEST']._serialized_start=557
+  _globals['_LOGINTERACTIONREQUEST']._serialized_end=672
+  _globals['_LOGINTERACTIONRESPONSE']._serialized_start=674
+  _globals['_LOGINTERACTIONRESPONSE']._serialized_end=716
+  _globals['_FRIENDSHIPREQUEST']._serialized_start=718
+  _globals['_FRIENDSHIPREQUEST']._serialized_end=793
+  _globals['_FRIENDSHIPRESPONSE']._serialized_start=795
+  _globals['_FRIENDSHIPRESPONSE']._serialized_end=833
+  _globals['_DISMISSREQUEST']._serialized_start=835
+  _globals['_DISMISSREQUEST']._serialized_end=928
+  _globals['_DISMISSRESPONSE']._serialized_start=930
+  _globals['_DISMISSRESPONSE']._serialized_end=965
+  _globals['_BLOCKREQUEST']._serialized_start=967
+  _globals['_BLOCKREQUEST']._serialized_end=1038
+  _globals['_BLOCKRESPONSE']._serialized_start=1040
+  _globals['_BLOCKRESPONSE']._serialized_end=1073
+  _globals['_ITEMREQUEST']._serialized_start=1075
+  _globals['_ITEMREQUEST']._serialized_end=1125
+  _globals['_ITEMRESPONSE']._serialized_start=1127
+  _globals['_ITEMRESPONSE']._serialized_end=1159
+  _globals['_RECOMMENDER']._serialized_start=1162
+  _globals['_RECOMMENDER']._serialized_end=1990
 # @@protoc_insertion_point(module_scope)

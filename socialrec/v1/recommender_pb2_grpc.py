@@ -61,6 +61,31 @@ class RecommenderStub:
                 request_serializer=socialrec_dot_v1_dot_recommender__pb2.FriendshipRequest.SerializeToString,
                 response_deserializer=socialrec_dot_v1_dot_recommender__pb2.FriendshipResponse.FromString,
                 _registered_method=True)
+        self.Dismiss = channel.unary_unary(
+                '/socialrec.v1.Recommender/Dismiss',
+                request_serializer=socialrec_dot_v1_dot_recommender__pb2.DismissRequest.SerializeToString,
+                response_deserializer=socialrec_dot_v1_dot_recommender__pb2.DismissResponse.FromString,
+                _registered_method=True)
+        self.BlockUser = channel.unary_unary(
+                '/socialrec.v1.Recommender/BlockUser',
+                request_serializer=socialrec_dot_v1_dot_recommender__pb2.BlockRequest.SerializeToString,
+                response_deserializer=socialrec_dot_v1_dot_recommender__pb2.BlockResponse.FromString,
+                _registered_method=True)
+        self.UnblockUser = channel.unary_unary(
+                '/socialrec.v1.Recommender/UnblockUser',
+                request_serializer=socialrec_dot_v1_dot_recommender__pb2.BlockRequest.SerializeToString,
+                response_deserializer=socialrec_dot_v1_dot_recommender__pb2.BlockResponse.FromString,
+                _registered_method=True)
+        self.RemoveItem = channel.unary_unary(
+                '/socialrec.v1.Recommender/RemoveItem',
+                request_serializer=socialrec_dot_v1_dot_recommender__pb2.ItemRequest.SerializeToString,
+                response_deserializer=socialrec_dot_v1_dot_recommender__pb2.ItemResponse.FromString,
+                _registered_method=True)
+        self.RestoreItem = channel.unary_unary(
+                '/socialrec.v1.Recommender/RestoreItem',
+                request_serializer=socialrec_dot_v1_dot_recommender__pb2.ItemRequest.SerializeToString,
+                response_deserializer=socialrec_dot_v1_dot_recommender__pb2.ItemResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -116,6 +141,50 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Dismiss(self, request, context):
+        """"Not interested": the item (item_id) or person (other_user_id) is never
+        recommended to user_id again. Exactly one of the two must be set.
+        Requires the write token. Errors: as LogInteraction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockUser(self, request, context):
+        """user_id blocks blocked_id: while the block holds, neither is recommended
+        to the other as a friend (whichever asks), their friendship (if any) is
+        removed, and AddFriendship between them is FAILED_PRECONDITION.
+        Requires the write token. Errors: as AddFriendship.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockUser(self, request, context):
+        """Lifts user_id's block of blocked_id (a block by the other side stays).
+        Does not restore a removed friendship. Requires the write token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveItem(self, request, context):
+        """Takes an item down: no answer from any worker contains it from (at most)
+        one second after the call is acknowledged; it stays down across restarts
+        and bundle swaps, and retraining leaves it out of the next catalogue.
+        Requires the admin token (PERMISSION_DENIED with the write token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreItem(self, request, context):
+        """Undoes RemoveItem. Requires the admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +212,31 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.RemoveFriendship,
                     request_deserializer=socialrec_dot_v1_dot_recommender__pb2.FriendshipRequest.FromString,
                     response_serializer=socialrec_dot_v1_dot_recommender__pb2.FriendshipResponse.SerializeToString,
+            ),
+            'Dismiss': grpc.unary_unary_rpc_method_handler(
+                    servicer.Dismiss,
+                    request_deserializer=socialrec_dot_v1_dot_recommender__pb2.DismissRequest.FromString,
+                    response_serializer=socialrec_dot_v1_dot_recommender__pb2.DismissResponse.SerializeToString,
+            ),
+            'BlockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockUser,
+                    request_deserializer=socialrec_dot_v1_dot_recommender__pb2.BlockRequest.FromString,
+                    response_serializer=socialrec_dot_v1_dot_recommender__pb2.BlockResponse.SerializeToString,
+            ),
+            'UnblockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockUser,
+                    request_deserializer=socialrec_dot_v1_dot_recommender__pb2.BlockRequest.FromString,
+                    response_serializer=socialrec_dot_v1_dot_recommender__pb2.BlockResponse.SerializeToString,
+            ),
+            'RemoveItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveItem,
+                    request_deserializer=socialrec_dot_v1_dot_recommender__pb2.ItemRequest.FromString,
+                    response_serializer=socialrec_dot_v1_dot_recommender__pb2.ItemResponse.SerializeToString,
+            ),
+            'RestoreItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreItem,
+                    request_deserializer=socialrec_dot_v1_dot_recommender__pb2.ItemRequest.FromString,
+                    response_serializer=socialrec_dot_v1_dot_recommender__pb2.ItemResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,6 +376,141 @@ class Recommender:
             '/socialrec.v1.Recommender/RemoveFriendship',
             socialrec_dot_v1_dot_recommender__pb2.FriendshipRequest.SerializeToString,
             socialrec_dot_v1_dot_recommender__pb2.FriendshipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dismiss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/socialrec.v1.Recommender/Dismiss',
+            socialrec_dot_v1_dot_recommender__pb2.DismissRequest.SerializeToString,
+            socialrec_dot_v1_dot_recommender__pb2.DismissResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/socialrec.v1.Recommender/BlockUser',
+            socialrec_dot_v1_dot_recommender__pb2.BlockRequest.SerializeToString,
+            socialrec_dot_v1_dot_recommender__pb2.BlockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/socialrec.v1.Recommender/UnblockUser',
+            socialrec_dot_v1_dot_recommender__pb2.BlockRequest.SerializeToString,
+            socialrec_dot_v1_dot_recommender__pb2.BlockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/socialrec.v1.Recommender/RemoveItem',
+            socialrec_dot_v1_dot_recommender__pb2.ItemRequest.SerializeToString,
+            socialrec_dot_v1_dot_recommender__pb2.ItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/socialrec.v1.Recommender/RestoreItem',
+            socialrec_dot_v1_dot_recommender__pb2.ItemRequest.SerializeToString,
+            socialrec_dot_v1_dot_recommender__pb2.ItemResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -504,15 +504,20 @@ def test_entry_bytes_bounds_what_an_entry_really_allocates(model_and_bundle) -> 
     estimate = 0
     for u in range(300):
         n = u % 40
-        replies = [  # the read transaction's raw shape: items, [item, weight, ...], friends, fof
-            [f"item-{(u + j) % N_ITEMS}" for j in range(n)],
+        friends = u % 2 == 1
+        items = [f"item-{(u + j) % N_ITEMS}" for j in range(n)]
+        replies = [  # a friend read's raw replies: items, [item, weight, ...], friends,
+            items,  # dismissed users, blocked users, fof; content: seen, dismissed, version
             [x for j in range(n) for x in (f"item-{(u + j) % N_ITEMS}", f"{j}.5")],
             [f"user {(u + j) % N_USERS}" for j in range(n // 4)],
-            [x for j in range(n // 3) for x in (f"user {(u * 7 + j) % N_USERS}", str(j + 1))],
-        ]
-        f = parse_features(replies)
-        del replies
-        slot = (u % 2 == 1, f"user-number-{u}", 20)
+            [f"user {(u + j) % N_USERS}" for j in range(n // 5)] if friends else list(items),
+            [f"user {(u * 3 + j) % N_USERS}" for j in range(n // 6)] if friends else [],
+            [x for j in range(n // 3) for x in (f"user {(u * 7 + j) % N_USERS}", str(j + 1))]
+            if friends else "3",
+        ]  # fmt: skip
+        f = parse_features(replies, friends)
+        del replies, items
+        slot = (friends, f"user-number-{u}", 20)
         if u % 3 == 0:
             res = engine.popular_content(20)
         elif slot[0]:

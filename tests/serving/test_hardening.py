@@ -62,7 +62,9 @@ def test_retry_with_the_same_request_id_after_a_paused_redis_counts_once(
         assert float(raw.hget(Keys(cfg.namespace).user("w", "u"), "i")) == 2.5
         raw.close()
         other = pb.LogInteractionRequest(user_id="u", item_id="i", weight=2.5, request_id="x")
-        assert s.stub.LogInteraction(other, metadata=AUTH).event_id != first  # a new id: a new write
+        assert (
+            s.stub.LogInteraction(other, metadata=AUTH).event_id != first
+        )  # a new id: a new write
         assert len(_events(r.url, cfg.namespace)) == 2
 
 

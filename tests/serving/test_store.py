@@ -188,7 +188,10 @@ def test_read_is_one_transaction(store: Calls, raw: redis.Redis) -> None:
         "cmdstat_multi": 1,
         "cmdstat_zrevrange": 1,
         "cmdstat_hgetall": 1,
-        "cmdstat_smembers": 3,  # u's friends; in the script: u's friends again, then a's
+        # u's friends and dismissed users; in the script: u's block sets (both ways), dismissed
+        # users and friends again, then a's friends
+        "cmdstat_smembers": 7,
+        "cmdstat_sunion": 1,  # blocked either way
         "cmdstat_evalsha": 1,
         "cmdstat_exec": 1,
         "cmdstat_info": 1,  # the INFO that took `before`
@@ -283,7 +286,7 @@ def test_flush_deletes_only_this_namespace(
         s.log_interaction("u", "i", 1.0, 1)
         s.add_friendship("u", "v", 1)
         o.log_interaction("u", "i", 1.0, 1)
-        assert s.offline.flush() == 4  # h, w and two friend sets; the stream is kept
+        assert s.offline.flush() == 5  # h, w, s and two friend sets; the stream is kept
         assert s.read("u") == UserFeatures() and len(s.events()) == 2
         assert o.read("u").history == [("i", 1.0)]
         assert s.offline.flush(events=True) == 1 and s.events() == []
@@ -313,7 +316,7 @@ def test_redis_killed_then_restarted(tmp_path, path: str) -> None:
         assert s.ping() is False
         server.restart()
         assert s.ping() is True
-        assert s.read("u") == UserFeatures([("a", 2.0)], ["v"], {})
+        assert s.read("u") == UserFeatures([("a", 2.0)], ["v"], {}, seen=frozenset({"a"}))
         s.log_interaction("u", "b", 1.0, 2)
         assert [i for i, _ in s.read("u").history] == ["b", "a"]
 
