@@ -221,6 +221,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_k=a.max_k,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
         token_file=a.token_file,
+        admin_token_file=a.admin_token_file,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         watch_interval_s=a.watch_interval,
@@ -333,6 +334,20 @@ def cmd_publish_bundle(a: argparse.Namespace) -> int:
         return 1
     print(f"CURRENT: {e['from']} -> {e['to']}")
     return 0
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from socialrec.serving.signing import generate_keypair
+
+    priv, pub = generate_keypair(a.out)
+    print(f"wrote {priv} (keep it with the pipeline: SOCIALREC_BUNDLE_SIGNING_KEY={priv})")
+    print(f"wrote {pub} (give it to servers: serve --bundle-key {pub})")
+    return 0
+
+
+def _keygen_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory for the key pair (created if missing)")
+    p.set_defaults(fn=cmd_keygen)
 
 
 # --------------------------------------------------------------------------- options
@@ -579,6 +594,11 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         "--token-file",
         help="file holding the write token (default: $SOCIALREC_WRITE_TOKEN; none: writes refused)",
     )
+    v.add_argument(
+        "--admin-token-file",
+        help="file holding the admin token for RemoveItem/RestoreItem (default: "
+        "$SOCIALREC_ADMIN_TOKEN; none: takedowns refused)",
+    )
     v.add_argument("--tls-cert", help="TLS certificate (PEM); with --tls-key serves TLS")
     v.add_argument("--tls-key", help="TLS private key (PEM)")
     v.add_argument(
@@ -734,6 +754,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         "copy a bundle into BUNDLES/VERSION (checksums verified), make it live",
         _publish_bundle_parser,
     ),
+    "keygen": ("write an Ed25519 key pair for signing bundles", _keygen_parser),
 }
 
 
