@@ -1,29 +1,30 @@
-"""A small Redis client for the server's hot path: one socket, RESP2, hiredis parsing.
+"""The server's Redis client for single-node Redis: one pipelined socket per event loop, RESP2,
+hiredis parsing, nothing blocking on the loop.
 
-Why not redis-py here: the server sends one small transaction per request and waits for it.
-redis-py spends about as long in Python around such a call (pool checkout, retry wrapper,
-command packing, response callbacks) as the loopback round trip itself, always sleeps in the
-kernel while it waits, and blocks the event loop meanwhile. This connection packs the command, writes it, and reads the reply
-with a non-blocking socket; it can busy-poll for a short, bounded time before it sleeps
-(``spin_us``), which on an idle machine saves the wake-up of a sleeping thread. Offline work
-(bulk loads, scans, the event stream) stays on redis-py.
+Why it exists (docs/design.md, "Redis client"): in the same load test, alternating, the server
+spent less CPU per request on this client than on ``redis.asyncio`` (with hiredis), well
+past the 10% bar below which redis-py would be used everywhere (measured by
+``benchmarks/redis_client_ab.py``). redis.asyncio checks a connection out of a pool, wraps
+every call in its retry and callback machinery and awaits each reply through a stream reader;
+here a request writes its commands to one socket shared by every request of the worker and
+awaits one future, resolved from the socket's read callback in arrival order.
 
-Supported URLs: ``redis://[[user]:password@]host[:port][/db]`` and
-``unix://[[user]:password@]/path/to/socket[?db=N]``. Anything else (``rediss://`` TLS, for
-one) raises :class:`ValueError` so the caller can fall back to redis-py.
+Scope: single-node Redis (or a primary) over ``redis://[[user]:password@]host[:port][/db]``
+or ``unix://[[user]:password@]/path?db=N``. Anything else (TLS, Redis Cluster) goes through
+redis-py, which the store picks automatically.
 
-Not thread-safe: one connection per thread (the store keeps one per thread and process).
+A timeout or a lost connection fails every command in flight (their replies could no longer
+be matched to callers) and the next command reconnects. Errors: ``ConnectionError`` (refused,
+reset, closed), ``TimeoutError`` (no reply within ``timeout_s``) and :class:`RespError` (an
+error reply; the connection stays usable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import select
 import socket
-import time
 from collections import deque
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -36,15 +37,8 @@ class RespError(Exception):
     """Redis answered with an error reply (the connection itself is fine)."""
 
 
-class Script:
-    """A Lua script run by SHA1 (``EVALSHA``), loaded on first use or after a Redis restart."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-def _pack(args: tuple) -> bytes:
+def pack(args: tuple) -> bytes:
+    """One command in RESP2."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         b = a if isinstance(a, bytes) else str(a).encode()
@@ -52,194 +46,48 @@ def _pack(args: tuple) -> bytes:
     return b"".join(out)
 
 
-class RespConnection:
-    """One Redis connection: ``execute(*args)`` sends a command and returns its reply.
-
-    Raises ``ConnectionError`` (refused, reset, closed), ``TimeoutError`` (no reply within
-    ``timeout_s``; the connection is then closed, since a late reply would be read by the
-    next command) or :class:`RespError` (an error reply). The socket is (re)opened lazily, so
-    a failed call leaves a connection that reconnects on the next one.
-    """
-
-    def __init__(self, url: str, timeout_s: float = 0.25, spin_us: int = 0) -> None:
-        u = urlparse(url)
-        if u.scheme not in SUPPORTED_SCHEMES:
-            raise ValueError(f"unsupported redis url scheme {u.scheme!r} (use redis:// or unix://)")
-        self.url = url
-        self.timeout_s = float(timeout_s)
-        self.spin_s = max(0, int(spin_us)) / 1e6
-        self._unix = u.scheme == "unix"
-        if self._unix:
-            self._address: object = unquote(u.path)
-            db = parse_qs(u.query).get("db", ["0"])[0]
-        else:
-            self._address = (u.hostname or "127.0.0.1", u.port or 6379)
-            db = u.path.lstrip("/") or "0"
-        try:
-            self._db = int(db)
-        except ValueError:
-            raise ValueError(f"redis url {url!r}: database {db!r} is not an integer") from None
-        self._user = unquote(u.username) if u.username else None
-        self._password = unquote(u.password) if u.password else None
-        self._sock: socket.socket | None = None
-        self._poll: select.poll | None = None
-        self._reader: hiredis.Reader | None = None
-        self._pid = 0
-
-    # ---- connection --------------------------------------------------------------------------
-    def _connect(self) -> None:
-        family = socket.AF_UNIX if self._unix else socket.AF_INET
-        if not self._unix and ":" in self._address[0]:
-            family = socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout_s)
-            sock.connect(self._address)
-            if not self._unix:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-        except OSError as e:
-            sock.close()
-            if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
-                raise TimeoutError(f"connect to {self._address}: timed out") from None
-            raise ConnectionError(f"connect to {self._address}: {e}") from None
-        self._sock, self._pid = sock, os.getpid()
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN)
-        self._reader = hiredis.Reader(encoding="utf-8")
-        try:
-            if self._password is not None:
-                auth = (self._user, self._password) if self._user else (self._password,)
-                _check(self._roundtrip(_pack(("AUTH", *auth)), 1)[0])
-            if self._db:
-                _check(self._roundtrip(_pack(("SELECT", self._db)), 1)[0])
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            finally:
-                self._sock = self._poll = self._reader = None
-
-    # ---- commands ----------------------------------------------------------------------------
-    def execute(self, *args: object) -> object:
-        """Send one command and return its reply (strings decoded as UTF-8)."""
-        self._ensure()
-        return _check(self._roundtrip(_pack(args), 1)[0])
-
-    def evalsha(self, script: Script, keys: list[str], args: list[object]) -> object:
-        """Run ``script`` by SHA1; on NOSCRIPT (fresh or restarted Redis) send the source once."""
-        try:
-            return self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except RespError as e:
-            if not str(e).startswith("NOSCRIPT"):
-                raise
-        return self.execute("EVAL", script.source, len(keys), *keys, *args)
-
-    def transaction(self, commands: list[tuple]) -> list:
-        """MULTI, the commands, EXEC, written at once: one round trip, applied atomically.
-
-        Returns the commands' replies; an error reply of one command is returned in its place
-        (a :class:`RespError` instance), an error of the transaction itself raises.
-        """
-        self._ensure()
-        return _exec_result(self._roundtrip(_pack_transaction(commands), len(commands) + 2))
-
-    def _ensure(self) -> None:
-        """Open the socket if there is none, or if this process is a fork of its opener."""
-        if self._sock is None or self._pid != os.getpid():  # never share a socket across fork
-            self._sock = None
-            self._connect()
-
-    def _roundtrip(self, packed: bytes, n: int) -> list:
-        """Write ``packed`` (``n`` commands) and read their ``n`` raw replies."""
-        sock, reader = self._sock, self._reader
-        try:
-            self._send(sock, packed)
-            return [self._read(sock, reader) for _ in range(n)]
-        except (TimeoutError, ConnectionError):
-            self.close()
-            raise
-        except OSError as e:
-            self.close()
-            raise ConnectionError(f"redis {self._address}: {e}") from None
-
-    def _send(self, sock: socket.socket, data: bytes) -> None:
-        view = memoryview(data)
-        deadline = time.monotonic() + self.timeout_s
-        while view:
-            try:
-                n = sock.send(view)
-            except BlockingIOError:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"redis {self._address}: send timed out") from None
-                select.select([], [sock], [], remaining)
-                continue
-            view = view[n:]
-
-    def _read(self, sock: socket.socket, reader: hiredis.Reader) -> object:
-        start = time.perf_counter()
-        deadline = start + self.timeout_s
-        # busy-poll first (spin_us): the reply is usually a few microseconds away
-        reply = _try_read(sock, reader, start + self.spin_s, self._address)
-        while reply is _NOTHING:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise TimeoutError(f"redis {self._address}: no reply within {self.timeout_s}s")
-            self._poll.poll(remaining * 1000)
-            reply = _try_read(sock, reader, 0.0, self._address)
-        return reply
-
-
-_NOTHING = object()
-
-
-def _try_read(sock: socket.socket, reader: hiredis.Reader, until: float, address: object) -> object:
-    """The next reply if it is complete before ``time.perf_counter()`` passes ``until``
-    (busy-polling the non-blocking socket meanwhile; one attempt if already past), else
-    _NOTHING."""
-    while True:
-        reply = reader.gets()
-        if reply is not False:
-            return reply
-        try:
-            data = sock.recv(1 << 16)
-        except BlockingIOError:
-            if time.perf_counter() >= until:
-                return _NOTHING
-            continue
-        if not data:
-            raise ConnectionError(f"redis {address}: connection closed")
-        reader.feed(data)
+def _address(url: str) -> tuple[object, int, str | None, str | None]:
+    """(socket address, db, user, password) of a redis:// or unix:// URL."""
+    u = urlparse(url)
+    if u.scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(f"unsupported redis url scheme {u.scheme!r} (use redis:// or unix://)")
+    if u.scheme == "unix":
+        address: object = unquote(u.path)
+        db = parse_qs(u.query).get("db", ["0"])[0]
+    else:
+        address = (u.hostname or "127.0.0.1", u.port or 6379)
+        db = u.path.lstrip("/") or "0"
+    try:
+        n = int(db)
+    except ValueError:
+        raise ValueError(f"redis url {url!r}: database {db!r} is not an integer") from None
+    user = unquote(u.username) if u.username else None
+    password = unquote(u.password) if u.password else None
+    return address, n, user, password
 
 
 class AsyncRespConnection:
     """A pipelined connection for one asyncio event loop: many commands in flight at once.
 
-    The server's handlers run on the event loop; a blocking round trip would stall every
-    other request of the worker while Redis answers. Here a handler writes its command and
-    awaits a future; replies come back in order and resolve the futures first in, first out.
-    When nothing else is in flight the reply is awaited by a bounded busy-poll first
-    (``spin_us``), so a lone request does not pay a trip through the event loop.
-
-    A timeout or a lost connection fails every command in flight (their replies could no
-    longer be matched) and the next command reconnects. Errors as :class:`RespConnection`.
-
-    Bookkeeping per call is one future; deadlines are checked by a single timer armed for
-    the oldest call in flight (calls are answered in order, so it has the earliest deadline)
-    instead of a timer per call.
+    Bookkeeping per call is one future; deadlines are checked by a single timer armed for the
+    oldest call in flight (replies come in order, so it has the earliest deadline). Writes go
+    straight to the socket and, when the kernel buffer is full, into a buffer flushed by a
+    writer callback, so a call never waits on the socket.
     """
 
-    def __init__(self, url: str, timeout_s: float = 0.25, spin_us: int = 0) -> None:
-        self._c = RespConnection(url, timeout_s=timeout_s, spin_us=spin_us)
+    def __init__(self, url: str, timeout_s: float = 0.25) -> None:
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        self._address, self._db, self._user, self._password = _address(url)
+        self._unix = isinstance(self._address, str)
+        self._sock: socket.socket | None = None
+        self._reader: hiredis.Reader | None = None
+        self._pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Future | None = None
+        self._out = bytearray()  # bytes the kernel did not take yet
         # In flight, oldest first: [future, replies still expected, replies so far, deadline]
         self._pending: deque[list] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._watched: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -247,48 +95,18 @@ class AsyncRespConnection:
         return len(self._pending)
 
     async def execute(self, *args: object) -> object:
-        (reply,) = await self._submit(_pack(args), 1)
+        """Send one command and return its reply (strings decoded as UTF-8)."""
+        (reply,) = await self._submit(pack(args), 1)
         return _check(reply)
 
     async def transaction(self, commands: list[tuple]) -> list:
-        """As :meth:`RespConnection.transaction`."""
-        return _exec_result(await self._submit(_pack_transaction(commands), len(commands) + 2))
+        """MULTI, the commands, EXEC, written at once: one round trip, applied atomically.
 
-    async def _submit(self, packed: bytes, n: int) -> list:
-        """Write ``packed`` (``n`` commands) and return their ``n`` replies, in order."""
-        c = self._c
-        if c._sock is None or c._pid != os.getpid():
-            self._reset(None)
-            c._ensure()  # blocking connect, bounded by timeout_s (loopback or LAN)
-        sock, reader = c._sock, c._reader
-        replies: list = []
-        try:
-            c._send(sock, packed)
-            if not self._pending:
-                while len(replies) < n:
-                    reply = self._spin(sock, reader)
-                    if reply is _NOTHING:
-                        break
-                    replies.append(reply)
-                if len(replies) == n:
-                    return replies
-        except (TimeoutError, ConnectionError) as e:
-            self._reset(e)
-            raise
-        except OSError as e:
-            err = ConnectionError(f"redis {c._address}: {e}")
-            self._reset(err)
-            raise err from None
-        loop = asyncio.get_running_loop()
-        if self._watched is not sock:
-            loop.add_reader(sock, self._on_readable)
-            self._watched, self._loop = sock, loop
-        fut = loop.create_future()
-        deadline = loop.time() + c.timeout_s
-        self._pending.append([fut, n - len(replies), replies, deadline])
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._on_timer)
-        return await fut
+        Returns the commands' replies; an error reply of one command comes back in its place
+        (a hiredis.ReplyError instance); an error of the transaction itself raises RespError.
+        """
+        packed = b"".join([pack(("MULTI",)), *(pack(c) for c in commands), pack(("EXEC",))])
+        return _exec_result(await self._submit(packed, len(commands) + 2))
 
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[object]) -> object:
         """Run a script by SHA1; sends ``source`` instead when Redis has not cached it."""
@@ -302,14 +120,104 @@ class AsyncRespConnection:
     def close(self) -> None:
         self._reset(ConnectionError("connection closed"))
 
-    # ---- internals ---------------------------------------------------------------------------
-    def _spin(self, sock: socket.socket, reader: hiredis.Reader) -> object:
-        """The reply if it arrives within spin_us, else _NOTHING (it will come via the loop)."""
-        return _try_read(sock, reader, time.perf_counter() + self._c.spin_s, self._c._address)
+    # ---- connection --------------------------------------------------------------------------
+    async def _ensure(self) -> None:
+        """Connect (once, shared by every caller waiting meanwhile) if there is no socket, or
+        if this process is a fork of the one that opened it."""
+        if self._sock is not None and self._pid == os.getpid():
+            return
+        if self._pid != os.getpid():
+            self._sock, self._connecting, self._pending = None, None, deque()
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_UNIX if self._unix else socket.AF_INET
+        if not self._unix and ":" in self._address[0]:
+            family = socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, self._address), self.timeout_s)
+            if not self._unix:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (TimeoutError, OSError) as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                raise TimeoutError(f"connect to {self._address}: timed out") from None
+            raise ConnectionError(f"connect to {self._address}: {e}") from None
+        self._sock, self._pid, self._loop = sock, os.getpid(), loop
+        self._reader = hiredis.Reader(encoding="utf-8")
+        self._out.clear()
+        loop.add_reader(sock, self._on_readable)
+        try:
+            if self._password is not None:
+                auth = (self._user, self._password) if self._user else (self._password,)
+                _check((await self._send_now(pack(("AUTH", *auth)), 1))[0])
+            if self._db:
+                _check((await self._send_now(pack(("SELECT", self._db)), 1))[0])
+        except BaseException as e:
+            self._reset(e if isinstance(e, Exception) else None)
+            raise
+
+    # ---- calls -------------------------------------------------------------------------------
+    async def _submit(self, packed: bytes, n: int) -> list:
+        """Write ``packed`` (``n`` commands) and return their ``n`` replies, in order."""
+        await self._ensure()
+        return await self._send_now(packed, n)
+
+    def _send_now(self, packed: bytes, n: int) -> asyncio.Future:
+        loop = self._loop
+        if loop is None or self._sock is None:  # reset by another call since _ensure
+            raise ConnectionError(f"redis {self._address}: connection lost")
+        fut = loop.create_future()
+        deadline = loop.time() + self.timeout_s
+        self._pending.append([fut, n, [], deadline])
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        self._write(packed)
+        return fut
+
+    def _write(self, data: bytes) -> None:
+        sock = self._sock
+        if self._out:  # earlier bytes still queued: keep the order
+            self._out += data
+            return
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._reset(ConnectionError(f"redis {self._address}: {e}"))
+            return
+        if sent < len(data):
+            self._out += data[sent:]
+            self._loop.add_writer(sock, self._on_writable)
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sent = sock.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._reset(ConnectionError(f"redis {self._address}: {e}"))
+            return
+        del self._out[:sent]
+        if not self._out:
+            self._loop.remove_writer(sock)
 
     def _on_readable(self) -> None:
-        c = self._c
-        sock, reader = c._sock, c._reader
+        sock, reader = self._sock, self._reader
         if sock is None:
             return
         pending = self._pending
@@ -320,7 +228,7 @@ class AsyncRespConnection:
                 except BlockingIOError:
                     break
                 if not data:
-                    raise ConnectionError(f"redis {c._address}: connection closed")
+                    raise ConnectionError(f"redis {self._address}: connection closed")
                 reader.feed(data)
                 if len(data) < (1 << 16):
                     break
@@ -346,18 +254,22 @@ class AsyncRespConnection:
             return
         deadline = self._pending[0][3]
         if self._loop.time() >= deadline:
-            self._reset(
-                TimeoutError(f"redis {self._c._address}: no reply within {self._c.timeout_s}s")
-            )
+            self._reset(TimeoutError(f"redis {self._address}: no reply within {self.timeout_s}s"))
         else:
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _reset(self, err: BaseException | None) -> None:
         """Close the socket and fail everything in flight with ``err``."""
-        if self._watched is not None and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._watched)
-        self._watched = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._loop is not None and self._pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(sock)
+                with contextlib.suppress(Exception):
+                    self._loop.remove_writer(sock)
+            sock.close()
+        self._reader = None
+        self._out.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -365,11 +277,6 @@ class AsyncRespConnection:
         for call in pending:
             if not call[0].done():
                 call[0].set_exception(err or ConnectionError("connection reset"))
-        self._c.close()
-
-
-def _pack_transaction(commands: list[tuple]) -> bytes:
-    return b"".join([_pack(("MULTI",)), *(_pack(c) for c in commands), _pack(("EXEC",))])
 
 
 def _exec_result(replies: list) -> list:

@@ -14,6 +14,7 @@ from socialrec.v1 import recommender_pb2 as pb
 TOKEN = "in-process-token"  # tests/serving/conftest.py
 CONTRACT = {
     grpc.StatusCode.OK,
+    grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -27,7 +28,8 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 METHODS = ["RecommendContent", "RecommendFriends", "LogInteraction", "AddFriendship",
-           "RemoveFriendship"]  # fmt: skip
+           "RemoveFriendship", "Dismiss", "BlockUser", "UnblockUser", "RemoveItem",
+           "RestoreItem"]  # fmt: skip
 
 ids = st.one_of(
     st.text(max_size=300),
@@ -37,10 +39,32 @@ ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, 50, 51
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 times = st.one_of(st.integers(-(2**63), 2**63 - 1), st.just(0))
 auth = st.sampled_from([(), (("authorization", f"Bearer {TOKEN}"),), (("authorization", "x"),)])
+id_lists = st.lists(ids, max_size=5) | st.just([f"i{j}" for j in range(1001)])
 
 requests = st.one_of(
-    st.builds(lambda u, k: ("RecommendContent", pb.RecommendContentRequest(user_id=u, k=k)), ids, ints),
-    st.builds(lambda u, k: ("RecommendFriends", pb.RecommendFriendsRequest(user_id=u, k=k)), ids, ints),
+    st.builds(
+        lambda u, k, x: ("RecommendContent",
+                         pb.RecommendContentRequest(user_id=u, k=k, exclude_ids=x)),
+        ids, ints, id_lists,
+    ),
+    st.builds(
+        lambda u, k, x: ("RecommendFriends",
+                         pb.RecommendFriendsRequest(user_id=u, k=k, exclude_ids=x)),
+        ids, ints, id_lists,
+    ),
+    st.builds(
+        lambda u, i, o, r: ("Dismiss",
+                            pb.DismissRequest(user_id=u, item_id=i, other_user_id=o, request_id=r)),
+        ids, ids, ids, ids,
+    ),
+    st.builds(
+        lambda m, u, b, r: (m, pb.BlockRequest(user_id=u, blocked_id=b, request_id=r)),
+        st.sampled_from(["BlockUser", "UnblockUser"]), ids, ids, ids,
+    ),
+    st.builds(
+        lambda m, i, r: (m, pb.ItemRequest(item_id=i, request_id=r)),
+        st.sampled_from(["RemoveItem", "RestoreItem"]), ids, ids,
+    ),
     st.builds(
         lambda u, i, w, t, r: (
             "LogInteraction",
