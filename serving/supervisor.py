@@ -151,8 +151,8 @@ def serve(cfg: ServerConfig) -> int:
     for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, forward)
     try:
-        for i in range(cfg.workers):
-            start(i)
+        # Metrics first: once a worker answers SERVING, /metrics is there too. The HTTP
+        # thread only runs while a scrape is served, and workers never touch it.
         if cfg.metrics_port is not None:
             from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
@@ -167,6 +167,8 @@ def serve(cfg: ServerConfig) -> int:
                 )
                 return 2
             log.info("metrics listening", extra={"event": "metrics", "port": cfg.metrics_port})
+        for i in range(cfg.workers):
+            start(i)
         due: dict[int, float] = {}
         while not stopping.is_set():
             now = time.monotonic()

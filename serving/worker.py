@@ -258,6 +258,11 @@ def die_with_parent(parent: int) -> None:
 
 def worker_main(cfg: ServerConfig, worker: int, parent: int) -> None:
     """Entry point of a forked worker process."""
+    # Not the supervisor's handlers: until the event loop installs its own, SIGTERM/SIGINT
+    # end a starting worker at once, and a reload request (SIGHUP) is moot.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent(parent)
     setup_logging()
     asyncio.run(serve_worker(cfg, worker))
