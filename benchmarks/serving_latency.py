@@ -7,7 +7,7 @@ and RecommendFriends. Prints client latency (median, p99) of each, the ratio
 RecommendContent / empty, and the server's own per-stage latency from its Prometheus
 histograms (median and p99 interpolated inside buckets).
 
-The server runs with its exact result cache off (``--result-cache-budget 0``; a later
+The server runs with its exact result cache off (``--result-cache-mb 0``; a later
 ``--serve-args`` flag wins): this read-only loop over a fixed set of users would otherwise
 measure cache hits, not the tower and the search.
 
@@ -89,7 +89,7 @@ def main() -> int:
         help="the server talks to Redis over a Unix socket instead of loopback TCP",
     )
     ap.add_argument(
-        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-spin-us 50'"
+        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'"
     )
     a = ap.parse_args()
 
@@ -110,7 +110,7 @@ def main() -> int:
 
         publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
         args = ["--bundle", str(bundle), "--redis-url", redis_url, "--workers", str(a.workers),
-                "--result-cache-budget", "0", *a.serve_args.split()]  # fmt: skip
+                "--result-cache-mb", "0", *a.serve_args.split()]  # fmt: skip
         server = ServerProcess(
             args, metrics=True, env={"SOCIALREC_WRITE_TOKEN": "bench"}, ready_timeout_s=60
         ).start()
