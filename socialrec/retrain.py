@@ -10,7 +10,14 @@ CLI rather than inside any one of them. Steps (rank 0 does all but training):
    entries, so nothing is lost: the rerun appends them again and the dedup absorbs it.
 2. **Merge** base dataset (RUN_DIR/run.json) + *every* consumed event (not only the new ones:
    training is from scratch, so each run needs the whole history) with
-   :func:`training.events.merge_events`, written as TSV into a fresh run directory.
+   :func:`training.events.merge_events`, written as TSV into a fresh run directory. Every
+   event type is folded (interactions, friendships, dismissals, blocks, item takedowns and
+   restores); unknown types are skipped and counted by name in the report. Feed controls are
+   state the replay rebuilds each run, so nothing about them is kept in ``state.json``: a
+   takedown stays in events.jsonl, every later retrain applies it again (the item stays out
+   of the catalogue and its interactions out of the data) until a restore, which brings the
+   interactions back. The taken-down ids are written beside the data (``removed_items.txt``)
+   and counted in the report, for audit only.
 3. **Retrain from scratch** with the base run's train config (``training.run.run``; under
    torchrun every rank trains, DDP over gloo). From scratch, not warm-started: new users and
    items change the embedding tables' shapes, the early-stopping selection stays honest on
@@ -47,7 +54,9 @@ from socialrec.training.split import Split
 
 EVENTS = "events.jsonl"
 STATE = "state.json"
+REMOVED = "removed_items.txt"  # in the run's data directory: the items this bundle leaves out
 TASKS = ("content", "friends")
+REPORT_IDS = 1000  # taken-down ids listed in the report (all of them are in REMOVED)
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,22 @@ def consume(cfg: RetrainConfig, root: Path, after: str) -> tuple[int, str]:
             os.fsync(f.fileno())
             n, last = n + len(rows), rows[-1][0]
     return n, last
+
+
+def feed_summary(applied: dict) -> list[str]:
+    """The merge's non-zero feed-control counts in words, for the report."""
+    labels = {
+        "removed_items": "items taken down (left out of the catalogue)",
+        "interactions_dropped_by_takedowns": "interactions dropped with taken-down items",
+        "interactions_dropped_by_dismissals": "interactions dropped by dismissals",
+        "friend_pairs_dropped_by_dismissals": "friend pairs dropped by dismissals",
+        "friend_pairs_dropped_by_blocks": "friend pairs dropped by blocks",
+        "clamped_weights": "(user, item) weights clamped to the server's bounds",
+        "skipped": "events skipped (why: events.applied.skip_reasons)",
+    }
+    out = [f"{label}: {applied[k]:,}" for k, label in labels.items() if applied.get(k)]
+    out += [f"unknown event type {t!r}: {c:,} skipped" for t, c in applied["unknown_types"].items()]
+    return out
 
 
 # --------------------------------------------------------------------------- gate scoring
@@ -305,6 +330,8 @@ def run(cfg: RetrainConfig) -> Path | None:
         work = Path(cfg.work_dir) if cfg.work_dir else root / "retrain-runs"
         run_dir = work / f"{stamp}-{last_id}"
         data = write_tsv(merged, run_dir / "data")
+        removed = stats.removed_item_ids
+        (run_dir / "data" / REMOVED).write_text("".join(f"{i}\n" for i in removed))
         payload = [
             {
                 "run_dir": str(run_dir),
@@ -315,6 +342,7 @@ def run(cfg: RetrainConfig) -> Path | None:
                 "last_id": last_id,
                 "n_events": len(events),
                 "stats": stats.as_dict(),
+                "removed": list(removed[:REPORT_IDS]),
             }
         ]
     if distributed:
@@ -372,6 +400,12 @@ def run(cfg: RetrainConfig) -> Path | None:
             "new": p["n_new"],
             "total_used": p["n_events"],
             "applied": p["stats"],
+            "summary": feed_summary(p["stats"]),
+            "removed_items": {
+                "count": p["stats"]["removed_items"],
+                "ids": p["removed"],  # the first REPORT_IDS, sorted
+                "file": str(run_dir / "data" / REMOVED),
+            },
         },
         "dataset": ds.summary(),
         "split_sha256": split.sha256(),
