@@ -1,15 +1,22 @@
 # Developer entry points. Recipes are the same commands .ci/run and the README use.
 PYTHON ?= python
 
-.PHONY: install test lint protos protos-check demo lastfm independent-check synthetic-scale
+.PHONY: install test test-slow test-all lint protos protos-check demo lastfm independent-check synthetic-scale
 
 # torch first, pinned (the same pin as the train extra), so nothing else picks the build.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[dev]"
 
+# The fast tier: unit tests and the in-process server over a real Redis (a few minutes).
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+# The slow tier: subprocess servers, load and fault runs, compression, DDP.
+test-slow:
+	$(PYTHON) -m pytest -q -m slow tests
+
+test-all: test test-slow
 
 lint:
 	ruff check . && ruff format --check .

@@ -82,7 +82,7 @@ class AsyncRespConnection:
         self._unix = isinstance(self._address, str)
         self._sock: socket.socket | None = None
         self._reader: hiredis.Reader | None = None
-        self._pid = 0
+        self._pid = os.getpid()  # the process this state belongs to (a fork starts afresh)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future | None = None
         self._out = bytearray()  # bytes the kernel did not take yet
@@ -124,10 +124,12 @@ class AsyncRespConnection:
     async def _ensure(self) -> None:
         """Connect (once, shared by every caller waiting meanwhile) if there is no socket, or
         if this process is a fork of the one that opened it."""
-        if self._sock is not None and self._pid == os.getpid():
+        if self._pid != os.getpid():  # a forked child: nothing of the parent's is ours
+            self._pid = os.getpid()
+            self._sock, self._reader, self._loop, self._connecting = None, None, None, None
+            self._pending, self._out, self._timer = deque(), bytearray(), None
+        if self._sock is not None:
             return
-        if self._pid != os.getpid():
-            self._sock, self._connecting, self._pending = None, None, deque()
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
         connecting = self._connecting
@@ -153,7 +155,7 @@ class AsyncRespConnection:
             if isinstance(e, TimeoutError):
                 raise TimeoutError(f"connect to {self._address}: timed out") from None
             raise ConnectionError(f"connect to {self._address}: {e}") from None
-        self._sock, self._pid, self._loop = sock, os.getpid(), loop
+        self._sock, self._loop = sock, loop
         self._reader = hiredis.Reader(encoding="utf-8")
         self._out.clear()
         loop.add_reader(sock, self._on_readable)
@@ -260,9 +262,12 @@ class AsyncRespConnection:
 
     def _reset(self, err: BaseException | None) -> None:
         """Close the socket and fail everything in flight with ``err``."""
+        if self._pid != os.getpid():  # a fork's copy: the socket and loop are the parent's
+            self._sock = None
+            return
         sock, self._sock = self._sock, None
         if sock is not None:
-            if self._loop is not None and self._pid == os.getpid():
+            if self._loop is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(sock)
                 with contextlib.suppress(Exception):

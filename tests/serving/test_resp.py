@@ -238,3 +238,30 @@ def test_codec_round_trips_any_text(redis_server, values: list[str]) -> None:
         await c.execute("DEL", "resp:prop")
 
     _LOOP.run_until_complete(main())
+
+
+class _SlowConnect(AsyncRespConnection):
+    """Connects only after a pause (a loaded machine, a distant Redis); a second connect
+    attempt would finish first, the way that mixes up sockets."""
+
+    attempts = 0
+
+    async def _connect(self) -> None:
+        type(self).attempts += 1
+        await asyncio.sleep(0.1 / type(self).attempts)
+        await super()._connect()
+
+
+def test_calls_during_the_first_connect_share_one_socket(redis_server) -> None:
+    """Everything sent while the first connect is under way waits for that one connection
+    (not one connection each, which would mix up replies) and gets its own reply."""
+
+    async def main() -> None:
+        c = _SlowConnect(redis_server.url, timeout_s=2)
+        ids = await asyncio.gather(*(c.execute("CLIENT", "ID") for _ in range(20)))
+        values = [f"v{i}" for i in range(200)]
+        assert await asyncio.gather(*(c.execute("ECHO", v) for v in values)) == values
+        assert len(set(ids)) == 1 and _SlowConnect.attempts == 1
+        c.close()
+
+    run(main())
