@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from socialrec.compression.run import CompressConfig, run
 from socialrec.serving.bundle import open_bundle
 
 from socialrec.cli import build_parser
+
+pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
 
 
 def test_compress_quick_writes_report_and_bundle(run_dir: Path, capsys) -> None:

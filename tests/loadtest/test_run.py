@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
+
 if importlib.util.find_spec("locust") is None:  # found, not imported: importing it would
     pytest.skip("locust not installed", allow_module_level=True)  # gevent-patch pytest
 

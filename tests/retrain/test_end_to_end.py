@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from socialrec.serving.harness import ServerProcess, new_channel
 from socialrec.serving.publish import PublishConfig
 from socialrec.serving.publish import run as publish
@@ -23,6 +24,8 @@ from socialrec import retrain
 from socialrec.retrain import RetrainConfig
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
 
 TOKEN = "retrain-e2e-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from socialrec.serving.harness import NOT_SERVING, ServerProcess
 
+pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
+
 
 def test_importing_the_harness_does_not_import_torch() -> None:
     code = "import sys, socialrec.serving.harness; assert 'torch' not in sys.modules"

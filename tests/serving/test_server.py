@@ -22,6 +22,8 @@ from socialrec.serving.redis_local import find_free_port, start_redis
 from socialrec.v1 import recommender_pb2 as pb
 from socialrec.v1 import recommender_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
+
 TOKEN = "test-token-123"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 

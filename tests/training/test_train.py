@@ -249,6 +249,7 @@ def test_cli_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert f"{bad}:3:" in r.stderr and "weight" in r.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo) trains through the same code path."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
