@@ -16,14 +16,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED_FIELDS = {
     "Recommendation": {"id", "score", "reason", "mutual_friends"},
-    "RecommendContentRequest": {"user_id", "k"},
+    "RecommendContentRequest": {"user_id", "k", "exclude_ids"},
     "RecommendContentResponse": {"items", "bundle_version", "cold_start", "degraded"},
-    "RecommendFriendsRequest": {"user_id", "k"},
+    "RecommendFriendsRequest": {"user_id", "k", "exclude_ids"},
     "RecommendFriendsResponse": {"users", "bundle_version", "cold_start", "degraded"},
-    "LogInteractionRequest": {"user_id", "item_id", "weight", "timestamp_ms"},
+    "LogInteractionRequest": {"user_id", "item_id", "weight", "timestamp_ms", "request_id"},
     "LogInteractionResponse": {"event_id"},
-    "FriendshipRequest": {"user_id", "friend_id"},
-    "FriendshipResponse": set(),
+    "FriendshipRequest": {"user_id", "friend_id", "request_id"},
+    "FriendshipResponse": {"event_id"},
+    "DismissRequest": {"user_id", "item_id", "other_user_id", "request_id"},
+    "DismissResponse": {"event_id"},
+    "BlockRequest": {"user_id", "blocked_id", "request_id"},
+    "BlockResponse": {"event_id"},
+    "ItemRequest": {"item_id", "request_id"},
+    "ItemResponse": {"event_id"},
 }
 
 EXPECTED_METHODS = {
@@ -32,6 +38,11 @@ EXPECTED_METHODS = {
     "LogInteraction": ("LogInteractionRequest", "LogInteractionResponse"),
     "AddFriendship": ("FriendshipRequest", "FriendshipResponse"),
     "RemoveFriendship": ("FriendshipRequest", "FriendshipResponse"),
+    "Dismiss": ("DismissRequest", "DismissResponse"),
+    "BlockUser": ("BlockRequest", "BlockResponse"),
+    "UnblockUser": ("BlockRequest", "BlockResponse"),
+    "RemoveItem": ("ItemRequest", "ItemResponse"),
+    "RestoreItem": ("ItemRequest", "ItemResponse"),
 }
 
 
@@ -63,9 +74,14 @@ def test_field_numbers_are_stable():
         "Recommendation": {"id": 1, "score": 2, "reason": 3},
         "RecommendContentRequest": {"user_id": 1, "k": 2},
         "RecommendFriendsRequest": {"user_id": 1, "k": 2},
-        "LogInteractionRequest": {"user_id": 1, "item_id": 2, "weight": 3, "timestamp_ms": 4},
-        "FriendshipRequest": {"user_id": 1, "friend_id": 2},
-    }
+        "LogInteractionRequest": {
+            "user_id": 1, "item_id": 2, "weight": 3, "timestamp_ms": 4, "request_id": 5,
+        },
+        "FriendshipRequest": {"user_id": 1, "friend_id": 2, "request_id": 3},
+        "DismissRequest": {"user_id": 1, "item_id": 2, "other_user_id": 3, "request_id": 4},
+        "BlockRequest": {"user_id": 1, "blocked_id": 2, "request_id": 3},
+        "ItemRequest": {"item_id": 1, "request_id": 2},
+    }  # fmt: skip
     for message, fields in numbers.items():
         by_name = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name
         assert {name: by_name[name].number for name in fields} == fields, message
@@ -151,7 +167,7 @@ def test_defaults_are_proto3_zero_values():
     assert req.SerializeToString() == b""
 
 
-def test_service_has_exactly_the_five_methods():
+def test_service_has_exactly_these_methods():
     service = pb.DESCRIPTOR.services_by_name["Recommender"]
     assert service.full_name == "socialrec.v1.Recommender"
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
