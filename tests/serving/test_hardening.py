@@ -241,3 +241,16 @@ def test_memory_stays_bounded_under_distinct_unknown_users(server_config, inproc
     assert cache is not None and cache.size <= budget_mb << 20
     grown = proc.memory_info().rss - rss0
     assert grown < (budget_mb << 20) + (8 << 20), f"grew {grown / 2**20:.1f} MiB"
+
+
+def test_bad_requests_are_logged_at_a_bounded_rate(server_config, inproc, caplog) -> None:
+    """A flood of malformed requests costs a few log lines, each saying how many it stands
+    for, not one line per request."""
+    s = inproc(server_config)
+    call = s.channel.unary_unary(METHOD + "LogInteraction")
+    with caplog.at_level("WARNING", logger="socialrec.server"):
+        for _ in range(300):
+            with pytest.raises(grpc.RpcError):
+                call(b"\xff\xff")
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "bad_request"]
+    assert 1 <= len(lines) <= 5, len(lines)
