@@ -261,6 +261,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         serve_args=tuple(a.serve_args.split()),
         steps=_int_list("--steps", a.steps),
         unix_socket=a.unix_socket,
+        zipf=a.zipf if a.users_dist == "zipf" else 0.0,
     )
     print_summary(run(cfg))
     return 0
@@ -653,6 +654,14 @@ def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
         help="both servers reach the private redis-server over its Unix socket, not loopback TCP",
     )
     lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
+    lt.add_argument(
+        "--users-dist",
+        choices=("zipf", "uniform"),
+        default="zipf",
+        help="how the simulated app backends pick user ids: zipf (a few heavy users, as in "
+        "real traffic; repeats help the result cache) or uniform (every id alike)",
+    )
+    lt.add_argument("--zipf", type=float, default=d("zipf"), help="exponent of --users-dist zipf")
     lt.set_defaults(fn=cmd_loadtest)
 
 
