@@ -89,7 +89,9 @@ def main() -> int:
         help="the server talks to Redis over a Unix socket instead of loopback TCP",
     )
     ap.add_argument(
-        "--serve-args", default="", help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'"
+        "--serve-args",
+        default="",
+        help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'",
     )
     a = ap.parse_args()
 
