@@ -31,6 +31,7 @@ from socialrec.v1 import recommender_pb2 as pb
 
 log = logging.getLogger("socialrec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+MAX_PENDING = 10_000  # calls gRPC core may hold for the dispatcher (see build_server)
 RETRY_REFUSED_S = 30.0  # a refused bundle the pointer still names is tried again this often
 
 
@@ -126,8 +127,16 @@ def build_server(
     Call it inside the event loop that will run the server."""
     # The dispatcher sheds load itself (counted, RESOURCE_EXHAUSTED); gRPC's own limit stays
     # as a backstop well above it.
+    # gRPC core cancels calls that wait unrequested beyond its pending-request limits (1,000
+    # soft, 3,000 hard), answering CANCELLED; with room for 10,000 per worker a burst reaches
+    # the dispatcher instead, which answers RESOURCE_EXHAUSTED at once beyond its limit.
     server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 1 << 20)],
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", 1 << 20),
+            ("grpc.server.max_pending_requests", MAX_PENDING),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING),
+        ],
         maximum_concurrent_rpcs=2 * cfg.max_concurrent_rpcs + 64,
     )
     dispatcher = Dispatcher(service, service.metrics, cfg.max_concurrent_rpcs)

@@ -254,3 +254,45 @@ def test_bad_requests_are_logged_at_a_bounded_rate(server_config, inproc, caplog
                 call(b"\xff\xff")
     lines = [r for r in caplog.records if getattr(r, "event", None) == "bad_request"]
     assert 1 <= len(lines) <= 5, len(lines)
+
+
+def test_a_burst_over_one_connection_is_served_or_shed_never_cancelled(
+    server_config, inproc, tmp_path
+) -> None:
+    """2,000 concurrent calls on one HTTP/2 connection while Redis hangs: the ones beyond the
+    in-flight limit are shed with RESOURCE_EXHAUSTED (counted), the rest answered (degraded);
+    none is CANCELLED by gRPC core's pending-call limit."""
+    import asyncio
+    import collections
+
+    from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+    with start_redis(dir=tmp_path, appendonly=False) as r:
+        s = inproc(replace(server_config, redis_url=r.url), metrics=True)
+        shed0 = s.count("RecommendContent", "RESOURCE_EXHAUSTED")
+
+        async def main() -> collections.Counter:
+            async with grpc.aio.insecure_channel(s.address) as ch:
+                stub = pb_grpc.RecommenderStub(ch)
+                await stub.RecommendContent(pb.RecommendContentRequest(user_id="warm", k=5))
+                r.pause()
+
+                async def one(i: int) -> str:
+                    try:
+                        req = pb.RecommendContentRequest(user_id=f"u{i}", k=50)
+                        await stub.RecommendContent(req, timeout=30)
+                        return "OK"
+                    except grpc.aio.AioRpcError as e:
+                        return e.code().name
+
+                try:
+                    return collections.Counter(await asyncio.gather(*(one(i) for i in range(2000))))
+                finally:
+                    r.resume()
+
+        codes = asyncio.run(main())
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert codes["RESOURCE_EXHAUSTED"] > 0
+        assert (
+            s.count("RecommendContent", "RESOURCE_EXHAUSTED") - shed0 == codes["RESOURCE_EXHAUSTED"]
+        )
