@@ -4,7 +4,7 @@ A synchronous ``grpc.server`` on a thread pool, the fp32 torch teacher in eager 
 brute-force numpy scoring over every item / user (``u @ V.T``, then a full argsort). It reads
 and writes the same Redis through :class:`serving.store.FeatureStore`, so both servers see
 the same features; what differs is only how the answer is computed and served. No ONNX, no
-FAISS, one process. Used by ``socialrec loadtest`` as the side-by-side baseline (DESIGN.md).
+FAISS, one process. Used by ``socialrec loadtest`` as the side-by-side baseline (docs/design.md, Performance rules).
 
 Torch runs on one thread, like our workers: the comparison then measures the serving design,
 not thread oversubscription on a shared machine (it can only make the peer look better).

@@ -4,7 +4,7 @@ One command, one machine, one report: a private redis-server gets the run publis
 part) into two namespaces; `socialrec serve` runs as a subprocess on free ports and Locust
 (headless, a subprocess) drives it; then the naive peer (loadtest/naive_server.py) gets the
 same Locust settings right after. The machine is shared and noisy, so what counts are the
-ratios measured in the same run (DESIGN.md "Performance rules").
+ratios measured in the same run (docs/design.md "Performance rules").
 
 Measured per server: client percentiles (Locust CSV, Aggregated row), per-stage server
 histograms (Prometheus /metrics before/after), server CPU-seconds per request (psutil: the

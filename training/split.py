@@ -1,4 +1,4 @@
-"""The fixed evaluation split (DESIGN.md): per-user 80/20 of interactions, 80/20 of friend pairs.
+"""The fixed evaluation split (docs/design.md): per-user 80/20 of interactions, 80/20 of friend pairs.
 
 The split is a pure function of the dataset and the seed, so ``socialrec split`` and
 ``socialrec train`` with the same seed see the identical split, and its sha256 says so.
