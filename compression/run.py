@@ -3,8 +3,10 @@
 ``run(CompressConfig) -> RUN_DIR/bundle``. Each variant is written as a full bundle under
 RUN_DIR/compress/NAME, scored with ONNX Runtime + FAISS (``served_eval``), timed single
 threaded, and the smallest bundle that keeps ``min_retention`` of the served teacher's
-content recall@20 AND friends recall@20 is copied to RUN_DIR/bundle. The report goes to
-RUN_DIR/compression.json, compression.md and compression.png.
+content recall@20 AND friends recall@20 is copied to RUN_DIR/bundle. A task the split cannot
+score (no test positives, e.g. friends on a dataset without a friend graph) is absent: its
+metrics and retention are null, retention is taken over the tasks present, and the table and
+footer say so. The report goes to RUN_DIR/compression.json, compression.md and compression.png.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from socialrec.compression.quantize import ort_dynamic, quantize_tables
 from socialrec.compression.served_eval import bundle_bytes, served_evaluate, us_per_query
 from socialrec.compression.tables import INPUT_TABLES
 from socialrec.serving.bundle import MANIFEST
+from socialrec.training.metrics import TASKS, is_absent
 from socialrec.training.model import TwoTower
 from socialrec.training.run import load_run
 from socialrec.training.train import TrainConfig, load_checkpoint, tower_config
@@ -37,7 +40,7 @@ from torch import nn
 @dataclass(frozen=True)
 class CompressConfig:
     run_dir: str
-    min_retention: float = 0.97  # of the served teacher's recall@20, content and friends
+    min_retention: float = 0.97  # of the served teacher's recall@20, each task present
     quick: bool = False  # few variants, few epochs (tests, smoke runs)
     student_dims: tuple[int, ...] = (64,)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -73,9 +76,13 @@ class Variant:
 
 
 def _epochs(report: dict, cfg: CompressConfig) -> dict[str, int]:
+    """KD epochs per head: the teacher's selected counts (a head without validation pairs
+    has none and trains along to the end, as it did in the teacher's refit)."""
     refit = report["teacher"]["train_log"].get("refit", {}).get("epochs")
     best = {t: v["epoch"] for t, v in report["teacher"]["train_log"]["best"].items()}
-    e = {t: max(int(v), 1) for t, v in (refit or best).items()}
+    e = {t: max(int(v), 1) for t, v in (refit or best).items() if v is not None}
+    if not e:
+        e = {t: 1 for t in TASKS}
     if cfg.epochs is not None:
         e = {t: cfg.epochs for t in e}
     if cfg.quick:
@@ -303,10 +310,10 @@ def run(cfg: CompressConfig) -> Path:
             "name": v.name,
             "techniques": v.techniques,
             "bytes": bundle_bytes(bdir),
-            "recall@20": m["content"]["recall@20"],
-            "ndcg@20": m["content"]["ndcg@20"],
-            "friends_recall@20": m["friends"]["recall@20"],
-            "friends_ndcg@20": m["friends"]["ndcg@20"],
+            "recall@20": _metric(m["content"], "recall@20"),
+            "ndcg@20": _metric(m["content"], "ndcg@20"),
+            "friends_recall@20": _metric(m["friends"], "recall@20"),
+            "friends_ndcg@20": _metric(m["friends"], "ndcg@20"),
             "index": kinds,
             "build_s": round(t_build, 1),
             "metrics": m,
@@ -316,8 +323,8 @@ def run(cfg: CompressConfig) -> Path:
         rows.append(row)
         if cfg.progress:
             print(
-                f"{step}: {row['bytes'] / 1e6:.2f} MB, R@20 {row['recall@20']:.4f}, "
-                f"friends R@20 {row['friends_recall@20']:.4f} (built in {t_build:.0f}s)",
+                f"{step}: {row['bytes'] / 1e6:.2f} MB, R@20 {_num(row['recall@20'])}, "
+                f"friends R@20 {_num(row['friends_recall@20'])} (built in {t_build:.0f}s)",
                 flush=True,
             )
     if cfg.progress:
@@ -326,14 +333,15 @@ def run(cfg: CompressConfig) -> Path:
     for r, t in zip(rows, us, strict=True):
         r["us_per_query"] = round(t, 1)
     teacher_row = rows[0]
+    absent_tasks = {
+        t: teacher_row["metrics"][t]["reason"]
+        for t in TASKS
+        if is_absent(teacher_row["metrics"][t])
+    }
+    add_retention(rows, [t for t in TASKS if t not in absent_tasks])
     for r in rows:
-        rc = r["recall@20"] / max(teacher_row["recall@20"], 1e-12)
-        rf = r["friends_recall@20"] / max(teacher_row["friends_recall@20"], 1e-12)
-        r["retention_content"], r["retention_friends"] = round(rc, 4), round(rf, 4)
-        r["retention"] = round(min(rc, rf), 4)
         r["x_smaller"] = round(teacher_row["bytes"] / r["bytes"], 2)
-    ok = [r for r in rows if r["retention"] >= cfg.min_retention]
-    selected = min(ok, key=lambda r: r["bytes"]) if ok else teacher_row
+    selected = select(rows, cfg.min_retention)
     bundle = run_dir / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -347,6 +355,7 @@ def run(cfg: CompressConfig) -> Path:
             "us_per_query": teacher_row["us_per_query"],
             "torch": {t: report[t].get("teacher") for t in ("content", "friends")},
         },
+        "absent_tasks": absent_tasks,  # task -> why it has no metrics (not in the retention)
         "variants": rows,
         "selected": selected["name"],
         "bundle": str(bundle),
@@ -363,6 +372,48 @@ def run(cfg: CompressConfig) -> Path:
     if cfg.progress:
         print(format_table(out))
     return bundle
+
+
+ROW_KEY = {"content": "recall@20", "friends": "friends_recall@20"}  # a row's recall@20 by task
+
+
+def _metric(entry: dict, key: str) -> float | None:
+    """One served metric of a task, None when the task is absent."""
+    return None if is_absent(entry) else entry[key]
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "absent" if x is None else format(x, fmt)
+
+
+def add_retention(rows: list[dict], tasks: list[str]) -> None:
+    """Each row's recall@20 as a fraction of the first row's (the teacher), per task present.
+
+    ``retention`` is the minimum over ``tasks``; absent tasks get None, and with no task
+    present ``retention`` is None (nothing qualifies).
+    """
+    teacher = rows[0]
+    for r in rows:
+        per = {
+            t: round(r[ROW_KEY[t]] / max(teacher[ROW_KEY[t]], 1e-12), 4) if t in tasks else None
+            for t in TASKS
+        }
+        r["retention_content"], r["retention_friends"] = per["content"], per["friends"]
+        present = [v for v in per.values() if v is not None]
+        r["retention"] = min(present) if present else None
+
+
+def select(rows: list[dict], min_retention: float) -> dict:
+    """The smallest row whose retention is >= ``min_retention``; the teacher when none is."""
+    ok = [r for r in rows if r["retention"] is not None and r["retention"] >= min_retention]
+    return min(ok, key=lambda r: r["bytes"]) if ok else rows[0]
+
+
+def _retained_tasks(out: dict) -> str:
+    """'content and friends', or the tasks present when some are absent."""
+    absent_tasks = out.get("absent_tasks", {})
+    present = [t for t in TASKS if t not in absent_tasks]
+    return " and ".join(present) if present else "no task"
 
 
 def _record_metrics(bundle_dir: Path, metrics: dict) -> None:
@@ -385,14 +436,22 @@ def format_table(out: dict) -> str:
         name = f"**{r['name']}** (selected)" if r["name"] == out["selected"] else r["name"]
         lines.append(
             f"| {name} | {', '.join(r['techniques']) or 'fp32'} | {r['bytes'] / 1e6:.2f} | "
-            f"{r['x_smaller']:.1f} | {r['recall@20']:.4f} | {r['ndcg@20']:.4f} | "
-            f"{r['friends_recall@20']:.4f} | {r['retention']:.3f} | {r['us_per_query']:.0f} |"
+            f"{r['x_smaller']:.1f} | {_num(r['recall@20'])} | {_num(r['ndcg@20'])} | "
+            f"{_num(r['friends_recall@20'])} | {_num(r['retention'], '.3f')} | "
+            f"{r['us_per_query']:.0f} |"
         )
     lines.append("")
+    absent_tasks = out.get("absent_tasks", {})
     lines.append(
-        f"min retention {out['min_retention']} (of the served teacher's content and friends "
-        f"recall@20); selected: {out['selected']}; bytes = ONNX tower + items.faiss + users.faiss."
+        f"min retention {out['min_retention']} (of the served teacher's "
+        f"{_retained_tasks(out)} recall@20); selected: {out['selected']}; "
+        "bytes = ONNX tower + items.faiss + users.faiss."
     )
+    for t, why in absent_tasks.items():
+        lines.append(
+            f"The {t} task is absent ({why}): it has no metrics and is not part of the "
+            "retention or the selection."
+        )
     return "\n".join(lines)
 
 
@@ -432,9 +491,18 @@ def plot(out: dict, path: Path) -> Path:
     rings[out["selected"]] = ("black", f"selected: {out['selected']}")  # may be the teacher
 
     t = out["teacher"]
-    panels = (("recall@20", "content recall@20"), ("friends_recall@20", "friends recall@20"))
+    absent_tasks = out.get("absent_tasks", {})
+    panels = (
+        ("content", "recall@20", "content recall@20"),
+        ("friends", "friends_recall@20", "friends recall@20"),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, (key, label) in zip(axes, panels, strict=True):
+    for ax, (task, key, label) in zip(axes, panels, strict=True):
+        if task in absent_tasks:
+            ax.set_title(f"{label}: absent")
+            ax.text(0.5, 0.5, absent_tasks[task], ha="center", va="center", wrap=True)
+            ax.set_axis_off()
+            continue
         for r in rows:
             colour, marker = style[r["name"]]
             ax.scatter(r["bytes"] / 1e6, r[key], color=colour, marker=marker, s=45, zorder=3)
@@ -465,7 +533,8 @@ def plot(out: dict, path: Path) -> Path:
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(
         f"compression: size vs quality, {len(rows)} variants; selected: {out['selected']} "
-        f"(smallest with >= {out['min_retention']:.0%} of the teacher on both tasks)",
+        f"(smallest with >= {out['min_retention']:.0%} of the teacher on "
+        f"{'both tasks' if not absent_tasks else _retained_tasks(out)})",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 0.8, 1))

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from socialrec.serving.bundle import TOWER_INPUTS, load_manifest, read_ids
 from socialrec.training.dataset import csr_grouped, csr_rows
 from socialrec.training.features import Features
-from socialrec.training.metrics import KS, Graph, recall_ndcg
+from socialrec.training.metrics import KS, Graph, absent, absent_reason, recall_ndcg
 from socialrec.training.split import Split
 
 K_EXTRA_CAP = 4096  # at most this many train positives are searched past (none in practice)
@@ -196,6 +196,7 @@ def served_evaluate(
     (the live bundle in the retraining gate): split indices are translated to the bundle's by
     external id, history and friends it does not know are left out of the tower input (as the
     server does), candidates map back, and test positives it cannot rank count as misses.
+    A task without test positives on ``split`` is :func:`~training.metrics.absent`.
     """
     sm = ServedModel(bundle_dir)
     n_items_b, n_users_b = sm.items.ntotal, sm.users.ntotal
@@ -224,6 +225,10 @@ def served_evaluate(
     }
     out = {}
     for task, (train, test, index, to_split) in tasks.items():
+        why = absent_reason(split, task)
+        if why:
+            out[task] = absent(why)
+            continue
         users = np.flatnonzero(test.counts() > 0)
         if max_users is not None and len(users) > max_users:
             rng = np.random.default_rng(seed)

@@ -29,7 +29,10 @@ CLI rather than inside any one of them. Steps (rank 0 does all but training):
    bundle trained on (see :func:`unseen_by`), the live one through an id mapping (ids it
    never saw count as misses: that is what serving it would do; see
    :func:`compression.served_eval.served_evaluate`). Publish only if content
-   and friends recall@20 are each >= live - ``gate_margin`` (absolute).
+   and friends recall@20 are each >= live - ``gate_margin`` (absolute). A task the gate split
+   cannot score (no test positives, e.g. friends on a dataset without a friend graph) is
+   absent: it is listed as such and only the tasks present are compared; with none present
+   the gate fails (nothing shows the candidate is not worse).
 6. **Publish** (``serving.rollout.publish_bundle``: copy, verify, move CURRENT), write the
    report, then ``state.json`` atomically.
 """
@@ -50,6 +53,7 @@ from socialrec.serving.bundle import load_manifest
 from socialrec.serving.rollout import current, publish_bundle
 from socialrec.training.data import DataConfig, load_dataset
 from socialrec.training.events import Event, merge_events, stream_key, write_tsv
+from socialrec.training.metrics import is_absent
 from socialrec.training.split import Split
 
 EVENTS = "events.jsonl"
@@ -156,22 +160,57 @@ def feed_summary(applied: dict) -> list[str]:
 # --------------------------------------------------------------------------- gate scoring
 
 
+def _absent_tasks(metrics: dict | None) -> dict[str, str]:
+    """Task -> reason for each task the served metrics hold no numbers for."""
+    if metrics is None:
+        return {}
+    return {
+        t: (metrics.get(t) or {}).get("reason", "not scored")
+        for t in TASKS
+        if is_absent(metrics.get(t))
+    }
+
+
 def gate(candidate: dict, live: dict | None, margin: float) -> dict:
-    """Pass when each task's recall@20 is >= live - margin (or when nothing is live yet)."""
+    """Pass when each task's recall@20 is >= live - margin (or when nothing is live yet).
+
+    Only tasks both sides can score are compared; the others are listed under ``absent``
+    (task -> reason). With a live bundle and no task to compare, the gate fails.
+    """
+    absent_tasks = {**_absent_tasks(live), **_absent_tasks(candidate)}
     if live is None:
-        return {"passed": True, "reason": "no live bundle", "margin": margin}
+        return {
+            "passed": True,
+            "reason": "no live bundle",
+            "margin": margin,
+            "absent": absent_tasks,
+        }
+    present = [t for t in TASKS if t not in absent_tasks]
     checks = {
         t: {
             "candidate": candidate[t]["recall@20"],
             "live": live[t]["recall@20"],
             "passed": candidate[t]["recall@20"] >= live[t]["recall@20"] - margin,
         }
-        for t in TASKS
+        for t in present
     }
-    ok = all(c["passed"] for c in checks.values())
     failed = [t for t, c in checks.items() if not c["passed"]]
-    reason = "not worse than live by more than the margin" if ok else f"worse on {failed}"
-    return {"passed": ok, "reason": reason, "margin": margin, "recall@20": checks}
+    ok = bool(checks) and not failed
+    if not checks:
+        reason = f"no task to compare (absent: {absent_tasks})"
+    elif failed:
+        reason = f"worse on {failed}"
+    else:
+        reason = "not worse than live by more than the margin"
+    if checks and absent_tasks:
+        reason += f"; compared {present} only, absent: {sorted(absent_tasks)}"
+    return {
+        "passed": ok,
+        "reason": reason,
+        "margin": margin,
+        "recall@20": checks,
+        "absent": absent_tasks,
+    }
 
 
 def unseen_by(split: Split, ds, seen_run: Path | None) -> tuple[Split, dict]:

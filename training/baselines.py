@@ -3,6 +3,12 @@
 Content: MostPopular, ItemKNN (cosine, binary input, no neighbour pruning), EASE (binary
 input). Friends: CommonNeighbors, AdamicAdar. Each is ``fit(split)`` then a score function
 ``(users) -> (B, n_candidates)``.
+
+Ties rank as in the baselines' standard forms: CommonNeighbors and AdamicAdar order equal
+scores by candidate degree in the training friend graph, MostPopular and ItemKNN by item
+popularity (training users), higher first, then by lower index (:class:`TieBroken`). For
+MostPopular the key is its own score, so its ties stay in index order. EASE and the teacher
+score continuously; their (rare) ties rank by index.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+from socialrec.training.metrics import TieBroken
 from socialrec.training.split import Split
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
@@ -46,13 +53,24 @@ def friend_matrix(split: Split) -> sp.csr_matrix:
     )
 
 
-def most_popular(split: Split) -> ScoreFn:
-    pop = np.bincount(split.train_item, minlength=split.n_items).astype(np.float32)  # (I,)
-    return lambda users: np.broadcast_to(pop, (len(users), split.n_items))
+def item_popularity(split: Split) -> np.ndarray:
+    """Training users per item (the interactions are unique (user, item) pairs).  (I,)"""
+    return np.bincount(split.train_item, minlength=split.n_items).astype(np.float32)
 
 
-def item_knn(split: Split) -> ScoreFn:
-    """Cosine item-item similarity, applied as X_b D^-1/2 X^T X D^-1/2 without materialising S."""
+def friend_degree(a: sp.csr_matrix) -> np.ndarray:
+    """Training friends per user, from the symmetric adjacency.  (U,)"""
+    return np.asarray(a.sum(axis=1), dtype=np.float32).ravel()
+
+
+def most_popular(split: Split) -> TieBroken:
+    pop = item_popularity(split)  # (I,)
+    return TieBroken(lambda users: np.broadcast_to(pop, (len(users), split.n_items)), pop)
+
+
+def item_knn(split: Split) -> TieBroken:
+    """Cosine item-item similarity, applied as X_b D^-1/2 X^T X D^-1/2 without materialising S;
+    ties by item popularity."""
     x = interaction_matrix(split)
     norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (I,)
     inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0).astype(np.float32)
@@ -64,7 +82,7 @@ def item_knn(split: Split) -> ScoreFn:
         user_user = xn[users] @ xt  # (B, U) sparse
         return np.asarray((user_user @ xn).todense(), dtype=np.float32)  # (B, I)
 
-    return score
+    return TieBroken(score, item_popularity(split))
 
 
 def ease(split: Split, lam: float) -> ScoreFn:
@@ -96,18 +114,22 @@ def ease(split: Split, lam: float) -> ScoreFn:
     return score
 
 
-def common_neighbors(split: Split) -> ScoreFn:
+def common_neighbors(split: Split) -> TieBroken:
+    """Number of common training friends; ties by candidate degree."""
     a = friend_matrix(split)
-    return lambda users: np.asarray((a[users] @ a).todense(), dtype=np.float32)
+    return TieBroken(
+        lambda users: np.asarray((a[users] @ a).todense(), dtype=np.float32), friend_degree(a)
+    )
 
 
-def adamic_adar(split: Split) -> ScoreFn:
-    """Sum over common neighbours w of 1 / log(deg w); neighbours of degree < 2 link nobody."""
+def adamic_adar(split: Split) -> TieBroken:
+    """Sum over common neighbours w of 1 / log(deg w); neighbours of degree < 2 link nobody;
+    ties by candidate degree."""
     a = friend_matrix(split)
-    deg = np.asarray(a.sum(axis=1)).ravel()
+    deg = friend_degree(a)
     wt = np.divide(1.0, np.log(np.maximum(deg, 1.0)), out=np.zeros_like(deg), where=deg >= 2)
     aw = (sp.diags(wt.astype(np.float32)) @ a).tocsr()
-    return lambda users: np.asarray((a[users] @ aw).todense(), dtype=np.float32)
+    return TieBroken(lambda users: np.asarray((a[users] @ aw).todense(), dtype=np.float32), deg)
 
 
 def content_baselines(split: Split, cfg: BaselineConfig) -> dict[str, Callable[[], ScoreFn] | str]:

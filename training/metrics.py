@@ -1,27 +1,99 @@
-"""Recall@K and NDCG@K with full ranking, the protocol of DESIGN.md.
+"""Recall@K and NDCG@K with full ranking, the protocol of docs/design.md.
 
 Every scorer is evaluated the same way: scores for a batch of users over all candidates,
-training positives (and, for friends, the user itself) set to -inf, top K taken.
+training positives (and, for friends, the user itself) set to -inf, top K taken. Equal
+scores rank deterministically: by the scorer's secondary key when it has one
+(:class:`TieBroken`), then by lower candidate index.
+
+A task with no evaluable user (no test positive at all, e.g. friends on a dataset without a
+friend graph) has no metrics: it is reported as :func:`absent`, never as zeros.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from socialrec.training.dataset import csr_rows
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from socialrec.training.split import Split
+
 KS = (10, 20)
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in KS)
+TASKS = ("content", "friends")
 
 
-def topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores per row, best first.  (B, n) -> (B, k)"""
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (B, k) unordered
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+def absent(reason: str) -> dict:
+    """The entry of a task that has no evaluable user (in report.json and served metrics)."""
+    return {"absent": True, "reason": reason}
+
+
+def is_absent(entry: dict | None) -> bool:
+    """True for :func:`absent` entries (and None, a task missing altogether)."""
+    return entry is None or entry.get("absent") is True
+
+
+def absent_reason(split: Split, task: str) -> str | None:
+    """Why ``task`` cannot be scored on ``split`` (no test positive), or None when it can."""
+    if task == "content":
+        if len(split.test_user):
+            return None
+        return "no held-out interactions to score (no user has enough interactions to hold one out)"
+    if len(split.friends_test):
+        return None
+    if len(split.friends_train) == 0:
+        return "no friend pairs in the dataset"
+    return f"no held-out friend pairs to score ({len(split.friends_train)} pairs, all in training)"
+
+
+@dataclass(frozen=True)
+class TieBroken:
+    """A score function whose equal scores rank by a secondary key, higher first.
+
+    ``key`` is (n_candidates,), e.g. candidate degree or item popularity; :func:`evaluate`
+    passes it to :func:`topk`. Calling the object returns the scores unchanged.
+    """
+
+    score: Callable[[np.ndarray], np.ndarray]
+    key: np.ndarray
+
+    def __call__(self, users: np.ndarray) -> np.ndarray:
+        return self.score(users)
+
+
+def topk(scores: np.ndarray, k: int, tie_break: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the k largest scores per row, best first.  (B, n) -> (B, k)
+
+    Ties are deterministic: equal scores rank by ``tie_break`` (n,) descending when given,
+    then by lower index. NaN ranks as -inf.
+    """
+    n = scores.shape[1]
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros((scores.shape[0], 0), dtype=np.int64)
+    if tie_break is None:
+        return _topk_index_ties(scores, k)
+    # Columns reordered by (key desc, index asc): lower position now means the better tie.
+    order = np.lexsort((np.arange(n), -np.asarray(tie_break, dtype=np.float64)))
+    return order[_topk_index_ties(scores[:, order], k)]
+
+
+def _topk_index_ties(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`topk` with ties broken by lower index, exactly (1 <= k <= n)."""
+    s = np.where(np.isnan(scores), -np.inf, scores) if np.isnan(scores).any() else scores
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]  # (B, k) a top k, ties at the edge arbitrary
+    kth = np.take_along_axis(s, part, axis=1).min(axis=1, keepdims=True)  # (B, 1) k-th largest
+    above = s > kth  # (B, n) fewer than k per row
+    edge = s == kth
+    need = k - above.sum(axis=1, keepdims=True)  # (B, 1) slots left for the tied edge value
+    take = above | (edge & (np.cumsum(edge, axis=1, dtype=np.int64) <= need))  # k per row
+    cols = np.nonzero(take)[1].reshape(len(s), k)  # ascending index within each row
+    order = np.argsort(-np.take_along_axis(s, cols, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, axis=1)
 
 
 def recall_ndcg(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,11 +149,14 @@ def evaluate(
     desc: str | None = None,
     ks: Sequence[int] = KS,
 ) -> dict[str, float]:
-    """Mean Recall@K / NDCG@K over users with >= 1 test positive.
+    """Mean Recall@K / NDCG@K over users with >= 1 test positive (all 0.0 when there is none:
+    callers report such a task as :func:`absent`).
 
     ``score_fn(users) -> (B, n_candidates)`` float scores; train positives (and self when
-    ``exclude_self``) are masked. ``max_users`` evaluates a seeded sample (large data).
+    ``exclude_self``) are masked. A :class:`TieBroken` score function ranks equal scores by
+    its key. ``max_users`` evaluates a seeded sample (large data).
     """
+    tie_break = score_fn.key if isinstance(score_fn, TieBroken) else None
     users = np.flatnonzero(test.counts() > 0)
     if max_users is not None and len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
@@ -95,7 +170,7 @@ def evaluate(
         s[rows, cols] = -np.inf
         if exclude_self:
             s[np.arange(len(b)), b] = -np.inf
-        top = topk(s, kmax)  # (B, kmax)
+        top = topk(s, kmax, tie_break)  # (B, kmax)
         rel = np.zeros(s.shape, dtype=bool)
         rows, cols = test.batch(b)
         rel[rows, cols] = True

@@ -1,6 +1,10 @@
 """`socialrec train`: load, split, score the baselines, train and score the teacher, report.
 
 ``run(config) -> RUN_DIR``; the CLI only parses arguments into a :class:`RunConfig`.
+
+In report.json each task ("content", "friends") maps model names to metrics, or, when the
+split has no test positive for it (e.g. a dataset without a friend graph), is
+``{"absent": true, "reason": "..."}``: no model is scored on it and no 0.0 is written.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 from socialrec.training.baselines import BaselineConfig, content_baselines, friend_baselines
 from socialrec.training.data import DataConfig, load_dataset
 from socialrec.training.dataset import Dataset
-from socialrec.training.metrics import Graph, evaluate
+from socialrec.training.metrics import TASKS, Graph, absent, absent_reason, evaluate, is_absent
 from socialrec.training.split import (
     Split,
     SplitConfig,
@@ -49,22 +53,29 @@ def prepare(cfg: RunConfig) -> tuple[Dataset, Split]:
 
 
 def score_baselines(split: Split, cfg: RunConfig) -> tuple[dict, dict, dict]:
-    """Content and friend baselines on the split; returns (content, friends, notes)."""
+    """Content and friend baselines on the split; returns (content, friends, notes).
+
+    A task without test positives is returned as :func:`~training.metrics.absent` instead.
+    """
     tr = Graph(split.n_users, split.train_user, split.train_item)
     te = Graph(split.n_users, split.test_user, split.test_item)
     ftr = Graph.undirected(split.n_users, split.friends_train)
     fte = Graph.undirected(split.n_users, split.friends_test)
-    content: dict = {}
-    friends: dict = {}
+    why = {t: absent_reason(split, t) for t in TASKS}
+    content: dict = absent(why["content"]) if why["content"] else {}
+    friends: dict = absent(why["friends"]) if why["friends"] else {}
     notes: dict = {}
-    for name, build in content_baselines(split, cfg.baselines).items():
+    # An absent task scores no baseline (and reports no skip notes for one).
+    content_builders = {} if why["content"] else content_baselines(split, cfg.baselines)
+    friend_builders = {} if why["friends"] else friend_baselines(split)
+    for name, build in content_builders.items():
         if isinstance(build, str):
             notes[name] = build
             continue
         content[name] = evaluate(
             build(), tr, te, max_users=cfg.max_eval_users, desc=name if cfg.progress else None
         )
-    for name, build in friend_baselines(split).items():
+    for name, build in friend_builders.items():
         if isinstance(build, str):
             notes[name] = build
             continue
@@ -109,8 +120,9 @@ def run(cfg: RunConfig) -> Path:
     teacher = evaluate_model(
         model, split, max_users=cfg.max_eval_users, desc="teacher" if cfg.progress else None
     )
-    content["teacher"] = teacher["content"]
-    friends["teacher"] = teacher["friends"]
+    for table, task in ((content, "content"), (friends, "friends")):
+        if not is_absent(table):
+            table["teacher"] = teacher[task]
     t_eval = time.time() - t0
     report = {
         "dataset": ds.summary(),
@@ -159,7 +171,11 @@ def format_table(report: dict) -> str:
         f"dataset {d['name']}: {d['users']} users, {d['items']} items, {d['interactions']} interactions, {d['friend_pairs']} friend pairs; split sha256 {report['split']['sha256'][:12]}",
         f"{'task':8s} {'model':16s} {'R@10':>7s} {'R@20':>7s} {'N@10':>7s} {'N@20':>7s}",
     ]
-    for task in ("content", "friends"):
+    for task in TASKS:
+        if is_absent(report.get(task)):
+            why = (report.get(task) or {}).get("reason", "not in the report")
+            lines.append(f"{task:8s} absent: {why}; no model is scored on this task")
+            continue
         for name, m in report[task].items():
             lines.append(
                 f"{task:8s} {name:16s} {m['recall@10']:7.4f} {m['recall@20']:7.4f} {m['ndcg@10']:7.4f} {m['ndcg@20']:7.4f}"

@@ -2,7 +2,9 @@
 
 Model selection uses a validation split carved out of the training part; each head keeps
 the parameters of its own best validation epoch (the heads share no parameters, so the
-best content head and the best friend head combine exactly).
+best content head and the best friend head combine exactly). A head whose task has no
+validation pairs (e.g. friends on a dataset without a friend graph) has nothing to select
+on: it trains along and is kept at the last epoch, and early stopping follows the others.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from socialrec.training.features import Features
-from socialrec.training.metrics import Graph, evaluate
+from socialrec.training.metrics import Graph, absent, absent_reason, evaluate, is_absent
 from socialrec.training.model import TowerConfig, TwoTower, TwoTowerTrainTask
 from socialrec.training.split import Split
 from tqdm import tqdm
@@ -121,17 +123,21 @@ class Scorer:
 def evaluate_model(
     model: TwoTower, split: Split, max_users: int | None = None, desc: str | None = None
 ) -> dict[str, dict[str, float]]:
-    """Content and friend metrics of a model on a split (inputs = the split's train part)."""
+    """Content and friend metrics of a model on a split (inputs = the split's train part);
+    a task without test positives is :func:`~training.metrics.absent`."""
     sc = Scorer(model, Features.from_split(split))
     tr = Graph(split.n_users, split.train_user, split.train_item)
     te = Graph(split.n_users, split.test_user, split.test_item)
     ftr = Graph.undirected(split.n_users, split.friends_train)
     fte = Graph.undirected(split.n_users, split.friends_test)
+    why = {t: absent_reason(split, t) for t in ("content", "friends")}
     return {
-        "content": evaluate(
-            sc.content, tr, te, max_users=max_users, desc=desc and f"{desc} content"
-        ),
-        "friends": evaluate(
+        "content": absent(why["content"])
+        if why["content"]
+        else evaluate(sc.content, tr, te, max_users=max_users, desc=desc and f"{desc} content"),
+        "friends": absent(why["friends"])
+        if why["friends"]
+        else evaluate(
             sc.friends,
             ftr,
             fte,
@@ -177,11 +183,16 @@ def train_teacher(
     t0 = time.time()
     model, log = fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
     if cfg.refit:
-        epochs = {t: log["best"][t]["epoch"] for t in ("content", "friends")}
+        # Heads without validation pairs have no selected epoch: they train along to the end.
+        epochs = {
+            t: log["best"][t]["epoch"]
+            for t in ("content", "friends")
+            if log["best"][t]["epoch"] is not None
+        }
         model, refit_log = fit(
             split,
             cfg,
-            max(epochs.values()),
+            max(epochs.values(), default=len(log["epochs"])),
             snapshot_at=epochs,
             progress=progress,
             desc="teacher (refit)",
@@ -230,6 +241,7 @@ def fit(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     best = {"content": (-1.0, None, 0), "friends": (-1.0, None, 0)}  # (score, state, epoch)
+    absent_why: dict[str, str] = {}  # heads whose task has no validation pairs
     log: dict = {
         "epochs": [],
         "softmax": {
@@ -264,26 +276,23 @@ def fit(
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
         elif val is not None and (epoch % cfg.eval_every == 0 or epoch == epochs):
             m = evaluate_model(model, val, max_users=cfg.max_eval_users)
-            entry.update(
-                {
-                    "val_content_recall@20": m["content"]["recall@20"],
-                    "val_friends_recall@20": m["friends"]["recall@20"],
-                }
-            )
-            for t in ("content", "friends"):
+            scored = [t for t in best if not is_absent(m[t])]
+            absent_why.update({t: m[t]["reason"] for t in best if t not in scored})
+            entry.update({f"val_{t}_recall@20": m[t]["recall@20"] for t in scored})
+            for t in scored:
                 if m[t]["recall@20"] > best[t][0]:
                     best[t] = (m[t]["recall@20"], _head_state(model, t), epoch)
             bar.set_postfix(
-                loss=f"{entry['loss']:.3f}",
-                c=f"{m['content']['recall@20']:.4f}",
-                f=f"{m['friends']['recall@20']:.4f}",
+                loss=f"{entry['loss']:.3f}", **{t[0]: f"{m[t]['recall@20']:.4f}" for t in scored}
             )
-            if all(epoch - best[t][2] >= cfg.patience for t in best):
+            if all(epoch - best[t][2] >= cfg.patience for t in scored):
                 log["stopped_early"] = epoch
                 break
     bar.close()
     if val is not None and progress and rank == 0:
-        print(f"{desc}: {_selection_summary(log.get('stopped_early'), epochs, best, cfg)}")
+        print(
+            f"{desc}: {_selection_summary(log.get('stopped_early'), epochs, best, cfg, absent_why)}"
+        )
     state = copy.deepcopy(model.state_dict())
     for t in best:
         if best[t][1] is not None:
@@ -291,18 +300,36 @@ def fit(
     model.load_state_dict(state)
     model.eval()
     log["best"] = {t: {"epoch": best[t][2], "val_recall@20": best[t][0]} for t in best}
+    for t, why in absent_why.items():  # no selection: kept at the last epoch
+        log["best"][t] = {"epoch": None, "val_recall@20": None, "absent": why}
     return model, log
 
 
-def _selection_summary(stopped: int | None, epochs: int, best: dict, cfg: TrainConfig) -> str:
+def _selection_summary(
+    stopped: int | None, epochs: int, best: dict, cfg: TrainConfig, absent_why: dict[str, str]
+) -> str:
     """Why selection ended and what it kept: the line printed after the progress bar."""
-    kept = ", ".join(f"{t} {best[t][0]:.4f} at epoch {best[t][2]}" for t in best)
+    kept = ", ".join(
+        f"{t} absent ({absent_why[t]}; kept at the last epoch)"
+        if t in absent_why
+        else f"{t} {best[t][0]:.4f} at epoch {best[t][2]}"
+        for t in best
+    )
     if stopped is None:
         return f"ran all {epochs} epochs; best validation recall@20: {kept}"
-    return (
-        f"early stop at epoch {stopped} of {epochs}: neither head's validation recall@20 "
-        f"improved in the last {cfg.patience} epochs (patience); best: {kept}"
-    )
+    if len(absent_why) == len(best):
+        why = "no head has validation pairs to select on"
+    elif absent_why:
+        why = (
+            f"the scored head's validation recall@20 did not improve in the last "
+            f"{cfg.patience} epochs (patience)"
+        )
+    else:
+        why = (
+            f"neither head's validation recall@20 improved in the last {cfg.patience} epochs "
+            "(patience)"
+        )
+    return f"early stop at epoch {stopped} of {epochs}: {why}; best: {kept}"
 
 
 def _head_state(model: TwoTower, task: str) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from socialrec.training.baselines import (
     item_knn,
     most_popular,
 )
-from socialrec.training.metrics import Graph, evaluate, topk
+from socialrec.training.metrics import Graph, TieBroken, evaluate, topk
 from socialrec.training.split import Split
 
 _I32 = np.int32
@@ -125,6 +125,76 @@ def test_most_popular_ranks_by_training_counts() -> None:
     assert got["recall@1"] == 0.0 and got["recall@10"] == 1.0
     l3 = 1 / math.log2(3)
     assert got["ndcg@10"] == pytest.approx((l3 + 0.5) / (1 + l3), abs=1e-12)
+
+
+def _ranking(split: Split, score, user: int, friends: bool) -> list[int]:
+    """A user's full ranked list as evaluate() builds it (train positives and self masked)."""
+    train = (
+        Graph.undirected(split.n_users, split.friends_train)
+        if friends
+        else Graph(split.n_users, split.train_user, split.train_item)
+    )
+    s = np.array(score(np.array([user])), np.float32)
+    s[0, train.row(user)] = -np.inf
+    masked = len(train.row(user))
+    if friends:
+        s[0, user] = -np.inf
+        masked += 1
+    key = score.key if isinstance(score, TieBroken) else None
+    return topk(s, s.shape[1], key)[0, : s.shape[1] - masked].tolist()
+
+
+def _tie_graph() -> Split:
+    """Train friends 0-1, 0-12, 1-2, 1-3, 3-4, 3-5, 3-6, 8-9, 8-10, 8-11; test pair 0-3.
+
+    Degrees: 0:2, 1:3, 2:1, 3:4, 4-6:1, 7:0, 8:3, 9-11:1, 12:1. For user 0 (friends 1, 12),
+    candidates 2 and 3 share one neighbour (1, of degree 3): equal CN (1) and AA (1/ln 3).
+    Every other candidate scores 0 (12 has degree 1, so it links nobody in AA either).
+    """
+    train = [(0, 1), (0, 12), (1, 2), (1, 3), (3, 4), (3, 5), (3, 6), (8, 9), (8, 10), (8, 11)]
+    return _split([(0, 0)], [], 13, 1, train, [(0, 3)])
+
+
+@pytest.mark.parametrize("name", ["CommonNeighbors", "AdamicAdar"])
+def test_friend_baselines_break_ties_by_candidate_degree(name: str) -> None:
+    s = _tie_graph()
+    score = friend_baselines(s)[name]()
+    assert isinstance(score, TieBroken)
+    assert score.key.tolist() == [2, 3, 1, 4, 1, 1, 1, 0, 3, 1, 1, 1, 1]
+    # Score 1 (CN) / 1/ln 3 (AA): 3 (degree 4) before 2 (degree 1). Score 0: 8 (degree 3),
+    # then the degree-1 users in index order, then 7 (degree 0).
+    assert _ranking(s, score, 0, friends=True) == [3, 2, 8, 4, 5, 6, 9, 10, 11, 7]
+    # User 3 (friends 1, 4, 5, 6): 0 and 2 tie through 1; 0 has degree 2, 2 has degree 1.
+    assert _ranking(s, score, 3, friends=True)[:2] == [0, 2]
+    # Both ends of the test pair 0-3 rank the other first; by index, user 0 would rank 2 first.
+    got = _friend_eval(s, score)
+    assert got["recall@1"] == 1.0
+    assert _friend_eval(s, score.score)["recall@1"] == 0.5  # the bare scores: index ties
+
+
+def test_item_knn_breaks_ties_by_item_popularity() -> None:
+    """User 0 has item 0 only. cos(0, 1) = 1 / sqrt(4 * 1) and cos(0, 2) = 2 / sqrt(4 * 4) are
+    equal (exactly, in float32: powers of two); item 2 (4 users) is more popular than item 1
+    (1 user). Items 3 (1 user) and 4 (2 users) share no user with item 0: both score 0."""
+    train = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 2), (3, 0), (3, 2), (4, 2), (5, 2)]
+    train += [(6, 3), (7, 4), (8, 4)]
+    s = _split(train, [(0, 2)], n_users=9, n_items=5)
+    score = item_knn(s)
+    assert isinstance(score, TieBroken) and score.key.tolist() == [4, 1, 4, 1, 2]
+    out = score(np.array([0]))[0]
+    assert out[1] == out[2] == pytest.approx(0.5) and out[3] == out[4] == 0.0
+    assert _ranking(s, score, 0, friends=False) == [2, 1, 4, 3]
+    assert _content_eval(s, score)["recall@1"] == 1.0
+    assert _content_eval(s, score.score)["recall@1"] == 0.0  # index ties rank item 1 first
+
+
+def test_most_popular_equal_counts_rank_by_index() -> None:
+    """MostPopular's score is the popularity key itself: equal counts stay in index order."""
+    train = [(0, 1), (1, 1), (2, 1), (0, 3), (1, 3), (2, 3), (0, 0), (1, 2), (2, 4)]
+    s = _split(train, [], n_users=4, n_items=5)
+    score = most_popular(s)
+    assert isinstance(score, TieBroken) and score.key.tolist() == [1, 3, 1, 3, 1]
+    assert _ranking(s, score, 3, friends=False) == [1, 3, 0, 2, 4]
 
 
 def _random_split(seed: int, n_users: int = 30, n_items: int = 20) -> tuple[Split, np.ndarray]:

@@ -6,7 +6,19 @@ import math
 
 import numpy as np
 import pytest
-from socialrec.training.metrics import KS, METRIC_KEYS, Graph, evaluate, recall_ndcg, topk
+from socialrec.training.metrics import (
+    KS,
+    METRIC_KEYS,
+    Graph,
+    TieBroken,
+    absent,
+    absent_reason,
+    evaluate,
+    is_absent,
+    recall_ndcg,
+    topk,
+)
+from socialrec.training.split import Split
 
 
 def test_topk_best_first() -> None:
@@ -25,6 +37,82 @@ def test_topk_matches_full_sort_on_random_scores() -> None:
     rng = np.random.default_rng(0)
     s = rng.permutation(50 * 30).reshape(50, 30).astype(np.float32)  # distinct: no ties
     assert np.array_equal(topk(s, 7), np.argsort(-s, axis=1)[:, :7])
+
+
+def test_topk_ties_at_the_cut_go_to_the_lower_index() -> None:
+    """A top-k cut inside a run of equal scores keeps the lowest indices, in index order
+    (argpartition alone would pick any of the tied candidates)."""
+    s = np.zeros((2, 50), np.float32)
+    s[0, 7] = 1.0
+    s[1, [40, 3]] = 2.0
+    assert topk(s, 5).tolist() == [[7, 0, 1, 2, 3], [3, 40, 0, 1, 2]]
+
+
+def test_topk_tie_break_key_orders_equal_scores() -> None:
+    s = np.array([[1.0, 3.0, 1.0, 1.0, 3.0, -np.inf]], np.float32)
+    key = np.array([5.0, 1.0, 9.0, 5.0, 2.0, 100.0])
+    # 3.0: items 1 (key 1), 4 (key 2) -> 4, 1.  1.0: 0 (5), 2 (9), 3 (5) -> 2, 0, 3.  -inf last.
+    assert topk(s, 6, key).tolist() == [[4, 1, 2, 0, 3, 5]]
+    assert topk(s, 3, key).tolist() == [[4, 1, 2]]
+    assert topk(s, 6).tolist() == [[1, 4, 0, 2, 3, 5]]  # no key: lower index first
+
+
+def test_topk_nan_ranks_last_like_neg_inf() -> None:
+    s = np.array([[np.nan, 0.5, -np.inf, 0.7]], np.float32)
+    assert topk(s, 4).tolist() == [[3, 1, 0, 2]]  # NaN and -inf tie: lower index first
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_equals_lexsort_on_heavy_ties(seed: int) -> None:
+    """Against a full sort by (score desc, key desc, index asc) on 3-valued scores."""
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 3, (20, 60)).astype(np.float32)
+    s[rng.random(s.shape) < 0.1] = -np.inf
+    key = rng.integers(0, 4, 60)
+    idx = np.arange(60)
+    for k in (1, 7, 59, 60, 80):
+        want = np.stack([np.lexsort((idx, -key, -row))[: min(k, 60)] for row in s])
+        assert np.array_equal(topk(s, k, key), want)
+        plain = np.stack([np.lexsort((idx, -row))[: min(k, 60)] for row in s])
+        assert np.array_equal(topk(s, k), plain)
+
+
+def test_evaluate_uses_the_tie_break_key_of_a_tie_broken_scorer() -> None:
+    # Every candidate scores 0: only the key decides. Test item 3 has the largest key.
+    flat = lambda users: np.zeros((len(users), 5), np.float32)  # noqa: E731
+    key = np.array([0.0, 1.0, 2.0, 4.0, 3.0])
+    empty = Graph(1, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    test = _graph(1, {0: [3]})
+    assert evaluate(TieBroken(flat, key), empty, test, ks=(1,))["recall@1"] == 1.0
+    assert evaluate(flat, empty, test, ks=(1,))["recall@1"] == 0.0  # index order: item 0 first
+    assert np.array_equal(TieBroken(flat, key)(np.array([0, 1])), np.zeros((2, 5)))
+
+
+def _pairs_split(friends_train: list, friends_test: list, test_items: int = 1) -> Split:
+    i32 = np.int32
+    return Split(
+        n_users=3,
+        n_items=2,
+        train_user=np.array([0], i32),
+        train_item=np.array([0], i32),
+        train_weight=np.ones(1, np.float32),
+        test_user=np.zeros(test_items, i32),
+        test_item=np.ones(test_items, i32),
+        friends_train=np.array(friends_train, i32).reshape(-1, 2),
+        friends_test=np.array(friends_test, i32).reshape(-1, 2),
+        seed=0,
+    )
+
+
+def test_absent_entries_and_reasons() -> None:
+    assert absent("why") == {"absent": True, "reason": "why"}
+    assert is_absent(absent("why")) and is_absent(None)
+    assert not is_absent({"recall@20": 0.0}) and not is_absent({"teacher": {}})
+    assert absent_reason(_pairs_split([], []), "friends") == "no friend pairs in the dataset"
+    assert "all in training" in absent_reason(_pairs_split([(0, 1)], []), "friends")
+    assert absent_reason(_pairs_split([(0, 1)], [(1, 2)]), "friends") is None
+    assert absent_reason(_pairs_split([], [], test_items=1), "content") is None
+    assert "no held-out interactions" in absent_reason(_pairs_split([], [], 0), "content")
 
 
 def test_recall_ndcg_hand_computed() -> None:

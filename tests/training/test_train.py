@@ -249,6 +249,46 @@ def test_cli_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert f"{bad}:3:" in r.stderr and "weight" in r.stderr
 
 
+def _interactions_only_tsv(path: Path) -> Path:
+    """A tsv dataset with no friends file: the synthetic generator's interactions only."""
+    from socialrec.training.synthetic import SyntheticConfig, generate
+
+    ds = generate(SyntheticConfig(n_users=400, n_items=300, n_interactions=8000, seed=5))
+    rows = zip(
+        ds.inter_user.tolist(), ds.inter_item.tolist(), ds.inter_weight.tolist(), strict=True
+    )
+    path.write_text("user\titem\tweight\n" + "".join(f"u{u}\ti{i}\t{w!r}\n" for u, i, w in rows))
+    return path
+
+
+def test_dataset_without_friends_reports_the_friends_task_absent(tmp_path: Path) -> None:
+    """No friend graph: report.json says the friends task is absent (no baseline, no teacher
+    row, no 0.0), the table prints one line saying so, and selection ignores that head."""
+    inter = _interactions_only_tsv(tmp_path / "interactions.tsv")
+    out = tmp_path / "run"
+    args = ["--interactions", str(inter), "--out", str(out), "--epochs", "6", "--dim", "16"]
+    r = _cli("train", "--dataset", "tsv", *args, "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["friend_pairs"] == 0
+    assert report["friends"] == {"absent": True, "reason": "no friend pairs in the dataset"}
+    assert set(report["content"]) == {"MostPopular", "ItemKNN", "EASE", "teacher"}
+    assert report["content"]["teacher"]["recall@20"] > 0.0
+    friends_lines = [line for line in r.stdout.splitlines() if line.startswith("friends")]
+    assert friends_lines == [
+        "friends  absent: no friend pairs in the dataset; no model is scored on this task"
+    ]
+    log = report["teacher"]["train_log"]
+    assert log["best"]["friends"] == {
+        "epoch": None,
+        "val_recall@20": None,
+        "absent": "no friend pairs in the dataset",
+    }
+    assert set(log["refit"]["epochs"]) == {"content"}
+    assert all("val_friends_recall@20" not in e for e in log["epochs"])
+    assert "friends absent (no friend pairs in the dataset; kept at the last epoch)" in r.stdout
+
+
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo) trains through the same code path."""
