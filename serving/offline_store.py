@@ -69,12 +69,19 @@ class OfflineStore:
         entries are the first ones after its cursor, so :func:`advance` over them skips none.
         """
         shards = self.keys.shards
-        try:
+
+        def read() -> list:
             pipe = self._r.pipeline(transaction=False)
             for sh in shards:
                 start = after if isinstance(after, str) else after.get(str(sh), "0-0")
                 pipe.xrange(self.keys.stream(sh), min=f"({start}", count=count)
-            replies = pipe.execute()
+            return pipe.execute()
+
+        try:
+            try:
+                replies = read()
+            except redis.exceptions.ConnectionError:  # once more: a cluster client has
+                replies = read()  # refreshed its layout after a failed node meanwhile
         except redis.exceptions.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
         rows = [
@@ -119,7 +126,9 @@ class OfflineStore:
             for user, item, weight, ts in _progress(history_rows, "history", progress):
                 user, item = check_id("user", str(user)), check_id("item", str(item))
                 keys = [k.user("h", user), k.user("w", user), k.user("s", user)]
-                pipe.evalsha(sha, 3, *keys, item, fmt_weight(weight), check_ts(ts), cap)
+                args = (item, fmt_weight(weight), check_ts(ts), cap)
+                pipe.execute_command("EVALSHA", sha, 3, *keys, *args)  # (evalsha() is
+                # refused on a cluster pipeline, the raw command is routed by its keys)
                 users.add(user)
                 n += 1
                 if n % batch == 0:
