@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from socialrec.serving.offline_store import OfflineStore
+from socialrec.serving.offline_store import OfflineStore, advance
 from socialrec.serving.redis_local import (
     ENV_BINARY,
     RedisNotInstalled,
@@ -144,7 +144,8 @@ def test_embedded_binary_serves_the_store(
             s.log_interaction("u", "b", 1.0, 2000)
             s.log_interaction("u", "a", 0.25, 500)  # older ts: weight adds, recency stays
             assert s.read("u").history == [("b", 1.0), ("a", 1.75)]
-            assert [f["item"] for _, f in off.events(after=first)] == ["b", "a"]  # strictly after
+            after_first = advance({}, [(first, {})])
+            assert [f["item"] for _, f in off.events(after=after_first)] == ["b", "a"]
             again = s.log_interaction("u", "c", 1.0, 2500, request_id="r1")
             assert s.log_interaction("u", "c", 1.0, 2500, request_id="r1") == again  # replayed
             s.add_friendship("u", "v", 3000)
