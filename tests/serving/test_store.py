@@ -5,6 +5,7 @@ Redis dies or hangs (a single node) or a primary fails over (a cluster)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import time
@@ -278,6 +279,8 @@ def test_ids_with_braces_and_one_slot_per_user(store: Calls, raw: redis.Redis) -
     assert store.read("{a}", with_fof=True).fof == {
         u: 1 for u in users if u not in ("{a}", "plain")
     }
+    with pytest.raises(ValueError, match="namespace"):
+        schema.Keys("a{b}")  # its brace would be the hash tag of every key
     if isinstance(raw, redis.cluster.RedisCluster):
         k = store.keys
         for u in users:
@@ -558,3 +561,30 @@ def test_cluster_primary_fails_over(tmp_path, path: str) -> None:
         c.wait_ok(30)
         assert c.role(primary) == "slave"
         assert [i for i, _ in s.read("u").history] == ["b", "a"]
+
+
+def test_cluster_ranks_friends_of_friends_as_the_script(
+    redis_server, redis_cluster, redis_namespace: str
+) -> None:
+    """On a random graph with blocks and dismissals, small caps (so the scan cap, ties and
+    the cut all matter): the cluster's ranking in Python equals the single Redis's script."""
+    rng = random.Random(5)
+    users = [f"u{i}" if i % 7 else f"u{{{i}}}" for i in range(150)]  # some ids with braces
+    pairs = {tuple(rng.sample(users, 2)) for _ in range(900)}
+    base = StoreConfig(url=redis_server.url, namespace=redis_namespace, fof_cap=5)
+    base = replace(base, fof_friends_cap=6)
+    both = [base, replace(base, url=redis_cluster.url, cluster=True)]
+    for cfg in both:
+        with OfflineStore(cfg) as off, FeatureStore(cfg) as s:
+            off.bulk_load([], sorted(pairs), progress=False)
+            r = random.Random(6)
+            for _ in range(40):
+                a, b = r.sample(users, 2)
+                if r.random() < 0.5:
+                    s.block("block", a, b, 1)
+                else:
+                    s.dismiss(a, "", b, 1)
+    with FeatureStore(both[0]) as single, FeatureStore(both[1]) as cluster:
+        got = [(single.read(u, with_fof=True), cluster.read(u, with_fof=True)) for u in users]
+    assert all(a == b for a, b in got)
+    assert sum(len(a.fof) == 5 for a, _ in got) > 50  # the cut applies to many users
