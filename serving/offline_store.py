@@ -82,7 +82,7 @@ class OfflineStore:
                 replies = read()
             except redis.exceptions.ConnectionError:  # once more: a cluster client has
                 replies = read()  # refreshed its layout after a failed node meanwhile
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise StoreUnavailable(f"redis: {e}") from e
         rows = [
             (schema.event_id(sid, sh), dict(fields))
@@ -152,7 +152,7 @@ class OfflineStore:
             counts["friend_pairs_new"] += sum(pipe.execute()[0::2])
             counts["friend_pairs"] = n
             counts["friend_users"] = len(users)
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise StoreUnavailable(f"redis: {e}") from e
         return counts
 
@@ -176,7 +176,7 @@ class OfflineStore:
                     batch = []
             if batch:
                 n += self._r.unlink(*batch)
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise StoreUnavailable(f"redis: {e}") from e
         return n
 

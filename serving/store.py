@@ -186,7 +186,7 @@ class RedisPyClusterAsyncClient:
             for c in commands:
                 pipe.execute_command(*c)
             replies = await pipe.execute(raise_on_error=False)
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise _store_error(e) from e
         return _unavailable_replies(replies)
 
@@ -196,10 +196,8 @@ class RedisPyClusterAsyncClient:
                 return await self._r.evalsha(sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:  # a new node (or a promoted replica)
                 return await self._r.eval(source, len(keys), *keys, *args)
-        except redis.exceptions.ResponseError as e:
-            raise _refusal(str(e)) from e
-        except redis.exceptions.RedisError as e:
-            raise _store_error(e) from e
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            raise (_store_error(e) if _unavailable(e) else _refusal(str(e))) from e
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -262,16 +260,27 @@ def _noscript(reply: object) -> bool:
     )
 
 
+# Errors about the cluster, not the data (some are ResponseErrors in redis-py): CLUSTERDOWN,
+# TRYAGAIN, a redirection that could not be followed, a slot no node serves.
+_CLUSTER_ERRORS = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+def _unavailable(e: Exception) -> bool:
+    """True for an error that says Redis could not answer (not one about the data)."""
+    return isinstance(e, _CLUSTER_ERRORS) or not isinstance(e, redis.exceptions.ResponseError)
+
+
 def _unavailable_replies(replies: list) -> list:
     """``replies``, or ConnectionLost / StoreUnavailable if one of them says a node could not
     answer (a cluster pipeline returns those as values too)."""
     for r in replies:
-        if isinstance(r, Exception) and not isinstance(r, redis.exceptions.ResponseError):
-            raise (
-                _store_error(r)
-                if isinstance(r, redis.exceptions.RedisError)
-                else (StoreUnavailable(f"redis: {r}"))
-            )
+        if isinstance(r, Exception) and _unavailable(r):
+            raise _store_error(r)
     return replies
 
 
@@ -292,7 +301,7 @@ def features(replies: list, friends: bool) -> UserFeatures:
         raise StoreDataError(f"redis: unreadable features ({e})") from e
 
 
-def _store_error(e: redis.exceptions.RedisError) -> StoreUnavailable:
+def _store_error(e: Exception) -> StoreUnavailable:
     if isinstance(e, redis.exceptions.ConnectionError) and not isinstance(
         e, redis.exceptions.TimeoutError
     ):
@@ -618,7 +627,7 @@ class FeatureStore:
                     self._r.script_load(schema.FOF)
                     continue
                 return features(replies, with_fof)
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise StoreUnavailable(f"redis: {e}") from e
         raise AssertionError("unreachable")
 
@@ -629,7 +638,7 @@ class FeatureStore:
             pipe.execute_command(*c)
         try:
             return _unavailable_replies(pipe.execute(raise_on_error=False))
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise _store_error(e) from e
 
     def log_interaction(
@@ -677,9 +686,9 @@ class FeatureStore:
                 return self._r.evalsha(self._sha[step.script], len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return self._r.eval(step.script, len(keys), *keys, *args)
-        except redis.exceptions.ResponseError as e:
-            raise _refusal(str(e)) from e
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            if not _unavailable(e):
+                raise _refusal(str(e)) from e
             raise (_store_error(e) if self.cfg.cluster else StoreUnavailable(f"redis: {e}")) from e
 
     # ---- offline operations (kept here for callers not yet on OfflineStore) -----------------

@@ -19,7 +19,14 @@ from socialrec.serving import schema
 from socialrec.serving.offline_store import OfflineStore, advance
 from socialrec.serving.redis_local import RedisNotInstalled, start_cluster, start_redis
 from socialrec.serving.schema import UserFeatures
-from socialrec.serving.store import FeatureStore, StoreConfig, StoreUnavailable, WriteConflict
+from socialrec.serving.store import (
+    FeatureStore,
+    StoreConfig,
+    StoreDataError,
+    StoreUnavailable,
+    WriteConflict,
+    _unavailable,
+)
 
 PATHS = ["blocking", "async-resp", "async-redis-py"]
 # Every store test runs on every request path of each backend: a single Redis (blocking, and
@@ -373,6 +380,27 @@ def test_events_have_the_right_fields(store_config: StoreConfig, path: str) -> N
         assert [eid for eid, _ in s.events(after=after_e1)] == [e2, e3]  # strictly after
         assert [eid for eid, _ in s.events(count=1)] == [e1]  # count: per shard
         assert s.events(after=advance(after_e1, s.events(after=after_e1))) == []
+
+
+def test_wrong_type_is_a_data_error_not_an_outage(store: Calls, raw: redis.Redis) -> None:
+    """A key of the wrong type under one user: that user's reads (content and friends, also
+    as a friend scanned by someone else's read) and writes fail as data errors, which degrade
+    only that user; cluster errors (CLUSTERDOWN, TRYAGAIN) count as Redis being down."""
+    raw.set(store.keys.user("f", "bad"), "a string where a set belongs")
+    store.log_interaction("ok", "i", 1.0, 1)
+    with pytest.raises(StoreDataError):
+        store.read("bad")
+    with pytest.raises(StoreDataError):
+        store.read("bad", with_fof=True)
+    with pytest.raises(StoreDataError):
+        store.add_friendship("bad", "ok", 1)
+    raw.sadd(store.keys.user("f", "ok"), "bad")  # ok's friend read scans bad's friend set
+    with pytest.raises(StoreDataError):
+        store.read("ok", with_fof=True)
+    assert store.read("ok").history == [("i", 1.0)]
+    assert _unavailable(redis.exceptions.ClusterDownError("CLUSTERDOWN"))
+    assert _unavailable(redis.exceptions.TryAgainError("TRYAGAIN"))
+    assert not _unavailable(redis.exceptions.ResponseError("WRONGTYPE"))
 
 
 def test_bad_arguments_raise_value_error_before_any_write(store: Calls) -> None:
