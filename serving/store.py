@@ -94,7 +94,8 @@ class StoreConfig:
 
 
 class AsyncClient(Protocol):
-    """What the async request path needs from a Redis client.
+    """What the async request path needs from a single Redis's client (a cluster's,
+    :class:`RedisPyClusterAsyncClient`, has ``pipeline`` in place of ``transaction``).
 
     Failures are raised as :class:`ConnectionLost` (the connection dropped) or
     :class:`StoreUnavailable` (timeout, error reply, anything else); nothing blocks the loop.
