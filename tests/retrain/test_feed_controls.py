@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import redis
 from socialrec.serving.rollout import current
-from socialrec.serving.schema import Keys
+from socialrec.serving.schema import GLOBAL_SHARD, Keys, event_id, shard_of
 from socialrec.serving.store import FeatureStore
 from socialrec.training.dataset import Dataset
 from socialrec.training.run import load_run
@@ -53,10 +53,12 @@ def _bundle_items(root: Path, report: dict) -> tuple[list[str], list[str]]:
 
 
 def _xadd(store_config, fields: dict[str, str]) -> str:
-    """Append an entry straight to the event stream, bypassing the server's checks."""
+    """Append an entry straight to the event stream (the shard of its user, else the takedown
+    shard), bypassing the server's checks; returns its event id."""
+    shard = shard_of(fields["user"]) if "user" in fields else GLOBAL_SHARD
     r = redis.Redis.from_url(store_config.url, decode_responses=True)
     try:
-        return r.xadd(Keys(store_config.namespace).events, fields)
+        return event_id(r.xadd(Keys(store_config.namespace).stream(shard), fields), shard)
     finally:
         r.close()
 

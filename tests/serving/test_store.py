@@ -1,9 +1,11 @@
-"""The Redis feature store against a real redis-server: contents, atomic writes, one round trip
-per read, the event stream, bulk loading and behaviour when Redis dies or hangs."""
+"""The Redis feature store against a real redis-server and a real Redis Cluster: contents,
+atomic writes, one round trip per read, the event stream, bulk loading and behaviour when
+Redis dies or hangs (a single node) or a primary fails over (a cluster)."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import time
@@ -12,12 +14,27 @@ from dataclasses import replace
 
 import pytest
 import redis
-from socialrec.serving.offline_store import OfflineStore
-from socialrec.serving.redis_local import RedisNotInstalled, start_redis
+import redis.cluster
+from socialrec.serving import schema
+from socialrec.serving.offline_store import OfflineStore, advance
+from socialrec.serving.redis_local import RedisNotInstalled, start_cluster, start_redis
 from socialrec.serving.schema import UserFeatures
-from socialrec.serving.store import FeatureStore, StoreConfig, StoreUnavailable
+from socialrec.serving.store import (
+    FeatureStore,
+    StoreConfig,
+    StoreDataError,
+    StoreUnavailable,
+    WriteConflict,
+    _unavailable,
+)
 
 PATHS = ["blocking", "async-resp", "async-redis-py"]
+# Every store test runs on every request path of each backend: a single Redis (blocking, and
+# async over both clients) and a Redis Cluster (blocking, and async over redis-py's cluster
+# client, the only one there).
+SINGLE_PATHS = [f"single-{p}" for p in PATHS]
+CLUSTER_PATHS = ["cluster-blocking", "cluster-async"]
+BACKEND_PATHS = SINGLE_PATHS + CLUSTER_PATHS
 
 
 class Calls:
@@ -25,11 +42,11 @@ class Calls:
     methods, or the server's async methods over either async client (on one event loop)."""
 
     def __init__(self, cfg: StoreConfig, path: str) -> None:
-        client = "redis-py" if path == "async-redis-py" else "resp"
+        client = "redis-py" if path.endswith("async-redis-py") else "resp"
         self.store = FeatureStore(replace(cfg, client=client))
         self.offline = OfflineStore(cfg)
         self.keys = self.store.keys
-        self._loop = None if path == "blocking" else asyncio.new_event_loop()
+        self._loop = None if path.endswith("blocking") else asyncio.new_event_loop()
 
     def _run(self, name: str, *args, **kw):
         if self._loop is None:
@@ -47,6 +64,9 @@ class Calls:
 
     def remove_friendship(self, *args) -> str:
         return self._run("remove_friendship", *args)
+
+    def block(self, *args) -> str:
+        return self._run("block", *args)
 
     def events(self, *args, **kw):
         return self.offline.events(*args, **kw)
@@ -68,15 +88,26 @@ class Calls:
         self.close()
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=BACKEND_PATHS)
 def path(request: pytest.FixtureRequest) -> str:
-    """Every store test runs on every request path: blocking, and async over both clients."""
+    """Backend and request path, e.g. "single-async-resp" or "cluster-blocking"."""
     return request.param
 
 
 @pytest.fixture
-def store_config(redis_server, redis_namespace: str) -> StoreConfig:
-    return StoreConfig(url=redis_server.url, namespace=redis_namespace)
+def cluster(path: str) -> bool:
+    return path.startswith("cluster-")
+
+
+@pytest.fixture
+def store_config(
+    request: pytest.FixtureRequest, cluster: bool, redis_namespace: str
+) -> StoreConfig:
+    if cluster:
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        url = request.getfixturevalue("redis_server").url
+    return StoreConfig(url=url, namespace=redis_namespace, cluster=cluster)
 
 
 @pytest.fixture
@@ -86,9 +117,12 @@ def store(store_config: StoreConfig, path: str) -> Iterator[Calls]:
 
 
 @pytest.fixture
-def raw(redis_server) -> Iterator[redis.Redis]:
-    """A plain client, to look at keys behind the store's back."""
-    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+def raw(store_config: StoreConfig) -> Iterator[redis.Redis]:
+    """A plain client (the cluster one on a cluster), to look at keys behind the store's back."""
+    if store_config.cluster:
+        r = redis.cluster.RedisCluster.from_url(store_config.url, decode_responses=True)
+    else:
+        r = redis.Redis.from_url(store_config.url, decode_responses=True)
     yield r
     r.close()
 
@@ -167,6 +201,7 @@ def test_fof_caps(store_config: StoreConfig, path: str) -> None:
         assert s.read("u", with_fof=True).fof == {"x": 1, "y": 1}
 
 
+@pytest.mark.parametrize("path", SINGLE_PATHS)
 def test_read_is_one_transaction(store: Calls, raw: redis.Redis) -> None:
     """Redis's own command counters: a read with friends-of-friends is one MULTI/EXEC (written
     in one go, so one round trip) of three plain reads and one EVALSHA, nothing else."""
@@ -196,6 +231,113 @@ def test_read_is_one_transaction(store: Calls, raw: redis.Redis) -> None:
         "cmdstat_exec": 1,
         "cmdstat_info": 1,  # the INFO that took `before`
     }
+
+
+@pytest.mark.parametrize("path", CLUSTER_PATHS)
+def test_cluster_read_commands(store: Calls, redis_cluster) -> None:
+    """A cluster friend read, by the nodes' own command counters: the user's five plain reads
+    and the scanned friends' sets (no script, no transaction); a content read: five reads
+    and the takedown version's GET."""
+    for a, b in [("u", "a"), ("u", "b"), ("a", "x"), ("b", "x")]:
+        store.add_friendship(a, b, 0)
+    store.read("u", with_fof=True)  # warm up: connections to every node read, the layout
+    store.read("u")
+
+    def counts() -> dict[str, int]:
+        total: dict[str, int] = {}
+        for n in redis_cluster.nodes:
+            with redis.Redis(port=n.port, decode_responses=True) as r:
+                for k, v in r.info("commandstats").items():
+                    total[k] = total.get(k, 0) + v["calls"]
+        return total
+
+    def delta(read) -> dict[str, int]:
+        before = counts()
+        read()
+        after = counts()
+        out = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        for ours in ("info", "hello", "client|setinfo"):  # the counting clients' own
+            out.pop(f"cmdstat_{ours}", None)
+        return out
+
+    got = delta(lambda: store.read("u", with_fof=True))
+    assert got == {
+        "cmdstat_zrevrange": 1,
+        "cmdstat_hgetall": 1,
+        "cmdstat_smembers": 4,  # u's friends and dismissed users, a's and b's friends
+        "cmdstat_sunion": 1,
+    }
+    assert store.read("u", with_fof=True).fof == {"x": 2}
+    got = delta(lambda: store.read("u"))
+    assert got == {"cmdstat_zrevrange": 1, "cmdstat_hgetall": 1, "cmdstat_smembers": 3,
+                   "cmdstat_get": 1}  # fmt: skip
+
+
+def test_ids_with_braces_and_one_slot_per_user(store: Calls, raw: redis.Redis) -> None:
+    """Ids holding braces work (the hash tag comes first and is ours), and in a cluster every
+    key of one user, its request ids and its stream shard share one slot."""
+    users = ["{a}", "}{", "a{b}c", "{", "}", "plain"]
+    for i, u in enumerate(users):
+        store.log_interaction(u, f"item{{{i}}}", 1.0, i + 1)
+        store.add_friendship(u, "plain" if u != "plain" else "{a}", i + 1)
+    for u in users:
+        assert store.read(u).history[0][0].startswith("item{")
+    assert store.read("plain").friends == sorted(set(users) - {"plain"})
+    assert store.read("{a}", with_fof=True).fof == {
+        u: 1 for u in users if u not in ("{a}", "plain")
+    }
+    with pytest.raises(ValueError, match="namespace"):
+        schema.Keys("a{b}")  # its brace would be the hash tag of every key
+    if isinstance(raw, redis.cluster.RedisCluster):
+        k = store.keys
+        for u in users:
+            names = [k.user(kind, u) for kind in ("h", "w", "f", "s", "d", "du", "b", "bb", "ev")]
+            names += [k.request(u, "rid"), k.request(u, ""), k.stream(schema.shard_of(u))]
+            assert len({raw.keyslot(n) for n in names}) == 1, u
+
+
+def test_block_unfriends_both_sides_and_replays_once(store: Calls) -> None:
+    """A block removes the friendship on both sides and refuses a new one either way; a
+    repeat of the block's request id after an unblock and a new friendship changes nothing."""
+    store.add_friendship("u", "v", 1)
+    first = store.block("block", "u", "v", 2, "blk-1")
+    assert store.read("u").friends == [] and store.read("v").friends == []
+    assert store.read("u", with_fof=True).blocked == {"v"}
+    assert store.read("v", with_fof=True).blocked == {"u"}  # the reverse index
+    for a, b in [("u", "v"), ("v", "u")]:
+        with pytest.raises(WriteConflict):
+            store.add_friendship(a, b, 3)
+    store.block("unblock", "u", "v", 4)
+    assert store.read("v", with_fof=True).blocked == frozenset()
+    store.add_friendship("v", "u", 5)
+    assert store.block("block", "u", "v", 6, "blk-1") == first  # replayed: nothing applied
+    assert store.read("u").friends == ["v"] and store.read("v").friends == ["u"]
+    assert store.read("v", with_fof=True).blocked == frozenset()
+    types = sorted(f["type"] for _, f in store.events())
+    assert types == ["block", "friend_add", "friend_add", "friend_remove", "unblock"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_PATHS)
+def test_cluster_mirrors_converge_whatever_the_order(store: Calls) -> None:
+    """Cluster friendship writes are an owner step and a mirror step: a mirror step that
+    arrives after a newer one (two writes racing) is ignored, and a write whose mirror step
+    never ran is completed by a retry with the same request id (nothing applied twice)."""
+    s = store.store
+    add = s.friend_plan("add", "u", "v", 1)
+    add_owner = s._call(next(add))  # the owner step of an add ...
+    assert store.read("u").friends == ["v"] and store.read("v").friends == []
+    store.remove_friendship("v", "u", 2)  # ... then a whole remove ...
+    with pytest.raises(StopIteration):
+        add.send(s._call(add.send(add_owner)))  # ... then the add's (older) mirror step
+    assert store.read("u").friends == [] and store.read("v").friends == []
+
+    half = s.friend_plan("add", "v", "u", 3, "req-1")
+    s._call(next(half))  # the process died before the mirror step
+    assert store.read("u").friends == ["v"] and store.read("v").friends == []
+    eid = store.add_friendship("v", "u", 3, "req-1")  # the client's retry
+    assert store.read("u").friends == ["v"] and store.read("v").friends == ["u"]
+    assert store.add_friendship("v", "u", 3, "req-1") == eid
+    assert [f["changed"] for _, f in store.events()] == ["1", "1", "1"]  # add, remove, add
 
 
 def test_read_survives_a_flushed_script_cache(store: Calls, raw: redis.Redis) -> None:
@@ -232,9 +374,33 @@ def test_events_have_the_right_fields(store_config: StoreConfig, path: str) -> N
         "changed": "1",
     }
     assert events[2][1]["type"] == "friend_remove" and events[2][1]["user"] == "v"
+    assert len({eid.split("@")[1] for eid in (e1, e2, e3)}) == 1  # u's shard (u owns {u, v})
     with OfflineStore(store_config) as s:
-        assert [eid for eid, _ in s.events(after=e1)] == [e2, e3]  # strictly after
-        assert [eid for eid, _ in s.events(count=1)] == [e1]
+        after_e1 = advance({}, events[:1])
+        assert [eid for eid, _ in s.events(after=after_e1)] == [e2, e3]  # strictly after
+        assert [eid for eid, _ in s.events(count=1)] == [e1]  # count: per shard
+        assert s.events(after=advance(after_e1, s.events(after=after_e1))) == []
+
+
+def test_wrong_type_is_a_data_error_not_an_outage(store: Calls, raw: redis.Redis) -> None:
+    """A key of the wrong type under one user: that user's reads (content and friends, also
+    as a friend scanned by someone else's read) and writes fail as data errors, which degrade
+    only that user; cluster errors (CLUSTERDOWN, TRYAGAIN) count as Redis being down."""
+    raw.set(store.keys.user("f", "bad"), "a string where a set belongs")
+    store.log_interaction("ok", "i", 1.0, 1)
+    with pytest.raises(StoreDataError):
+        store.read("bad")
+    with pytest.raises(StoreDataError):
+        store.read("bad", with_fof=True)
+    with pytest.raises(StoreDataError):
+        store.add_friendship("bad", "ok", 1)
+    raw.sadd(store.keys.user("f", "ok"), "bad")  # ok's friend read scans bad's friend set
+    with pytest.raises(StoreDataError):
+        store.read("ok", with_fof=True)
+    assert store.read("ok").history == [("i", 1.0)]
+    assert _unavailable(redis.exceptions.ClusterDownError("CLUSTERDOWN"))
+    assert _unavailable(redis.exceptions.TryAgainError("TRYAGAIN"))
+    assert not _unavailable(redis.exceptions.ResponseError("WRONGTYPE"))
 
 
 def test_bad_arguments_raise_value_error_before_any_write(store: Calls) -> None:
@@ -279,20 +445,22 @@ def test_bulk_load_counts_contents_and_no_events(
 
 
 def test_flush_deletes_only_this_namespace(
-    store_config: StoreConfig, path: str, redis_namespace: str
+    store_config: StoreConfig, path: str, redis_namespace: str, cluster: bool
 ) -> None:
     other = replace(store_config, namespace=redis_namespace + "-other")
     with Calls(store_config, path) as s, Calls(other, path) as o:
         s.log_interaction("u", "i", 1.0, 1)
         s.add_friendship("u", "v", 1)
         o.log_interaction("u", "i", 1.0, 1)
-        assert s.offline.flush() == 5  # h, w, s and two friend sets; the stream is kept
+        # h, w, s and two friend sets (and in a cluster the edge's two version hashes); the
+        # stream shard (u's: u owns the edge {u, v}) is kept
+        assert s.offline.flush() == (7 if cluster else 5)
         assert s.read("u") == UserFeatures() and len(s.events()) == 2
         assert o.read("u").history == [("i", 1.0)]
         assert s.offline.flush(events=True) == 1 and s.events() == []
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", SINGLE_PATHS)
 def test_redis_killed_then_restarted(tmp_path, path: str) -> None:
     """Down: reads and writes raise StoreUnavailable fast. Back: the same store object works,
     and what was written before the SIGKILL came back from the AOF."""
@@ -326,7 +494,7 @@ def test_redis_killed_then_restarted(tmp_path, path: str) -> None:
         assert len(s.events()) == 3
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", SINGLE_PATHS)
 def test_hung_redis_times_out(tmp_path, path: str) -> None:
     """A Redis that accepts connections but never answers (SIGSTOP) fails by the socket timeout."""
     try:
@@ -361,11 +529,12 @@ def test_serving_imports_no_torch_or_training() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("client", ["resp", "redis-py"])
+@pytest.mark.parametrize("path", ["single-async-resp", "single-async-redis-py", "cluster-async"])
 def test_concurrent_async_reads_match_the_blocking_ones(
-    store_config: StoreConfig, client: str
+    store_config: StoreConfig, path: str
 ) -> None:
     """Many reads in flight on one event loop each get their own user's answer."""
+    client = "resp" if path.endswith("resp") else "redis-py"
     with FeatureStore(replace(store_config, client=client)) as s:
         s.log_interaction("u", "a", 1.5, 10)
         s.add_friendship("u", "v", 11)
@@ -380,3 +549,70 @@ def test_concurrent_async_reads_match_the_blocking_ones(
         got = asyncio.run(main())
         assert got == [s.read(u, with_fof=True) for u in ("u", "v", "w") * 5]
         assert got[0] == UserFeatures([("a", 1.5)], ["v"], {"w": 1})
+
+
+@pytest.mark.parametrize("path", CLUSTER_PATHS)
+def test_cluster_primary_fails_over(tmp_path, path: str) -> None:
+    """Kill the primary that owns a user's slot: while nothing serves the slot, the user's
+    reads and writes fail fast with StoreUnavailable; once its replica is promoted, the same
+    store object reads what was written before (replicated with WAIT first) and writes again
+    (redis-py refreshes the cluster's layout and follows MOVED); the old primary comes back as
+    a replica."""
+    try:
+        c = start_cluster(dir=tmp_path, node_timeout_ms=1000)
+    except RedisNotInstalled as e:
+        pytest.skip(str(e))
+    with c, Calls(StoreConfig(url=c.url, namespace="t", cluster=True), path) as s:
+        s.log_interaction("u", "a", 2.0, 1)
+        s.add_friendship("u", "v", 1)
+        c.wait_replicated()
+        primary = c.primary_for_key(s.keys.user("h", "u"))
+        (replica,) = c.replicas_of(primary)
+        c.kill(primary)
+        for call in (lambda: s.read("u"), lambda: s.log_interaction("u", "b", 1.0, 2)):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                call()
+            assert time.monotonic() - t0 < 2.0
+        c.wait_ok(30)  # the replica took over every slot of the dead primary
+        assert c.role(replica) == "master"
+        want = UserFeatures([("a", 2.0)], ["v"], {}, seen=frozenset({"a"}))
+        assert s.read("u") == want
+        s.log_interaction("u", "b", 1.0, 2)
+        s.add_friendship("u", "w", 2)
+        assert [i for i, _ in s.read("u").history] == ["b", "a"]
+        assert s.read("u", with_fof=True).friends == ["v", "w"]
+        assert [f["type"] for _, f in s.events()] == [
+            "interaction", "friend_add", "interaction", "friend_add",
+        ]  # fmt: skip
+        c.restart(primary)
+        c.wait_ok(30)
+        assert c.role(primary) == "slave"
+        assert [i for i, _ in s.read("u").history] == ["b", "a"]
+
+
+def test_cluster_ranks_friends_of_friends_as_the_script(
+    redis_server, redis_cluster, redis_namespace: str
+) -> None:
+    """On a random graph with blocks and dismissals, small caps (so the scan cap, ties and
+    the cut all matter): the cluster's ranking in Python equals the single Redis's script."""
+    rng = random.Random(5)
+    users = [f"u{i}" if i % 7 else f"u{{{i}}}" for i in range(150)]  # some ids with braces
+    pairs = {tuple(rng.sample(users, 2)) for _ in range(900)}
+    base = StoreConfig(url=redis_server.url, namespace=redis_namespace, fof_cap=5)
+    base = replace(base, fof_friends_cap=6)
+    both = [base, replace(base, url=redis_cluster.url, cluster=True)]
+    for cfg in both:
+        with OfflineStore(cfg) as off, FeatureStore(cfg) as s:
+            off.bulk_load([], sorted(pairs), progress=False)
+            r = random.Random(6)
+            for _ in range(40):
+                a, b = r.sample(users, 2)
+                if r.random() < 0.5:
+                    s.block("block", a, b, 1)
+                else:
+                    s.dismiss(a, "", b, 1)
+    with FeatureStore(both[0]) as single, FeatureStore(both[1]) as cluster:
+        got = [(single.read(u, with_fof=True), cluster.read(u, with_fof=True)) for u in users]
+    assert all(a == b for a, b in got)
+    assert sum(len(a.fof) == 5 for a, _ in got) > 50  # the cut applies to many users
