@@ -14,7 +14,9 @@ import os
 import platform
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # as in the server (docs/design.md "Performance rules")
+os.environ.setdefault(
+    "OMP_NUM_THREADS", "1"
+)  # as in the server (docs/design.md "Performance rules")
 
 import numpy as np  # noqa: E402
 from socialrec.serving.engine import Engine, EngineConfig  # noqa: E402
