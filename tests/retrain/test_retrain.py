@@ -56,7 +56,7 @@ def test_events_consumed_once_across_runs(base_run, root, store_config) -> None:
     assert [e["action"] for e in history(root)] == ["publish", "retrain", "retrain"]
 
 
-@pytest.mark.parametrize("backend", ["single", "cluster"])
+@pytest.mark.parametrize("backend", ["single", pytest.param("cluster", marks=pytest.mark.slow)])
 def test_consume_reads_every_shard_once(request, tmp_path, store_config, backend: str) -> None:
     """The per-shard cursor: entries of many shards, in pages smaller than a shard holds, are
     each consumed once; a shard written after others were read is read from where it was."""

@@ -34,7 +34,9 @@ PATHS = ["blocking", "async-resp", "async-redis-py"]
 # client, the only one there).
 SINGLE_PATHS = [f"single-{p}" for p in PATHS]
 CLUSTER_PATHS = ["cluster-blocking", "cluster-async"]
-BACKEND_PATHS = SINGLE_PATHS + CLUSTER_PATHS
+# The cluster runs belong to the slow tier (make test-slow): a 6-node cluster per session.
+SLOW_CLUSTER_PATHS = [pytest.param(p, marks=pytest.mark.slow) for p in CLUSTER_PATHS]
+BACKEND_PATHS = SINGLE_PATHS + SLOW_CLUSTER_PATHS
 
 
 class Calls:
@@ -233,7 +235,7 @@ def test_read_is_one_transaction(store: Calls, raw: redis.Redis) -> None:
     }
 
 
-@pytest.mark.parametrize("path", CLUSTER_PATHS)
+@pytest.mark.parametrize("path", SLOW_CLUSTER_PATHS)
 def test_cluster_read_commands(store: Calls, redis_cluster) -> None:
     """A cluster friend read, by the nodes' own command counters: the user's five plain reads
     and the scanned friends' sets (no script, no transaction); a content read: five reads
@@ -317,6 +319,7 @@ def test_block_unfriends_both_sides_and_replays_once(store: Calls) -> None:
     assert types == ["block", "friend_add", "friend_add", "friend_remove", "unblock"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CLUSTER_PATHS)
 def test_cluster_mirrors_converge_whatever_the_order(store: Calls) -> None:
     """Cluster friendship writes are an owner step and a mirror step: a mirror step that
@@ -551,6 +554,7 @@ def test_concurrent_async_reads_match_the_blocking_ones(
         assert got[0] == UserFeatures([("a", 1.5)], ["v"], {"w": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CLUSTER_PATHS)
 def test_cluster_primary_fails_over(tmp_path, path: str) -> None:
     """Kill the primary that owns a user's slot: while nothing serves the slot, the user's
@@ -591,6 +595,7 @@ def test_cluster_primary_fails_over(tmp_path, path: str) -> None:
         assert [i for i, _ in s.read("u").history] == ["b", "a"]
 
 
+@pytest.mark.slow
 def test_cluster_ranks_friends_of_friends_as_the_script(
     redis_server, redis_cluster, redis_namespace: str
 ) -> None:
