@@ -20,6 +20,7 @@ class ServerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "socialrec"  # Redis key prefix (several deployments can share a Redis)
     redis_client: str = "resp"  # the request path's Redis client: resp | redis-py
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
     host: str = "127.0.0.1"
     port: int = 50051
     workers: int = 1  # processes sharing the port (SO_REUSEPORT)

@@ -23,6 +23,7 @@ class PublishConfig:
     train_only: bool = False  # only the training part, so served evaluation matches the report
     flush: bool = False  # delete the namespace's features first (the event stream is kept)
     progress: bool = True
+    cluster: bool = False  # redis_url names a node of a Redis Cluster
 
 
 def run(cfg: PublishConfig) -> dict:
@@ -42,7 +43,8 @@ def run(cfg: PublishConfig) -> dict:
         zip(ds.user_ids[pairs[:, 0]].tolist(), ds.user_ids[pairs[:, 1]].tolist(), strict=True)
     )
 
-    with OfflineStore(StoreConfig(url=cfg.redis_url, namespace=cfg.namespace)) as store:
+    store_cfg = StoreConfig(url=cfg.redis_url, namespace=cfg.namespace, cluster=cfg.cluster)
+    with OfflineStore(store_cfg) as store:
         flushed = store.flush() if cfg.flush else 0
         counts = store.bulk_load(rows, friend_pairs, progress=cfg.progress)
     counts = {"flushed_keys": flushed, **counts}

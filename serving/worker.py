@@ -115,6 +115,7 @@ def store_config(cfg: ServerConfig) -> StoreConfig:
         namespace=cfg.namespace,
         history_cap=cfg.history_cap,
         client=cfg.redis_client,
+        cluster=cfg.redis_cluster,
     )
 
 

@@ -163,6 +163,7 @@ def cmd_publish(a: argparse.Namespace) -> int:
         train_only=a.train_only,
         flush=a.flush,
         progress=not a.no_progress,
+        cluster=a.redis_cluster,
     )
     try:
         run(cfg)
@@ -209,10 +210,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from socialrec.serving.publish import PublishConfig
         from socialrec.serving.publish import run as publish
 
-        publish(PublishConfig(run=a.publish, redis_url=redis_url, namespace=a.namespace))
+        publish(
+            PublishConfig(
+                run=a.publish, redis_url=redis_url, namespace=a.namespace, cluster=a.redis_cluster
+            )
+        )
     cfg = ServerConfig(
         bundle=a.bundle,
         redis_url=redis_url,
+        redis_cluster=a.redis_cluster,
         namespace=a.namespace,
         host=a.host,
         port=a.port,
@@ -274,6 +280,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     cfg = RetrainConfig(
         run_dir=a.run,
         redis_url=a.redis_url,
+        redis_cluster=a.redis_cluster,
         bundles=a.bundles,
         namespace=a.namespace,
         gate_margin=a.gate_margin,
@@ -518,6 +525,11 @@ def _publish_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory written by `socialrec train`")
     p.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
     p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names a node of a Redis Cluster (redis-py's cluster client)",
+    )
+    p.add_argument(
         "--namespace", default=default(PublishConfig, "namespace"), help="Redis key prefix"
     )
     p.add_argument(
@@ -549,6 +561,11 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=d("redis_url"),
         help="the feature store; 'local' starts a throwaway redis-server on a free port",
+    )
+    v.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names a node of a Redis Cluster (redis-py's cluster client)",
     )
     v.add_argument(
         "--publish", metavar="RUN_DIR", help="bulk-load this run's data into Redis before serving"
@@ -679,6 +696,11 @@ def _retrain_parser(r: argparse.ArgumentParser) -> None:
         help="base run directory (its run.json and settings); under torchrun spell it --base-run",
     )
     r.add_argument("--redis-url", required=True, help="the store whose event stream is consumed")
+    r.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names a node of a Redis Cluster (redis-py's cluster client)",
+    )
     r.add_argument("--bundles", required=True, help="bundle root watched by the servers")
     r.add_argument("--namespace", default=d("namespace"), help="Redis key prefix")
     r.add_argument(
