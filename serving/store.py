@@ -237,13 +237,7 @@ CLUSTER_RETRIES = 0
 
 
 def _cluster_options(cfg: StoreConfig) -> dict[str, Any]:
-    return {
-        "socket_timeout": cfg.socket_timeout_s,
-        "socket_connect_timeout": cfg.socket_timeout_s,
-        "decode_responses": True,
-        "health_check_interval": cfg.health_check_interval_s,
-        "retry": Retry(NoBackoff(), CLUSTER_RETRIES),
-    }
+    return {**_redis_py_options(cfg), "retry": Retry(NoBackoff(), CLUSTER_RETRIES)}
 
 
 def redis_py(cfg: StoreConfig) -> redis.Redis | redis.cluster.RedisCluster:
