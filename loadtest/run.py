@@ -265,13 +265,14 @@ def verify_writes(store: FeatureStore, out: Path, tag: str, after_id: str) -> di
         for line in f.read_text().splitlines()
         if line.strip()
     ]
-    from socialrec.serving.offline_store import advance
+    from socialrec.serving.offline_store import OfflineStore, advance
 
     events: dict[str, dict[str, str]] = {}
     cursor = {str(sh): after_id for sh in store.keys.shards}  # every shard, from that time
-    while batch := store.events(after=cursor, count=1000):
-        events.update(batch)
-        cursor = advance(cursor, batch)
+    with OfflineStore(store.cfg) as stream:
+        while batch := stream.events(after=cursor, count=1000):
+            events.update(batch)
+            cursor = advance(cursor, batch)
     friend_events = {
         (e["user"], e["friend"]) for e in events.values() if e.get("type") == "friend_add"
     }

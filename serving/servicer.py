@@ -237,7 +237,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             else:
                 result = rank(live, user, k, True, features, exclude)
         else:
-            removed = await self._removed_items(features and features.removed_version)
+            removed = await self._removed_items(
+                None if features is None else features.removed_version
+            )
             if features is None:
                 result = engine.popular_content(k, exclude=removed | exclude)
             else:

@@ -536,9 +536,9 @@ class FeatureStore:
         k, client = self.keys, self._aclient()
         cmds = [("GET", k.removed_version), ("SMEMBERS", k.removed)]
         batch = client.pipeline if self.cfg.cluster else client.transaction
-        version, items = await _aretry(lambda: batch(cmds))
-        if isinstance(version, Exception) or isinstance(items, Exception):
-            raise StoreDataError(f"redis: {version if isinstance(version, Exception) else items}")
+        replies = await _aretry(lambda: batch(cmds))
+        _data_errors(replies)
+        version, items = replies
         return int(version or 0), frozenset(items)
 
     async def alog_interaction(
@@ -685,16 +685,6 @@ class FeatureStore:
             if not _unavailable(e):
                 raise _refusal(str(e)) from e
             raise (_store_error(e) if self.cfg.cluster else StoreUnavailable(f"redis: {e}")) from e
-
-    # ---- offline operations (kept here for callers not yet on OfflineStore) -----------------
-    def events(
-        self, after: str | dict[str, str] = "0-0", count: int = 1000
-    ) -> list[tuple[str, dict[str, str]]]:
-        """:meth:`OfflineStore.events <socialrec.serving.offline_store.OfflineStore.events>`."""
-        from socialrec.serving.offline_store import OfflineStore
-
-        with OfflineStore(self.cfg) as off:
-            return off.events(after, count)
 
     def ping(self) -> bool:
         """True when Redis answers (for health checks; in a cluster, every primary); never
