@@ -21,6 +21,10 @@ class ServerConfig:
     namespace: str = "socialrec"  # Redis key prefix (several deployments can share a Redis)
     redis_client: str = "resp"  # the request path's Redis client: resp | redis-py
     redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
+    # Durability of acknowledged writes: > 0 acknowledges a write only after WAIT confirms this
+    # many replicas of its primary have it (else UNAVAILABLE, retry-safe with the request_id).
+    ack_replicas: int = 0
+    ack_timeout_ms: int = 500  # how long a write waits for those replicas
     host: str = "127.0.0.1"
     port: int = 50051
     workers: int = 1  # processes sharing the port (SO_REUSEPORT)

@@ -219,6 +219,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         bundle=a.bundle,
         redis_url=redis_url,
         redis_cluster=a.redis_cluster,
+        ack_replicas=a.ack_replicas,
+        ack_timeout_ms=a.ack_timeout_ms,
         namespace=a.namespace,
         host=a.host,
         port=a.port,
@@ -566,6 +568,20 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         "--redis-cluster",
         action="store_true",
         help="--redis-url names a node of a Redis Cluster (redis-py's cluster client)",
+    )
+    v.add_argument(
+        "--ack-replicas",
+        type=int,
+        default=d("ack_replicas"),
+        metavar="N",
+        help="acknowledge a write only after WAIT confirms N replicas have it (Redis "
+        "replication is asynchronous otherwise); on timeout the write answers UNAVAILABLE",
+    )
+    v.add_argument(
+        "--ack-timeout-ms",
+        type=int,
+        default=d("ack_timeout_ms"),
+        help="with --ack-replicas: how long a write waits for its replicas",
     )
     v.add_argument(
         "--publish", metavar="RUN_DIR", help="bulk-load this run's data into Redis before serving"
