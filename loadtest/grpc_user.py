@@ -11,7 +11,6 @@ call stalls every greenlet of the process. Importing this module does it.
 
 from __future__ import annotations
 
-import bisect
 import csv
 import itertools
 import json
@@ -29,6 +28,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User, constant, events
 from locust.env import Environment
 from locust.shape import LoadTestShape
+from socialrec.loadtest.ids import ZipfIds
 
 grpc_gevent.init_gevent()  # before any channel is created (module docstring)
 
@@ -65,25 +65,6 @@ class Settings:
         )
 
 
-class ZipfIds:
-    """Ids drawn with P(rank r) proportional to r^-s; ranks are a seeded shuffle of the file.
-
-    Shuffled so the hot ids are not simply the smallest ones (ids are often sorted).
-    """
-
-    def __init__(self, path: str | Path, s: float, seed: int) -> None:
-        text = Path(path).read_text(encoding="utf-8")
-        ids = text.split("\n")[:-1] if text else []
-        if not ids:
-            raise ValueError(f"{path}: no ids")
-        random.Random(seed).shuffle(ids)
-        self.ids = ids
-        self.cum = list(itertools.accumulate(r**-s for r in range(1, len(ids) + 1)))
-
-    def draw(self, rng: random.Random) -> str:
-        return self.ids[bisect.bisect_left(self.cum, rng.random() * self.cum[-1])]
-
-
 class RpcStatusError(Exception):
     """A non-OK gRPC status, as Locust records it: ``CODE: details``."""
 
@@ -93,6 +74,15 @@ class RpcStatusError(Exception):
 
 
 STATUS: Counter[tuple[str, str]] = Counter()  # (method, code) -> calls, this process
+# (unix second, "ok" | "failed") -> calls, this process: when failures happened and stopped
+TIMELINE: Counter[tuple[int, str]] = Counter()
+# What an app backend retries (README "Errors and retries"): the server could not do it now.
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+WRITE_BACKOFF_S = (0.1, 0.3, 1.0, 2.0)  # a write is tried 1 + len(...) times, same request_id
 
 
 class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
@@ -115,6 +105,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         else:
             exc = RpcStatusError(code, call.details())
         STATUS[(name, code.name)] += 1
+        TIMELINE[(int(time.time()), "ok" if exc is None else "failed")] += 1
         self.env.events.request.fire(
             request_type="grpc",
             name=name,
@@ -176,6 +167,22 @@ class GrpcUser(User):
         except grpc.RpcError:
             return None
 
+    def write(self, method: str, request: Any) -> tuple[Any, int]:
+        """A write as an app backend sends it: with a fresh request_id, retried with the same
+        one after a retryable status (the server applies a request_id once, so a retry never
+        counts twice). (reply or None, attempts made); every attempt is reported to Locust."""
+        request.request_id = f"lt-{self.rng.getrandbits(64):016x}"
+        for attempt, pause in enumerate((*WRITE_BACKOFF_S, None), start=1):
+            try:
+                return getattr(self.stub, method)(
+                    request, timeout=self.settings.timeout_s, metadata=self.auth
+                ), attempt
+            except grpc.RpcError as e:
+                if pause is None or e.code() not in RETRYABLE:
+                    return None, attempt
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
     def log_write(self, record: dict) -> None:
         """Append an acknowledged write to this process's JSONL log (checked after the run)."""
         _write_log(self.settings).write(json.dumps(record) + "\n")
@@ -221,6 +228,8 @@ def _final_reports(**_: Any) -> None:
             StatsCSV(_ENV["env"], PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
     rows = [{"method": m, "code": c, "count": n} for (m, c), n in sorted(STATUS.items())]
     (out / f"status-{s.tag}-{os.getpid()}.json").write_text(json.dumps(rows, indent=1))
+    timeline = [{"t": t, "what": w, "count": n} for (t, w), n in sorted(TIMELINE.items())]
+    (out / f"timeline-{s.tag}-{os.getpid()}.json").write_text(json.dumps(timeline))
     if "f" in _LOG:
         _LOG["f"].close()
 

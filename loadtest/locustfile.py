@@ -1,5 +1,7 @@
 """Mixed socialrec traffic: 70% content, 20% friends, 10% writes; users drawn Zipf-like.
 
+Writes carry a request_id and are retried with it after a retryable status (GrpcUser.write).
+
 Tasks only; channels, timing, id pools, write logs and the steps shape live in grpc_user.py.
 """
 
@@ -36,11 +38,11 @@ class RecommenderUser(GrpcUser):
         user, item, ts = self.user(), self.item(), int(time.time() * 1000)
         weight = float(self.rng.randint(1, 5))
         req = pb.LogInteractionRequest(user_id=user, item_id=item, weight=weight, timestamp_ms=ts)
-        reply = self.call("LogInteraction", req, write=True)
+        reply, attempts = self.write("LogInteraction", req)
         if reply is not None:
             self.log_write(
                 {"type": "interaction", "event_id": reply.event_id, "user": user, "item": item,
-                 "weight": weight, "ts": ts}
+                 "weight": weight, "ts": ts, "request_id": req.request_id, "attempts": attempts}
             )  # fmt: skip
 
     @task(3)
@@ -48,8 +50,10 @@ class RecommenderUser(GrpcUser):
         user, friend = self.user(), self.user()
         if user == friend:
             return
-        reply = self.call(
-            "AddFriendship", pb.FriendshipRequest(user_id=user, friend_id=friend), write=True
-        )
+        req = pb.FriendshipRequest(user_id=user, friend_id=friend)
+        reply, attempts = self.write("AddFriendship", req)
         if reply is not None:
-            self.log_write({"type": "friend_add", "user": user, "friend": friend})
+            self.log_write(
+                {"type": "friend_add", "user": user, "friend": friend,
+                 "request_id": req.request_id, "attempts": attempts}
+            )  # fmt: skip

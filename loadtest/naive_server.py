@@ -153,7 +153,7 @@ class NaiveService(pb_grpc.RecommenderServicer):
         ts = request.timestamp_ms or int(time.time() * 1000)
         try:
             eid = self.store.log_interaction(
-                request.user_id, request.item_id, float(request.weight), ts
+                request.user_id, request.item_id, float(request.weight), ts, request.request_id
             )
         except StoreUnavailable as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -164,7 +164,7 @@ class NaiveService(pb_grpc.RecommenderServicer):
         if not request.user_id or not request.friend_id or request.user_id == request.friend_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad user_id or friend_id")
         try:
-            fn(request.user_id, request.friend_id, int(time.time() * 1000))
+            fn(request.user_id, request.friend_id, int(time.time() * 1000), request.request_id)
         except StoreUnavailable as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return pb.FriendshipResponse()
@@ -176,12 +176,19 @@ class NaiveService(pb_grpc.RecommenderServicer):
         return self._friend(request, context, self.store.remove_friendship)
 
 
-def serve(run_dir: str, redis_url: str, namespace: str, port: int, threads: int = 8) -> None:
+def serve(
+    run_dir: str,
+    redis_url: str,
+    namespace: str,
+    port: int,
+    threads: int = 8,
+    cluster: bool = False,
+) -> None:
     """Serve until SIGTERM/SIGINT."""
     torch.set_num_threads(1)
     model = NaiveModel(run_dir)
     # plain redis-py, as a newcomer would write it (socialrec's server has its own async client)
-    store = FeatureStore(StoreConfig(url=redis_url, namespace=namespace))
+    store = FeatureStore(StoreConfig(url=redis_url, namespace=namespace, cluster=cluster))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
     pb_grpc.add_RecommenderServicer_to_server(
         NaiveService(model, store, os.environ.get("SOCIALREC_WRITE_TOKEN")), server
@@ -207,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--namespace", default="socialrec")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--redis-cluster", action="store_true", help="--redis-url names a cluster node")
     a = p.parse_args(argv)
-    serve(a.run, a.redis_url, a.namespace, a.port, a.threads)
+    serve(a.run, a.redis_url, a.namespace, a.port, a.threads, a.redis_cluster)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ server's run: SIGKILL a worker, restart Redis, or hot-swap the bundle.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -25,20 +26,27 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+from socialrec.loadtest.balancer import HAProxy, find_haproxy
+from socialrec.loadtest.ids import ZipfIds
 from socialrec.serving.bundle import copy_bundle
 from socialrec.serving.harness import ServerProcess
 from socialrec.serving.offline_store import OfflineStore
-from socialrec.serving.redis_local import RedisProcess, start_redis
+from socialrec.serving.redis_local import LocalCluster, RedisProcess, start_cluster, start_redis
+from socialrec.serving.schema import Keys
 from socialrec.serving.store import FeatureStore, StoreConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 SHAPES = ("constant", "steps")
-FAULTS = ("none", "kill-worker", "restart-redis", "swap-bundle")
+# kill-primary: a cluster only (a replica is promoted); kill-server: replicas >= 2 (SIGKILL one
+# serving replica with its workers, restart it after server_down_s)
+FAULTS = ("none", "kill-worker", "restart-redis", "swap-bundle", "kill-primary", "kill-server")
 PEER_NAME = "naive-torch"
 THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
@@ -62,6 +70,10 @@ class LoadTestConfig:
     serve_args: tuple[str, ...] = ()  # extra `socialrec serve` flags for our server
     steps: tuple[int, ...] = ()  # shape "steps": user counts to step through (default 1, 2, 4, ..)
     unix_socket: bool = False  # both servers reach the private Redis over its Unix socket
+    replicas: int = 1  # `socialrec serve` instances; > 1: behind HAProxy (loadtest/balancer.py)
+    redis_cluster: bool = False  # a local Redis Cluster (3 primaries + 3 replicas), not one Redis
+    ack_replicas: int = 0  # our server's --ack-replicas (writes acknowledged after WAIT N)
+    server_down_s: float = 3.0  # kill-server: how long the killed replica stays down
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -276,6 +288,15 @@ def verify_writes(store: FeatureStore, out: Path, tag: str, after_id: str) -> di
     friend_events = {
         (e["user"], e["friend"]) for e in events.values() if e.get("type") == "friend_add"
     }
+
+    # A retried write applied twice shows as two stream events with the same fields where
+    # the client had one acknowledgement (its request_id makes the retry a no-op instead).
+    def fields(e: dict) -> tuple:
+        return (e["user"], e["item"], int(e["ts"]), round(float(e["weight"]), 6))
+
+    in_stream_n = Counter(fields(e) for e in events.values() if e.get("type") == "interaction")
+    acked_n = Counter(fields(w) for w in acked if w["type"] == "interaction")
+    counted_twice = sum(max(in_stream_n[k] - n, 0) for k, n in acked_n.items())
     missing_stream, missing_features, evicted, n_lost, lost = 0, 0, 0, 0, []
     for w in acked:
         in_stream, in_features = True, True
@@ -319,6 +340,8 @@ def verify_writes(store: FeatureStore, out: Path, tag: str, after_id: str) -> di
         "unacknowledged_in_stream": max(len(events) - len(acked), 0),
         "lost": n_lost,
         "lost_examples": lost,
+        "counted_twice": counted_twice,
+        "retried": sum(w.get("attempts", 1) > 1 for w in acked),
     }
 
 
@@ -361,46 +384,222 @@ def locust_env(cfg: LoadTestConfig, bundle: Path, out: Path, tag: str, token: st
     return env
 
 
+class Backend:
+    """The feature store under test: one private redis-server, or a local Redis Cluster
+    (3 primaries + 3 replicas, cfg.redis_cluster)."""
+
+    def __init__(self, cfg: LoadTestConfig, dir: Path) -> None:
+        self.cluster: LocalCluster | None = None
+        self.redis: RedisProcess | None = None
+        shutil.rmtree(dir, ignore_errors=True)  # what an interrupted run left (cluster state)
+        if cfg.redis_cluster:
+            self.cluster = start_cluster(dir=dir)
+        else:
+            self.redis = start_redis(dir=dir, unixsocket=cfg.unix_socket)
+        self.serve_url = (
+            self.redis.unix_url if self.redis is not None and cfg.unix_socket else self.url
+        )
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url if self.cluster is not None else self.redis.url  # type: ignore[union-attr]
+
+    def store_cfg(self, namespace: str) -> StoreConfig:
+        return StoreConfig(url=self.url, namespace=namespace, cluster=self.cluster is not None)
+
+    def cluster_flags(self) -> list[str]:
+        return ["--redis-cluster"] if self.cluster is not None else []
+
+    def pids(self) -> dict[int, int]:
+        """{port: pid} of the running redis-servers."""
+        nodes = self.cluster.nodes if self.cluster is not None else [self.redis]
+        return {n.port: n.proc.pid for n in nodes if n is not None and n.running}
+
+    def cleanup(self) -> None:
+        if self.cluster is not None:
+            self.cluster.cleanup()
+        if self.redis is not None:
+            self.redis.cleanup()
+
+
+class Fleet:
+    """The servers under test: one, or ``n`` replicas behind HAProxy (per-call balancing).
+
+    CPU is counted per window over every replica's process tree; a replica killed during the
+    window is counted up to its kill (read just before it), its replacement from its start.
+    """
+
+    def __init__(self, make: Callable[[int | None], ServerProcess], n: int, dir: Path) -> None:
+        self.make = make
+        self.servers = [make(None) for _ in range(n)]
+        self.balancer = (
+            HAProxy([(f"r{i}", s.address) for i, s in enumerate(self.servers)], dir)
+            if n > 1
+            else None
+        )
+        self._base: dict[int, float] = {}
+        self._retired = 0.0
+
+    @property
+    def address(self) -> str:
+        return self.balancer.address if self.balancer is not None else self.servers[0].address
+
+    def start(self) -> Fleet:
+        for s in self.servers:
+            s.start()
+        for s in self.servers:
+            s.wait_serving()
+        if self.balancer is not None:
+            self.balancer.start()
+            self.wait_in_rotation(len(self.servers), 30.0)
+        return self
+
+    def wait_in_rotation(self, n_up: int, timeout_s: float) -> float | None:
+        """Seconds until the balancer has ``n_up`` replicas UP (None: not within timeout_s)."""
+        assert self.balancer is not None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if sum(v == "UP" for v in self.balancer.server_status().values()) == n_up:
+                return round(time.monotonic() - t0, 2)
+            time.sleep(0.05)
+        return None
+
+    def metrics_ports(self) -> list[int]:
+        return [s.metrics_port for s in self.servers if s.metrics_port is not None and s.alive()]
+
+    def begin_window(self) -> None:
+        self._base = {s.pid: tree_cpu_s(s.pid) for s in self.servers}
+        self._retired = 0.0
+
+    def window_cpu_s(self) -> float:
+        live = sum(tree_cpu_s(s.pid) - self._base.get(s.pid, 0.0) for s in self.servers)
+        return self._retired + live
+
+    def kill(self, i: int) -> ServerProcess:
+        """SIGKILL replica ``i`` and its workers (its CPU so far is kept for the window)."""
+        victim = self.servers[i]
+        self._retired += tree_cpu_s(victim.pid) - self._base.get(victim.pid, 0.0)
+        pids = [victim.pid, *children(victim.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        victim.stop(timeout_s=5)  # reaps it
+        return victim
+
+    def replace(self, i: int) -> ServerProcess:
+        """Start a new replica on replica ``i``'s port and wait until it serves."""
+        new = self.make(self.servers[i].port)
+        self.servers[i] = new
+        new.start().wait_serving()
+        return new
+
+    def stop(self) -> None:
+        if self.balancer is not None:
+            self.balancer.stop()
+        for s in self.servers:
+            s.stop()
+
+
+def scrape_fleet(ports: list[int]) -> dict[int, dict]:
+    return {p: scrape(p) for p in ports}
+
+
+def _merge(snaps: list[dict]) -> dict:
+    """Sum of several /metrics snapshots (histogram buckets, sums, counts and values add up)."""
+    out: dict = {}
+    for snap in snaps:
+        for key, h in snap.items():
+            m = out.setdefault(key, {"buckets": {}, "sum": 0.0, "count": 0.0, "value": 0.0})
+            for le, c in h["buckets"].items():
+                m["buckets"][le] = m["buckets"].get(le, 0.0) + c
+            for f in ("sum", "count", "value"):
+                m[f] += h[f]
+    return out
+
+
+def fleet_window(before: dict[int, dict], after: dict[int, dict]) -> tuple[dict, dict]:
+    """(before, after) summed over the replicas still answering at the end; a replica started
+    during the window counts from zero; one killed in it drops out (its calls are in the
+    client numbers, not in the server histograms)."""
+    return _merge([before.get(p, {}) for p in after]), _merge(list(after.values()))
+
+
+def read_timeline(out: Path, tag: str) -> dict[int, dict[str, int]]:
+    """{unix second: {"ok": calls, "failed": calls}} summed over the Locust processes."""
+    res: dict[int, dict[str, int]] = {}
+    for f in sorted(out.glob(f"timeline-{tag}-*.json")):
+        for r in json.loads(f.read_text()):
+            sec = res.setdefault(int(r["t"]), {"ok": 0, "failed": 0})
+            sec[r["what"]] += r["count"]
+    return res
+
+
+def recovery(timeline: dict[int, dict[str, int]], t_fault: float) -> dict:
+    """Failed calls from the fault on and how long until the last of them (seconds after the
+    fault; 0 when nothing failed)."""
+    after = {t: v for t, v in timeline.items() if t >= int(t_fault)}
+    failed_secs = [t for t, v in after.items() if v["failed"]]
+    return {
+        "failed_after_fault": sum(v["failed"] for v in after.values()),
+        "ok_after_fault": sum(v["ok"] for v in after.values()),
+        "seconds_with_failures": len(failed_secs),
+        "recovered_after_s": (
+            round(max(failed_secs) + 1 - t_fault, 1) if failed_secs else 0.0
+        ),  # end of the last second that had a failure
+    }
+
+
 def drive(
     cfg: LoadTestConfig,
     tag: str,
-    server: ServerProcess,
+    fleet: Fleet,
     bundle: Path,
     out: Path,
     token: str,
-    redis: RedisProcess,
+    backend: Backend,
     store: FeatureStore,
-    metrics_port: int | None = None,
+    metrics: bool = False,
     fault=None,
 ) -> dict:
-    """Run Locust against a SERVING server and measure it; ``fault()`` is called mid-run."""
-    old = [*out.glob(f"writes-{tag}-*.jsonl"), *out.glob(f"status-{tag}-*.json")]
+    """Run Locust against a SERVING fleet and measure it; ``fault()`` is called mid-run."""
+    old = [f for p in ("writes", "status", "timeline") for f in out.glob(f"{p}-{tag}-*.json*")]
     for f in [*old, out / f"{tag}_final_stats.csv", out / f"steps-{tag}.json"]:
         f.unlink(missing_ok=True)
     after_id = f"{int(time.time() * 1000) - 1}-0"
-    before = scrape(metrics_port) if metrics_port else {}
-    redis_pid = redis.proc.pid
-    cpu0, rcpu0 = tree_cpu_s(server.pid), tree_cpu_s(redis_pid)
+    before = scrape_fleet(fleet.metrics_ports()) if metrics else {}
+    redis_pids = backend.pids()
+    fleet.begin_window()
+    rcpu0 = {port: tree_cpu_s(pid) for port, pid in redis_pids.items()}
+    lb_pid = fleet.balancer.cpu_pid() if fleet.balancer is not None else None
+    lb0 = tree_cpu_s(lb_pid) if lb_pid else 0.0
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(cfg.users), "-r", str(cfg.spawn_rate), "-t", f"{int(round(cfg.duration))}s",
         "--csv", str(out / tag), "--html", str(out / f"{tag}.html"),
-        "--host", server.address, "--stop-timeout", "5", "--exit-code-on-error", "0",
+        "--host", fleet.address, "--stop-timeout", "5", "--exit-code-on-error", "0",
     ]  # fmt: skip
     locust = Proc(cmd, out / f"{tag}-locust.log", locust_env(cfg, bundle, out, tag, token))
-    fault_info = None
+    fault_info, t_fault = None, None
     if fault is not None:
-        t_fault = time.monotonic() + cfg.fault_at * cfg.duration
-        while time.monotonic() < t_fault and locust.alive():
+        t_at = time.monotonic() + cfg.fault_at * cfg.duration
+        while time.monotonic() < t_at and locust.alive():
             time.sleep(0.05)
+        t_fault = time.time()
         fault_info = fault()
-    code, locust_cpu = locust.wait_cpu(cfg.duration + 60)
+    code, locust_cpu = locust.wait_cpu(cfg.duration + 120)
     if code != 0:
         raise RuntimeError(f"locust exited with {code}:\n{locust.tail()}")
-    cpu1 = tree_cpu_s(server.pid)
-    # a restarted Redis is a new process: its CPU before the fault is gone, so no number
-    rcpu1 = tree_cpu_s(redis_pid) if redis.running and redis.proc.pid == redis_pid else None
-    after = scrape(metrics_port) if metrics_port else {}
+    cpu = fleet.window_cpu_s()
+    # a restarted redis-server is a new process: its CPU before the fault is gone, so a
+    # node whose pid changed gives no number
+    now_pids = backend.pids()
+    rcpu = (
+        sum(tree_cpu_s(pid) - rcpu0[port] for port, pid in redis_pids.items())
+        if now_pids == redis_pids
+        else None
+    )
+    lb_cpu = tree_cpu_s(lb_pid) - lb0 if lb_pid else None
+    after = scrape_fleet(fleet.metrics_ports()) if metrics else {}
     client = read_locust_csv(out / f"{tag}_final_stats.csv")
     n = max(client.get("requests", 0), 1)
     res = {
@@ -411,39 +610,56 @@ def drive(
         "mean_ms": client.get("mean_ms"),
         "failures": client.get("failures"),
         "requests": client.get("requests"),
-        "server_cpu_us_per_request": round((cpu1 - cpu0) / n * 1e6, 1),
-        "redis_cpu_us_per_request": (
-            round((rcpu1 - rcpu0) / n * 1e6, 1) if rcpu1 is not None else None
-        ),
+        "server_cpu_us_per_request": round(cpu / n * 1e6, 1),
+        "redis_cpu_us_per_request": round(rcpu / n * 1e6, 1) if rcpu is not None else None,
+        "balancer_cpu_us_per_request": round(lb_cpu / n * 1e6, 1) if lb_cpu is not None else None,
         "locust_cpu_s": round(locust_cpu, 2),
-        "server_cpu_s": round(cpu1 - cpu0, 2),
+        "server_cpu_s": round(cpu, 2),
+        "replicas": len(fleet.servers),
         "methods": client["methods"],
         "status": read_status(out, tag),
         "writes": verify_writes(store, out, tag, after_id),
     }
-    if metrics_port:
-        res["stages"] = histogram_diff(before, after, "socialrec_stage_seconds")
-        res["server_rpc"] = histogram_diff(before, after, "socialrec_rpc_seconds")
-        res["bundle_info"] = counter_values(after, "socialrec_bundle_info")
-        res["bundle_reloads"] = counter_values(after, "socialrec_bundle_reloads")
+    if fleet.balancer is not None:
+        res["balancer"] = {
+            name: {"status": r["status"], "calls": int(r["stot"] or 0)}
+            for name, r in fleet.balancer.stats().items()
+        }
+    if metrics:
+        b, a = fleet_window(before, after)
+        res["stages"] = histogram_diff(b, a, "socialrec_stage_seconds")
+        res["server_rpc"] = histogram_diff(b, a, "socialrec_rpc_seconds")
+        res["bundle_info"] = counter_values(a, "socialrec_bundle_info")
+        res["bundle_reloads"] = counter_values(a, "socialrec_bundle_reloads")
         res["degraded_reads"] = {
-            k: v - counter_values(before, "socialrec_degraded").get(k, 0.0)
-            for k, v in counter_values(after, "socialrec_degraded").items()
+            k: v - counter_values(b, "socialrec_degraded").get(k, 0.0)
+            for k, v in counter_values(a, "socialrec_degraded").items()
         }
     if fault_info is not None:
-        res["fault"] = fault_info
+        res["fault"] = {**fault_info, **recovery(read_timeline(out, tag), t_fault)}
     if cfg.shape == "steps" and (f := out / f"steps-{tag}.json").exists():
         steps = json.loads(f.read_text())
         res["steps"], res["capacity"] = steps["steps"], steps["capacity"]
     return res
 
 
+def hot_user(cfg: LoadTestConfig, bundle: Path) -> str:
+    """The user the load generator draws most often (rank 1 of its Zipf order)."""
+    return ZipfIds(bundle / "user_ids.txt", cfg.zipf, cfg.seed).ids[0]
+
+
 def make_fault(
-    cfg: LoadTestConfig, server: ServerProcess, redis: RedisProcess, root: Path | None, src: Path
+    cfg: LoadTestConfig,
+    fleet: Fleet,
+    backend: Backend,
+    root: Path | None,
+    src: Path,
+    namespace: str,
 ):
     """The callable that injects ``cfg.fault`` and returns what it did (timings, pids)."""
 
     def kill_worker() -> dict:
+        server = fleet.servers[0]
         victims = sorted(children(server.pid))
         if not victims:
             return {"kind": cfg.fault, "error": "no worker process found"}
@@ -462,6 +678,8 @@ def make_fault(
         }
 
     def restart_redis() -> dict:
+        redis = backend.redis
+        assert redis is not None
         t0 = time.monotonic()
         redis.kill()
         time.sleep(cfg.redis_pause_s)
@@ -476,11 +694,62 @@ def make_fault(
         return {"kind": cfg.fault, "from": "loadtest-a", "to": "loadtest-b",
                 "copy_s": round(time.monotonic() - t0, 2)}  # fmt: skip
 
+    def kill_primary() -> dict:
+        cluster = backend.cluster
+        assert cluster is not None
+        user = hot_user(cfg, src)
+        key = Keys(namespace).user("h", user)
+        primary = cluster.primary_for_key(key)
+        replicas = cluster.replicas_of(primary)
+        t0 = time.monotonic()
+        cluster.kill(primary)
+        promoted, promoted_s = None, None
+        while time.monotonic() - t0 < 30 and promoted is None:
+            promoted = next((r for r in replicas if cluster.role(r) == "master"), None)
+            time.sleep(0.02)
+        if promoted is not None:
+            promoted_s = round(time.monotonic() - t0, 2)
+        cluster.wait_ok(30.0)
+        ok_s = round(time.monotonic() - t0, 2)
+        cluster.restart(primary)  # it rejoins as a replica of the promoted node
+        return {
+            "kind": cfg.fault,
+            "hot_user": user,
+            "killed_primary_port": primary.port,
+            "promoted_replica_port": promoted.port if promoted is not None else None,
+            "promoted_after_s": promoted_s,
+            "cluster_ok_after_s": ok_s,
+            "old_primary_rejoined_as": cluster.role(primary),
+        }
+
+    def kill_server() -> dict:
+        t0 = time.monotonic()
+        victim = fleet.kill(0)
+        down_s = fleet.wait_in_rotation(len(fleet.servers) - 1, 30.0)
+        time.sleep(max(cfg.server_down_s - (time.monotonic() - t0), 0.0))
+        t1 = time.monotonic()
+        new = fleet.replace(0)
+        serving_s = round(time.monotonic() - t1, 2)
+        back_s = fleet.wait_in_rotation(len(fleet.servers), 30.0)
+        return {
+            "kind": cfg.fault,
+            "killed_pid": victim.pid,
+            "marked_down_after_s": down_s,
+            "down_s": round(t1 - t0, 2),
+            "replacement_pid": new.pid,
+            "replacement_serving_after_s": serving_s,
+            "back_in_rotation_after_s": (
+                round(serving_s + back_s, 2) if back_s is not None else None
+            ),
+        }
+
     return {
         "none": None,
         "kill-worker": kill_worker,
         "restart-redis": restart_redis,
         "swap-bundle": swap_bundle,
+        "kill-primary": kill_primary,
+        "kill-server": kill_server,
     }[cfg.fault]
 
 
@@ -497,39 +766,57 @@ def ensure_bundle(run_dir: Path) -> Path:
     return bundle
 
 
-def run(cfg: LoadTestConfig) -> Path:
-    """Run the load test (ours, then the peer) and write OUT/summary.json; returns its path."""
+def check_config(cfg: LoadTestConfig) -> None:
+    """ValueError naming the setting for a configuration the run cannot honour."""
     if cfg.shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {cfg.shape!r}")
     if cfg.fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}, got {cfg.fault!r}")
-    if cfg.duration <= 0 or cfg.users <= 0 or cfg.workers <= 0:
-        raise ValueError("duration, users and workers must be positive")
+    if cfg.duration <= 0 or cfg.users <= 0 or cfg.workers <= 0 or cfg.replicas <= 0:
+        raise ValueError("duration, users, workers and replicas must be positive")
+    if cfg.ack_replicas < 0:
+        raise ValueError(f"ack_replicas must be >= 0, got {cfg.ack_replicas}")
     if any(n <= 0 for n in cfg.steps) or list(cfg.steps) != sorted(set(cfg.steps)):
         raise ValueError(f"steps must be increasing positive user counts, got {list(cfg.steps)}")
+    if cfg.fault == "kill-primary" and not cfg.redis_cluster:
+        raise ValueError("fault kill-primary needs redis_cluster (a replica to promote)")
+    if cfg.fault == "restart-redis" and cfg.redis_cluster:
+        raise ValueError("fault restart-redis is for one redis-server; a cluster: kill-primary")
+    if cfg.fault == "kill-server" and cfg.replicas < 2:
+        raise ValueError("fault kill-server needs replicas >= 2 (another replica takes the calls)")
+    if cfg.redis_cluster and cfg.unix_socket:
+        raise ValueError("unix_socket applies to one redis-server, not a cluster")
+
+
+def run(cfg: LoadTestConfig) -> Path:
+    """Run the load test (ours, then the peer) and write OUT/summary.json; returns its path."""
+    check_config(cfg)
     run_dir = Path(cfg.run).resolve()
     if not (run_dir / "teacher.pt").exists():
         raise FileNotFoundError(f"{run_dir / 'teacher.pt'}: not a trained run")
     out = Path(cfg.out or run_dir / "loadtest").resolve()
     out.mkdir(parents=True, exist_ok=True)
     bundle = ensure_bundle(run_dir)
+    if cfg.replicas > 1:
+        find_haproxy()  # a clear error before anything starts
     token = secrets.token_hex(16)
     summary: dict = {}
 
     from socialrec.serving.publish import PublishConfig
     from socialrec.serving.publish import run as publish
 
-    redis = start_redis(dir=out / "redis-data", unixsocket=cfg.unix_socket)
-    serve_redis = redis.unix_url if cfg.unix_socket else redis.url  # what both servers use
+    backend = Backend(cfg, out / "redis-data")
+    cluster_flags = backend.cluster_flags()
     try:
         namespaces = {"ours": "lt-ours", "peer": "lt-peer"}
         for tag, ns in namespaces.items():
             if tag == "peer" and not cfg.peer:
                 continue
-            with OfflineStore(StoreConfig(url=redis.url, namespace=ns)) as s:
+            with OfflineStore(backend.store_cfg(ns)) as s:
                 s.flush(events=True)
-            publish(PublishConfig(run=str(run_dir), redis_url=redis.url, namespace=ns,
-                                  train_only=True, progress=False))  # fmt: skip
+            publish(PublishConfig(run=str(run_dir), redis_url=backend.url, namespace=ns,
+                                  train_only=True, progress=False,
+                                  cluster=backend.cluster is not None))  # fmt: skip
 
         # ---- ours
         serve_bundle, root = bundle, None
@@ -542,43 +829,56 @@ def run(cfg: LoadTestConfig) -> Path:
             serve_bundle = root
         env = {**THREAD_ENV, "SOCIALREC_WRITE_TOKEN": token}
         args = [
-            "--bundle", str(serve_bundle), "--redis-url", serve_redis,
+            "--bundle", str(serve_bundle), "--redis-url", backend.serve_url, *cluster_flags,
             "--namespace", namespaces["ours"], "--workers", str(cfg.workers),
             "--watch-interval", "0.5", *cfg.serve_args,
         ]  # fmt: skip
-        server = ServerProcess(
-            args, metrics=True, env=env, log=out / "ours-server.log", stop_timeout_s=15.0
-        )
+        if cfg.ack_replicas:
+            args += ["--ack-replicas", str(cfg.ack_replicas)]
+        logs = iter(range(1_000))
+
+        def ours_server(port: int | None) -> ServerProcess:
+            return ServerProcess(
+                args, port=port, metrics=True, env=env, stop_timeout_s=15.0,
+                log=out / f"ours-server-{next(logs)}.log",
+            )  # fmt: skip
+
+        fleet = Fleet(ours_server, cfg.replicas, out / "ours-haproxy")
         try:
-            server.start().wait_serving()
-            with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["ours"])) as store:
-                fault = make_fault(cfg, server, redis, root, bundle)
-                ours = drive(cfg, "ours", server, bundle, out, token, redis, store,
-                             server.metrics_port, fault)  # fmt: skip
+            fleet.start()
+            with FeatureStore(backend.store_cfg(namespaces["ours"])) as store:
+                fault = make_fault(cfg, fleet, backend, root, bundle, namespaces["ours"])
+                ours = drive(cfg, "ours", fleet, bundle, out, token, backend, store,
+                             metrics=True, fault=fault)  # fmt: skip
         finally:
-            server.stop()
+            fleet.stop()
         summary.update(ours)
 
-        # ---- the naive peer, same Locust settings, right after
+        # ---- the naive peer, same Locust settings and replica count, right after
         peer = None
         if cfg.peer:
             pargs = [
-                "--run", str(run_dir), "--redis-url", serve_redis,
+                "--run", str(run_dir), "--redis-url", backend.serve_url, *cluster_flags,
                 "--namespace", namespaces["peer"],
             ]  # fmt: skip
-            pserver = ServerProcess(
-                pargs, env=env, log=out / "peer-server.log", stop_timeout_s=15.0,
-                program=("socialrec.loadtest.naive_server",),
-            )  # fmt: skip
+
+            def peer_server(port: int | None) -> ServerProcess:
+                return ServerProcess(
+                    pargs, port=port, env=env, stop_timeout_s=15.0,
+                    log=out / f"peer-server-{next(logs)}.log",
+                    program=("socialrec.loadtest.naive_server",),
+                )  # fmt: skip
+
+            pfleet = Fleet(peer_server, cfg.replicas, out / "peer-haproxy")
             try:
-                pserver.start().wait_serving()
-                with FeatureStore(StoreConfig(url=redis.url, namespace=namespaces["peer"])) as s:
-                    p = drive(cfg, "peer", pserver, bundle, out, token, redis, s)
+                pfleet.start()
+                with FeatureStore(backend.store_cfg(namespaces["peer"])) as s:
+                    p = drive(cfg, "peer", pfleet, bundle, out, token, backend, s)
             finally:
-                pserver.stop()
+                pfleet.stop()
             peer = {"name": PEER_NAME, **p}
     finally:
-        redis.cleanup()
+        backend.cleanup()
         shutil.rmtree(out / "redis-data", ignore_errors=True)
 
     summary["peer"] = peer

@@ -36,9 +36,12 @@ class StartupError(RuntimeError):
 
 def _port_free(host: str, port: int, what: str) -> None:
     """StartupError if ``host:port`` is taken (checked without SO_REUSEPORT, so another server
-    sharing the port does not pass unnoticed)."""
+    sharing the port does not pass unnoticed). SO_REUSEADDR, as the gRPC server binds: the
+    connections of a server that just died linger in TIME_WAIT, and must not stop its
+    replacement from starting on the same port."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

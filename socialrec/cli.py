@@ -270,6 +270,10 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         steps=_int_list("--steps", a.steps),
         unix_socket=a.unix_socket,
         zipf=a.zipf if a.users_dist == "zipf" else 0.0,
+        replicas=a.replicas,
+        redis_cluster=a.redis_cluster,
+        ack_replicas=a.ack_replicas,
+        server_down_s=a.server_down_s,
     )
     print_summary(run(cfg))
     return 0
@@ -645,7 +649,7 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
 
 
 def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
-    from socialrec.loadtest.run import LoadTestConfig
+    from socialrec.loadtest.run import FAULTS, LoadTestConfig
 
     def d(name: str) -> Any:
         return default(LoadTestConfig, name)
@@ -672,9 +676,37 @@ def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
     )
     lt.add_argument(
         "--fault",
-        choices=("none", "kill-worker", "restart-redis", "swap-bundle"),
+        choices=FAULTS,
         default=d("fault"),
-        help="inject one fault into our server's run, halfway through",
+        help="inject one fault into our server's run, halfway through: kill-worker, "
+        "restart-redis (one redis-server), swap-bundle, kill-primary (--redis-cluster: the "
+        "primary of the busiest user's slot), kill-server (--replicas >= 2: one replica, "
+        "restarted after --server-down-s)",
+    )
+    lt.add_argument(
+        "--replicas",
+        type=int,
+        default=d("replicas"),
+        help="`socialrec serve` instances for each server under test; more than one run "
+        "behind HAProxy (h2c, balanced per call)",
+    )
+    lt.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a local Redis Cluster (3 primaries + 3 replicas) instead of one redis-server",
+    )
+    lt.add_argument(
+        "--ack-replicas",
+        type=int,
+        default=d("ack_replicas"),
+        metavar="N",
+        help="our server acknowledges a write after WAIT confirms N replicas have it",
+    )
+    lt.add_argument(
+        "--server-down-s",
+        type=float,
+        default=d("server_down_s"),
+        help="--fault kill-server: seconds before the killed replica is restarted",
     )
     lt.add_argument(
         "--serve-args",

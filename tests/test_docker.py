@@ -2,7 +2,7 @@
 
 hadolint lints the Dockerfiles; the rest are what a linter cannot know: the files they COPY
 exist, the serve image installs only the torch-free ``serve`` extra, the pinned torch matches
-pyproject.toml, every ``socialrec`` command line parses, and compose.yaml / envoy.yaml point at
+pyproject.toml, every ``socialrec`` command line parses, and compose.yaml / haproxy.cfg point at
 existing Dockerfiles and agree on the replicas and their ports.
 """
 
@@ -155,29 +155,22 @@ def test_compose_builds_existing_dockerfiles_and_runs_real_commands() -> None:
         assert services[name]["build"]["dockerfile"] == "docker/serve.Dockerfile"
 
 
-def test_envoy_routes_to_the_compose_replicas_on_their_ports() -> None:
-    envoy = yaml.safe_load((DOCKER / "envoy.yaml").read_text())
+def test_haproxy_routes_to_the_compose_replicas_on_their_ports() -> None:
+    text = (DOCKER / "haproxy.cfg").read_text()
     services = compose()["services"]
-    (cluster,) = envoy["static_resources"]["clusters"]
-    endpoints = {
-        (a["address"], a["port_value"])
-        for group in cluster["load_assignment"]["endpoints"]
-        for e in group["lb_endpoints"]
-        for a in [e["endpoint"]["address"]["socket_address"]]
-    }
+    backends = set(re.findall(r"^  server (\S+) (\S+):(\d+) proto h2 check", text, re.M))
     replicas, ports = set(), set()
     for name, svc in services.items():
         cmd = svc.get("command", [])
         if cmd[:1] == ["serve"]:
             assert cmd[cmd.index("--host") + 1] == "0.0.0.0", name
-            replicas.add((name, int(cmd[cmd.index("--port") + 1])))
+            port = cmd[cmd.index("--port") + 1]
+            replicas.add((name, name, port))  # the server's name is the service's host name
             ports |= {cmd[cmd.index(flag) + 1] for flag in ("--port", "--metrics-port")}
-    assert replicas == endpoints and len(replicas) == 2
-    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == (
-        "socialrec.v1.Recommender"
-    )
-    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
-    listener = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
-    assert f"{listener['port_value']}:{listener['port_value']}" in services["envoy"]["ports"]
+    assert replicas == backends and len(replicas) == 2
+    (bind,) = re.findall(r"^  bind \S+:(\d+) proto h2$", text, re.M)
+    assert f"{bind}:{bind}" in services["haproxy"]["ports"]
+    mount = "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"
+    assert mount in services["haproxy"]["volumes"]
     exposed = set(instructions(DOCKER / "serve.Dockerfile", "EXPOSE")[0].split())
     assert ports <= exposed, f"serve.Dockerfile EXPOSE {exposed}, compose uses {ports}"

@@ -109,3 +109,61 @@ def test_steps_shape_with_explicit_steps(run_dir, tmp_path) -> None:
     bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
                      "--steps", "1,x", "--no-peer", timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "--steps takes integers" in bad.stderr
+
+
+def test_two_replicas_behind_haproxy_survive_a_killed_replica(run_dir, tmp_path) -> None:
+    """--replicas 2: both replicas take calls through HAProxy; one is SIGKILLed mid-run and
+    restarted on its port; the balancer routes around it, no acknowledged write is lost."""
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        pytest.fail("haproxy is not installed (.ci/run installs it)")
+    out = tmp_path / "replicas"
+    r = _socialrec(
+        "loadtest", "--run", str(run_dir), "--duration", "12", "--users", "4", "--workers", "1",
+        "--replicas", "2", "--fault", "kill-server", "--server-down-s", "2", "--no-peer",
+        "--out", str(out), timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["replicas"] == 2
+    assert set(s["balancer"]) == {"r0", "r1"}
+    assert all(b["calls"] > 0 for b in s["balancer"].values()), s["balancer"]
+    assert all(b["status"] == "UP" for b in s["balancer"].values()), s["balancer"]
+    f = s["fault"]
+    assert f["kind"] == "kill-server" and f["replacement_pid"] != f["killed_pid"]
+    assert f["marked_down_after_s"] is not None and f["back_in_rotation_after_s"] is not None
+    assert f["ok_after_fault"] > 0
+    w = s["writes"]
+    assert w["acknowledged"] > 0 and w["lost"] == 0 and w["counted_twice"] == 0
+
+
+def test_cluster_primary_killed_under_load(run_dir, tmp_path) -> None:
+    """--redis-cluster: the primary owning the busiest user's slot is SIGKILLed mid-run; its
+    replica is promoted, the old primary rejoins as a replica; with --ack-replicas 1 no
+    acknowledged write is lost and none is counted twice."""
+    out = tmp_path / "cluster"
+    r = _socialrec(
+        "loadtest", "--run", str(run_dir), "--duration", "14", "--users", "4", "--workers", "1",
+        "--redis-cluster", "--ack-replicas", "1", "--fault", "kill-primary", "--no-peer",
+        "--out", str(out), timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    f = s["fault"]
+    assert f["kind"] == "kill-primary"
+    assert f["promoted_replica_port"] not in (None, f["killed_primary_port"])
+    assert f["old_primary_rejoined_as"] == "slave"
+    assert f["ok_after_fault"] > 0
+    w = s["writes"]
+    assert w["acknowledged"] > 0 and w["lost"] == 0 and w["counted_twice"] == 0
+    assert s["config"]["ack_replicas"] == 1 and s["config"]["redis_cluster"] is True
+
+
+def test_fault_needs_the_right_topology(run_dir, tmp_path) -> None:
+    for flags, msg in (
+        (["--fault", "kill-primary"], "kill-primary needs redis_cluster"),
+        (["--fault", "kill-server"], "kill-server needs replicas >= 2"),
+        (["--redis-cluster", "--fault", "restart-redis"], "restart-redis is for one"),
+    ):
+        bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "5", "--no-peer",
+                         "--out", str(tmp_path / "bad"), *flags, timeout=60)  # fmt: skip
+        assert bad.returncode != 0 and msg in bad.stderr, (flags, bad.stderr[-500:])
