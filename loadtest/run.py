@@ -930,13 +930,18 @@ def print_summary(path: Path) -> None:
             f"{name:12s} {r['rps'] or 0:8.1f} rps  p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  "
             f"p99 {r['p99_ms']} ms  failures {r['failures']}/{r['requests']}  "
             f"server CPU {r['server_cpu_us_per_request']} us/request  "
-            f"writes lost {r['writes']['lost']}/{r['writes']['acknowledged']}"
+            f"writes lost {r['writes']['lost']}/{r['writes']['acknowledged']}, "
+            f"counted twice {r['writes'].get('counted_twice')}"
         )
 
     print(line("socialrec", s))
     if s.get("peer"):
         print(line(s["peer"]["name"], s["peer"]))
         print(f"ratios: {s['ratios']}")
+    if s.get("balancer"):
+        print("replicas behind haproxy: " + ", ".join(
+            f"{name} {b['status']} {b['calls']} calls" for name, b in s["balancer"].items()
+        ))  # fmt: skip
     if s.get("fault"):
         print(f"fault: {s['fault']}  status: {s['status']}")
     if s.get("capacity") is not None or s.get("steps"):
