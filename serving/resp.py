@@ -108,6 +108,23 @@ class AsyncRespConnection:
         packed = b"".join([pack(("MULTI",)), *(pack(c) for c in commands), pack(("EXEC",))])
         return _exec_result(await self._submit(packed, len(commands) + 2))
 
+    async def pipeline(self, commands: list[tuple]) -> list:
+        """The commands written at once (one round trip, not a transaction): each one's reply
+        (an error reply as a hiredis.ReplyError) or the exception that failed it. Replies come in
+        order, so when the connection fails midway the commands answered before keep their
+        replies (the acknowledged writes need to know whether the script's reply arrived
+        before its WAIT failed)."""
+        await self._ensure()
+        futures = [self._expect(1) for _ in commands]
+        self._write(b"".join(pack(c) for c in commands))
+        out: list = []
+        for f in futures:
+            try:
+                out.append((await f)[0])
+            except (ConnectionError, TimeoutError, OSError) as e:
+                out.append(e)
+        return out
+
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[object]) -> object:
         """Run a script by SHA1; sends ``source`` instead when Redis has not cached it."""
         try:
@@ -176,6 +193,12 @@ class AsyncRespConnection:
         return await self._send_now(packed, n)
 
     def _send_now(self, packed: bytes, n: int) -> asyncio.Future:
+        fut = self._expect(n)
+        self._write(packed)
+        return fut
+
+    def _expect(self, n: int) -> asyncio.Future:
+        """A future for the next ``n`` replies (the bytes asking for them are written next)."""
         loop = self._loop
         if loop is None or self._sock is None:  # reset by another call since _ensure
             raise ConnectionError(f"redis {self._address}: connection lost")
@@ -184,7 +207,6 @@ class AsyncRespConnection:
         self._pending.append([fut, n, [], deadline])
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._on_timer)
-        self._write(packed)
         return fut
 
     def _write(self, data: bytes) -> None:

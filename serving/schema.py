@@ -74,7 +74,14 @@ process died, a node failed) leaves the other side stale until the write is retr
 with the same request id replays the owner step (nothing applied twice) and runs the mirror
 again; a retry without one applies again (no change, an event with changed=0).
 
-Every script is compatible with Redis 6.2 (``ZADD GT``, exclusive ``XRANGE`` bounds).
+**Replays write.** A repeated request id changes nothing, but its script still writes the
+request-id key again (same value, same TTL; a MIRROR that finds its version applied writes that
+version again): on a primary with replicas, ``WAIT`` after a replay then covers the original
+write too, which a replay that wrote nothing would acknowledge at once
+(``StoreConfig.ack_replicas``).
+
+Every script is compatible with Redis 6.2 (``ZADD GT``, exclusive ``XRANGE`` bounds,
+``SET KEEPTTL``).
 """
 
 from __future__ import annotations
@@ -336,9 +343,14 @@ local function guarded(key)
   return string.sub(key, string.find(key, '}', 1, true) + 1) ~= ':r:'
 end
 
+-- A replay writes the key again (same value, same TTL): a write replicated after the original
+-- one, so a WAIT after the replay covers the original write too (a replay that wrote nothing
+-- would not advance the connection's replication offset, and its WAIT would return at once).
 local function replayed(key)
   if not guarded(key) then return false end
-  return redis.call('GET', key)
+  local prev = redis.call('GET', key)
+  if prev then redis.call('SET', key, prev, 'KEEPTTL') end
+  return prev
 end
 
 local function remember(key, answer, ttl)
@@ -584,10 +596,15 @@ return remember(KEYS[4], id .. ' ' .. version .. ' ' .. (block and '1' or '0'), 
 # BLOCK_SET (versions in bbv). KEYS: the set, its version hash. ARGV: the member (the owner or
 # the blocker), the owner step's version, present (1|0). Applies only a version newer than
 # the last applied one, so mirrors converge whatever order mirror steps arrive in. Returns 1
-# if applied, 0 if a newer state was already there.
+# if applied, 0 if a newer state was already there (then the applied version is written again,
+# unchanged: a write replicated after the one that applied it, for a WAIT, as in replayed()).
 MIRROR = """
-local seen = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if tonumber(ARGV[2]) <= seen then return 0 end
+local applied = redis.call('HGET', KEYS[2], ARGV[1])
+local seen = tonumber(applied or '0')
+if tonumber(ARGV[2]) <= seen then
+  if applied then redis.call('HSET', KEYS[2], ARGV[1], applied) end
+  return 0
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call(ARGV[3] == '1' and 'SADD' or 'SREM', KEYS[1], ARGV[1])
 return 1

@@ -25,6 +25,7 @@ from socialrec.serving.observability import Metrics, RateLimitedLog
 from socialrec.serving.schema import UserFeatures, check_id
 from socialrec.serving.store import (
     FeatureStore,
+    ReplicationTimeout,
     StoreDataError,
     StoreUnavailable,
     WriteConflict,
@@ -66,6 +67,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self._removed: tuple[int, frozenset[str]] = (0, frozenset())
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
         self._bad_data_log = RateLimitedLog(log)
+        self._ack_log = RateLimitedLog(log)
 
     # ---- helpers -------------------------------------------------------------------------
     async def _read(self, method: str, user_id: str, with_fof: bool) -> UserFeatures | None:
@@ -297,6 +299,12 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"write not recorded: the store holds data it cannot apply to ({e})",
             )
+        except ReplicationTimeout as e:  # applied on the primary, its replicas did not confirm
+            self._ack_log.warning(
+                "write not acknowledged: replicas did not confirm it",
+                event="ack_timeout", method=method, error=str(e),
+            )  # fmt: skip
+            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreUnavailable as e:
             await self._fail(
                 context,

@@ -13,6 +13,14 @@ on their nodes, all nodes at once, and ranks friends-of-friends in Python. One-u
 the same atomic scripts; friendship and block writes are an owner step and a mirror step
 (:mod:`socialrec.serving.schema`, "Cluster writes").
 
+Acknowledged writes (``StoreConfig.ack_replicas`` N > 0): every script call of a write is
+followed by ``WAIT N ack_timeout_ms`` on the same connection (WAIT counts only the calling
+connection's own writes), sent pipelined with it on a connection used for writes only, so a
+WAIT that waits for a slow replica never stalls the reads. Fewer than N replicas within the
+timeout: :class:`ReplicationTimeout` (the write is applied on the primary but not
+acknowledged; a retry with the same request id applies nothing twice and waits again, see
+"Replays write" in :mod:`socialrec.serving.schema`).
+
 Key layout and scripts: :mod:`socialrec.serving.schema`; bulk loads, flushes and the event
 stream: :mod:`socialrec.serving.offline_store`.
 
@@ -74,6 +82,40 @@ class ConnectionLost(StoreUnavailable):
     """The connection failed before a reply: retried once at once (a restart closes sockets)."""
 
 
+class ReplicationTimeout(StoreUnavailable):
+    """A write (one script call of it) was applied on the primary, but WAIT did not confirm it
+    on ``wanted`` replicas within ``timeout_ms`` (``confirmed`` did; None: WAIT itself failed):
+    the write is not acknowledged. A retry with the same request id applies nothing twice
+    (the scripts replay) and waits for the replicas again."""
+
+    def __init__(
+        self, wanted: int, timeout_ms: int, confirmed: int | None = None, detail: str = ""
+    ) -> None:
+        self.wanted, self.timeout_ms, self.confirmed = wanted, timeout_ms, confirmed
+        if confirmed is None:
+            what = f"its replication to {wanted} replica(s) could not be confirmed ({detail})"
+        else:
+            what = f"only {confirmed} of {wanted} replicas confirmed it within {timeout_ms} ms"
+        super().__init__(
+            f"write applied on the primary, but {what}, so it is not acknowledged; "
+            "retrying with the same request_id is safe (it is not applied twice)"
+        )
+
+
+def _acknowledged(cfg: StoreConfig, acks: Any) -> None:
+    """ReplicationTimeout unless ``acks`` (WAIT's reply, or the error in its place) counts
+    ``cfg.ack_replicas`` replicas."""
+    n, t = cfg.ack_replicas, cfg.ack_timeout_ms
+    if isinstance(acks, Exception):
+        raise ReplicationTimeout(n, t, detail=f"WAIT: {acks}")
+    try:
+        got = int(acks)
+    except (TypeError, ValueError):
+        raise ReplicationTimeout(n, t, detail=f"WAIT answered {acks!r}") from None
+    if got < n:
+        raise ReplicationTimeout(n, t, confirmed=got)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     url: str = "redis://127.0.0.1:6379/0"
@@ -91,6 +133,28 @@ class StoreConfig:
     # Redis Cluster: ``url`` names any node (the others are discovered from it), and every
     # client is redis-py's cluster client (``client`` does not apply).
     cluster: bool = False
+    # Durability: > 0 acknowledges a write only after WAIT confirms that many replicas of its
+    # primary have it, waiting at most ack_timeout_ms (else ReplicationTimeout).
+    ack_replicas: int = 0
+    ack_timeout_ms: int = 500
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ack_replicas, int) or self.ack_replicas < 0:
+            raise ValueError(f"ack_replicas must be an integer >= 0, got {self.ack_replicas!r}")
+        if not isinstance(self.ack_timeout_ms, int) or self.ack_timeout_ms < 1:
+            # WAIT with timeout 0 would block until the replicas answer, however long
+            raise ValueError(f"ack_timeout_ms must be an integer >= 1, got {self.ack_timeout_ms!r}")
+
+    @property
+    def wait(self) -> tuple:
+        """The WAIT command that follows each script call of an acknowledged write."""
+        return ("WAIT", self.ack_replicas, self.ack_timeout_ms)
+
+    @property
+    def write_timeout_s(self) -> float:
+        """The read timeout of the connections acknowledged writes use: a script call and a
+        WAIT that may take ack_timeout_ms."""
+        return self.socket_timeout_s + self.ack_timeout_ms / 1000
 
 
 class AsyncClient(Protocol):
@@ -105,6 +169,12 @@ class AsyncClient(Protocol):
 
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any: ...
 
+    async def acked(self, sha: str, source: str, keys: list[str], args: list[Any]) -> tuple:
+        """The script call and ``StoreConfig.wait`` pipelined on one connection used for
+        writes only: (the script's reply, WAIT's reply or the error in its place). The
+        script's own errors raise as for :meth:`evalsha`."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -115,6 +185,9 @@ class RedisPyAsyncClient:
         # No retry inside redis-py: the store's one rule (_aretry) applies to every client.
         opts = {**_redis_py_options(cfg), "retry": Retry(NoBackoff(), 0)}
         self._r = redis.asyncio.Redis.from_url(cfg.url, **opts)
+        self._cfg = cfg
+        # Acknowledged writes: a pool of their own, with room for WAIT in the read timeout.
+        self._w: redis.asyncio.Redis | None = None
 
     async def transaction(self, commands: list[tuple]) -> list:
         try:
@@ -137,8 +210,34 @@ class RedisPyAsyncClient:
         except redis.exceptions.RedisError as e:
             raise _store_error(e) from e
 
+    async def acked(self, sha: str, source: str, keys: list[str], args: list[Any]) -> tuple:
+        if self._w is None:
+            opts = {**_ack_options(self._cfg), "retry": Retry(NoBackoff(), 0)}
+            self._w = redis.asyncio.Redis.from_url(self._cfg.url, **opts)
+        try:
+            for script in (("EVALSHA", sha), ("EVAL", source)):
+                # a pipeline holds one pooled connection: the WAIT counts this script's write
+                async with self._w.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(*script, len(keys), *keys, *args)
+                    pipe.execute_command(*self._cfg.wait)
+                    reply, acks = await pipe.execute(raise_on_error=False)
+                if not _noscript(reply):
+                    break
+        except redis.exceptions.RedisError as e:
+            raise _store_error(e) from e
+        if isinstance(reply, Exception):
+            raise _refusal(str(reply))
+        return reply, acks
+
     async def close(self) -> None:
         await self._r.aclose()
+        if self._w is not None:
+            await self._w.aclose()
+
+
+# Idle write connections a "resp" client keeps for acknowledged writes (more are opened while
+# more acknowledged writes are in flight; each holds its connection until its WAIT answers).
+MAX_IDLE_WRITERS = 16
 
 
 class RespAsyncClient:
@@ -149,12 +248,42 @@ class RespAsyncClient:
 
         self._resp = resp
         self._conn = resp.AsyncRespConnection(cfg.url, timeout_s=cfg.socket_timeout_s)
+        self._cfg = cfg
+        # Acknowledged writes never use the shared connection: a WAIT blocks its connection
+        # (every command queued behind it) for up to ack_timeout_ms. Each write takes an idle
+        # connection of its own for its script call and WAIT.
+        self._writers: list = []
 
     async def transaction(self, commands: list[tuple]) -> list:
         return await self._guard(self._conn.transaction(commands))
 
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
         return await self._guard(self._conn.evalsha(sha, source, keys, args))
+
+    async def acked(self, sha: str, source: str, keys: list[str], args: list[Any]) -> tuple:
+        cfg = self._cfg
+        if self._writers:
+            conn = self._writers.pop()
+        else:
+            conn = self._resp.AsyncRespConnection(cfg.url, timeout_s=cfg.write_timeout_s)
+        try:
+            script = ("EVALSHA", sha, len(keys), *keys, *args)
+            reply, acks = await self._guard(conn.pipeline([script, cfg.wait]))
+            if _noscript(reply):  # nothing was run: send the source
+                script = ("EVAL", source, len(keys), *keys, *args)
+                reply, acks = await self._guard(conn.pipeline([script, cfg.wait]))
+        finally:
+            if len(self._writers) < MAX_IDLE_WRITERS:
+                self._writers.append(conn)
+            else:
+                conn.close()
+        if isinstance(reply, ConnectionError):  # before the script's reply: maybe never sent
+            raise ConnectionLost(f"redis: {reply}")
+        if isinstance(reply, (TimeoutError, OSError)):
+            raise StoreUnavailable(f"redis: {reply}")
+        if isinstance(reply, Exception):  # an error reply
+            raise _refusal(str(reply))
+        return reply, acks
 
     async def _guard(self, call: Awaitable[Any]) -> Any:
         try:
@@ -168,6 +297,9 @@ class RespAsyncClient:
 
     async def close(self) -> None:
         self._conn.close()
+        for conn in self._writers:
+            conn.close()
+        self._writers.clear()
 
 
 class RedisPyClusterAsyncClient:
@@ -178,6 +310,13 @@ class RedisPyClusterAsyncClient:
 
     def __init__(self, cfg: StoreConfig) -> None:
         self._r = redis.asyncio.cluster.RedisCluster.from_url(cfg.url, **_cluster_options(cfg))
+        self._cfg = cfg
+        # Acknowledged writes: a cluster client of their own (room for WAIT in the read
+        # timeout); _refresh: re-read the layout before the next one (a node failed). The
+        # layout is re-read with NodesManager.initialize(), which keeps the known nodes'
+        # connection pools (aclose() would cut the connections of writes in flight).
+        self._w: redis.asyncio.cluster.RedisCluster | None = None
+        self._refresh = False
 
     async def pipeline(self, commands: list[tuple]) -> list:
         """The replies, errors about data (WRONGTYPE) as values; StoreUnavailable if a node
@@ -200,8 +339,74 @@ class RedisPyClusterAsyncClient:
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise (_store_error(e) if _unavailable(e) else _refusal(str(e))) from e
 
+    async def acked(self, sha: str, source: str, keys: list[str], args: list[Any]) -> tuple:
+        """The script call and WAIT as one cluster pipeline whose commands all name the node
+        that owns the keys' slot (``target_nodes``): redis-py sends one node's commands on one
+        connection, in order. Redirections are not followed command by command
+        (``allow_redirections=False``: a MOVED script would run elsewhere while the WAIT
+        stayed here); a MOVED or ASK reply means the script did not run, and the pair is sent
+        again to the node named."""
+        if self._w is None:
+            self._w = redis.asyncio.cluster.RedisCluster.from_url(
+                self._cfg.url, **_cluster_ack_options(self._cfg)
+            )
+        w = self._w
+        try:
+            await w.initialize()  # the first time only
+            if self._refresh:
+                self._refresh = False
+                await w.nodes_manager.initialize()
+            node, asking = w.get_node_from_key(keys[0]), False
+            script = ("EVALSHA", sha)
+            for _ in range(_REDIRECTS):
+                pipe = w.pipeline(transaction=False)
+                if asking:
+                    pipe.execute_command("ASKING", target_nodes=node)
+                pipe.execute_command(*script, len(keys), *keys, *args, target_nodes=node)
+                pipe.execute_command(*self._cfg.wait, target_nodes=node)
+                replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+                reply, acks = replies[-2:]
+                if isinstance(reply, redis.exceptions.MovedError):  # the layout changed
+                    await w.nodes_manager.initialize()
+                    node, asking = w.get_node_from_key(keys[0]), False
+                elif isinstance(reply, redis.exceptions.AskError):  # the slot is migrating
+                    node, asking = _ask_node(w, reply), True
+                elif _noscript(reply):  # the same node again (with ASKING if it was asked)
+                    script = ("EVAL", source)
+                else:
+                    break
+            else:
+                raise StoreUnavailable(f"redis: still redirected after {_REDIRECTS} tries")
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            if _unavailable(e):
+                self._refresh = True
+                raise _store_error(e) from e
+            raise _refusal(str(e)) from e
+        return self._script_reply(reply), acks
+
+    def _script_reply(self, reply: Any) -> Any:
+        if isinstance(reply, Exception):
+            if _unavailable(reply):
+                self._refresh = True
+                raise _store_error(reply)
+            raise _refusal(str(reply))
+        return reply
+
     async def close(self) -> None:
         await self._r.aclose()
+        if self._w is not None:
+            await self._w.aclose()
+
+
+_REDIRECTS = 5  # acknowledged cluster writes: MOVED/ASK/NOSCRIPT replies followed at most
+
+
+def _ask_node(client: Any, e: redis.exceptions.AskError) -> Any:
+    """The node an ASK reply names (a node of the layout: the slot's importing primary)."""
+    node = client.get_node(host=e.host, port=e.port)
+    if node is None:
+        raise StoreUnavailable(f"redis: ASK to unknown node {e.host}:{e.port}")
+    return node
 
 
 def async_client(cfg: StoreConfig) -> AsyncClient | RedisPyClusterAsyncClient:
@@ -238,6 +443,16 @@ CLUSTER_RETRIES = 0
 
 def _cluster_options(cfg: StoreConfig) -> dict[str, Any]:
     return {**_redis_py_options(cfg), "retry": Retry(NoBackoff(), CLUSTER_RETRIES)}
+
+
+def _ack_options(cfg: StoreConfig) -> dict[str, Any]:
+    """Single Redis, acknowledged writes: the store's options with room for WAIT in the read
+    timeout (connecting still times out after socket_timeout_s)."""
+    return {**_redis_py_options(cfg), "socket_timeout": cfg.write_timeout_s}
+
+
+def _cluster_ack_options(cfg: StoreConfig) -> dict[str, Any]:
+    return {**_cluster_options(cfg), "socket_timeout": cfg.write_timeout_s}
 
 
 def redis_py(cfg: StoreConfig) -> redis.Redis | redis.cluster.RedisCluster:
@@ -339,6 +554,14 @@ class FeatureStore:
         self.cfg = cfg
         self.keys = schema.Keys(cfg.namespace)
         self._r = redis_py(cfg)
+        # Acknowledged writes: a client of their own, its read timeout long enough for WAIT.
+        self._w: redis.Redis | redis.cluster.RedisCluster | None = None
+        if cfg.ack_replicas > 0:
+            if cfg.cluster:
+                self._w = redis.cluster.RedisCluster.from_url(cfg.url, **_cluster_ack_options(cfg))
+            else:
+                self._w = redis.Redis.from_url(cfg.url, **_ack_options(cfg))
+        self._refresh = False  # cluster, acknowledged writes: re-read the layout first
         self._client: AsyncClient | RedisPyClusterAsyncClient | None = None  # per event loop
         scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK)
         scripts += (schema.ITEM, schema.EDGE, schema.BLOCK_SET, schema.MIRROR)
@@ -581,15 +804,20 @@ class FeatureStore:
         return await self._arun(self.item_plan(op, item_id, ts_ms, request_id))
 
     async def _arun(self, plan: Plan) -> str:
-        client = self._aclient()
+        client, acked = self._aclient(), self.cfg.ack_replicas > 0
         try:
             step = next(plan)  # the arguments are checked here, before anything is sent
             while True:
-                reply = await _aretry(
-                    lambda s=step, h=self._sha[step.script]: client.evalsha(
-                        h, s.script, s.keys, s.args
+                h = self._sha[step.script]
+                if acked:  # the step's script call, then WAIT on its connection
+                    reply, acks = await _aretry(
+                        lambda s=step, h=h: client.acked(h, s.script, s.keys, s.args)
                     )
-                )
+                    _acknowledged(self.cfg, acks)  # before the next step runs
+                else:
+                    reply = await _aretry(
+                        lambda s=step, h=h: client.evalsha(h, s.script, s.keys, s.args)
+                    )
                 step = plan.send(reply)
         except StopIteration as done:
             return done.value
@@ -675,6 +903,10 @@ class FeatureStore:
             return done.value
 
     def _call(self, step: Step) -> Any:
+        if self.cfg.ack_replicas > 0:
+            reply, acks = self._acked_call(step)
+            _acknowledged(self.cfg, acks)
+            return reply
         keys, args = step.keys, step.args
         try:
             try:
@@ -685,6 +917,61 @@ class FeatureStore:
             if not _unavailable(e):
                 raise _refusal(str(e)) from e
             raise (_store_error(e) if self.cfg.cluster else StoreUnavailable(f"redis: {e}")) from e
+
+    def _acked_call(self, step: Step) -> tuple:
+        """:meth:`_call` followed by WAIT on the same connection: (reply, WAIT's reply or
+        the error in its place). Single Redis: a pipeline (it holds one pooled connection);
+        cluster: a pipeline on the node's own client for the keys' slot, which follows no
+        redirection (a MOVED or ASK reply: the script did not run, the pair goes again to the
+        node named)."""
+        keys, args, cfg = step.keys, step.args, self.cfg
+        w, script = self._w, ("EVALSHA", self._sha[step.script])
+        assert w is not None  # made in __init__ when ack_replicas > 0
+        try:
+            if not cfg.cluster:
+                for _ in (0, 1):
+                    pipe = w.pipeline(transaction=False)
+                    pipe.execute_command(*script, len(keys), *keys, *args)
+                    pipe.execute_command(*cfg.wait)
+                    reply, acks = pipe.execute(raise_on_error=False)
+                    if not _noscript(reply):
+                        break
+                    script = ("EVAL", step.script)
+                if isinstance(reply, Exception):
+                    raise _refusal(str(reply))
+                return reply, acks
+            if self._refresh:
+                self._refresh = False
+                w.nodes_manager.initialize()
+            node, asking = w.get_node_from_key(keys[0]), False
+            for _ in range(_REDIRECTS):
+                pipe = w.get_redis_connection(node).pipeline(transaction=False)
+                if asking:
+                    pipe.execute_command("ASKING")
+                pipe.execute_command(*script, len(keys), *keys, *args)
+                pipe.execute_command(*cfg.wait)
+                reply, acks = pipe.execute(raise_on_error=False)[-2:]
+                if isinstance(reply, redis.exceptions.MovedError):  # the layout changed
+                    w.nodes_manager.initialize()
+                    node, asking = w.get_node_from_key(keys[0]), False
+                elif isinstance(reply, redis.exceptions.AskError):  # the slot is migrating
+                    node, asking = _ask_node(w, reply), True
+                elif _noscript(reply):  # the same node again (with ASKING if it was asked)
+                    script = ("EVAL", step.script)
+                else:
+                    break
+            else:
+                raise StoreUnavailable(f"redis: still redirected after {_REDIRECTS} tries")
+            if isinstance(reply, Exception):
+                raise reply
+            return reply, acks
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            if not _unavailable(e):
+                raise _refusal(str(e)) from e
+            if not cfg.cluster:
+                raise StoreUnavailable(f"redis: {e}") from e
+            self._refresh = True
+            raise _store_error(e) from e
 
     def ping(self) -> bool:
         """True when Redis answers (for health checks; in a cluster, every primary); never
@@ -697,6 +984,8 @@ class FeatureStore:
     def close(self) -> None:
         """Close the blocking connection pool (the async client closes with :meth:`aclose`)."""
         self._r.close()
+        if self._w is not None:
+            self._w.close()
 
     def __enter__(self) -> FeatureStore:
         return self

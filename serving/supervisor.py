@@ -22,7 +22,7 @@ from socialrec.serving.bundle import open_bundle
 from socialrec.serving.config import ServerConfig, bundle_key, load_token, resolve_bundle
 from socialrec.serving.observability import setup_logging
 from socialrec.serving.threads import pin_threads
-from socialrec.serving.worker import worker_main
+from socialrec.serving.worker import store_config, worker_main
 
 log = logging.getLogger("socialrec.server")
 STOP_GRACE_S = 10.0  # after SIGTERM, workers still alive this long later are killed
@@ -52,6 +52,10 @@ def check_startup(cfg: ServerConfig) -> None:
     """Everything a start needs, checked before any process is forked (StartupError)."""
     if cfg.workers < 1:
         raise StartupError(f"--workers must be >= 1, got {cfg.workers}")
+    try:
+        store_config(cfg)  # --ack-replicas, --ack-timeout-ms
+    except ValueError as e:
+        raise StartupError(f"feature store: {e}") from None
     root = Path(cfg.bundle)
     if not root.is_dir():
         raise StartupError(f"bundle {cfg.bundle}: no such directory")

@@ -116,6 +116,8 @@ def store_config(cfg: ServerConfig) -> StoreConfig:
         history_cap=cfg.history_cap,
         client=cfg.redis_client,
         cluster=cfg.redis_cluster,
+        ack_replicas=cfg.ack_replicas,
+        ack_timeout_ms=cfg.ack_timeout_ms,
     )
 
 
