@@ -18,11 +18,15 @@ import faiss
 import numpy as np
 import torch
 from socialrec.serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, write_ids, write_manifest
+from socialrec.serving.engine import FRESH_PRIOR
+from socialrec.serving.fresh import FoldInPrior
 from socialrec.training.model import TwoTower, UserTower, with_bias_slot
 from socialrec.training.split import Split
 from torch import nn
 
 COLD_START_LIST = 1000  # popular items / well-connected users kept for cold start
+PRIOR_USERS = 2000  # users whose tower outputs the fresh-item prior is computed from (a sample)
+PRIOR_HISTORY = 256  # history entries fed to the tower per sampled user (the server's default)
 
 
 class TowerForExport(nn.Module):
@@ -156,6 +160,62 @@ def cold_start_lists(split: Split) -> tuple[np.ndarray, np.ndarray]:
     return items.astype(np.int32), users.astype(np.int32)
 
 
+def fresh_prior(
+    onnx_path: str | Path,
+    items: np.ndarray,
+    split: Split,
+    sample: int = PRIOR_USERS,
+    seed: int = 0,
+) -> FoldInPrior | None:
+    """The fold-in prior of fresh items (socialrec.serving.fresh) for a bundle: the item rows
+    and the ``content_vector`` of a sample of training users, computed by the exported ONNX
+    tower itself (so the prior sees exactly what the server's tower gives) from their
+    training history and friends, one user at a time as the server feeds it (summed weight
+    per item, at most PRIOR_HISTORY items, the heaviest). Positive pairs: the sampled users'
+    training pairs. None when no user has training history."""
+    import onnxruntime as ort
+    from socialrec.serving.engine import session_options
+
+    users = np.unique(split.train_user)
+    if not len(users):
+        return None
+    rng = np.random.default_rng(seed)
+    if len(users) > sample:
+        users = np.sort(rng.choice(users, sample, replace=False))
+    order = np.argsort(split.train_user, kind="stable")
+    tu, ti, tw = split.train_user[order], split.train_item[order], split.train_weight[order]
+    starts = np.searchsorted(tu, users)
+    ends = np.searchsorted(tu, users, side="right")
+    fr = split.friends_train
+    friends: dict[int, list[int]] = {}
+    for a, b in fr.tolist() if len(fr) else []:
+        friends.setdefault(a, []).append(b)
+        friends.setdefault(b, []).append(a)
+    sess = ort.InferenceSession(
+        str(onnx_path), session_options(), providers=["CPUExecutionProvider"]
+    )
+    vecs, pos_u, pos_i = [], [], []
+    for row, (u, a, b) in enumerate(
+        zip(users.tolist(), starts.tolist(), ends.tolist(), strict=True)
+    ):
+        acc: dict[int, float] = {}
+        for i, w in zip(ti[a:b].tolist(), tw[a:b].tolist(), strict=True):
+            acc[i] = acc.get(i, 0.0) + float(w)
+        hist = sorted(acc.items(), key=lambda p: -p[1])[:PRIOR_HISTORY]
+        fl = friends.get(u, [])[:PRIOR_HISTORY]
+        feeds = {
+            "hist_ids": np.array([[i for i, _ in hist]], dtype=np.int64),
+            "hist_w": np.array([[w for _, w in hist]], dtype=np.float32),
+            "friend_ids": np.array([fl or [0]], dtype=np.int64),
+            "friend_w": np.full((1, max(len(fl), 1)), 1.0 if fl else 0.0, dtype=np.float32),
+        }
+        (x,) = sess.run(["content_vector"], feeds)
+        vecs.append(np.asarray(x[0], np.float32))
+        pos_u += [row] * len(acc)
+        pos_i += list(acc)
+    return FoldInPrior.from_catalogue(np.stack(vecs), items, np.array(pos_u), np.array(pos_i))
+
+
 def write_bundle(
     model: TwoTower | None,
     split: Split,
@@ -206,6 +266,10 @@ def write_bundle(
     pop_items, pop_users = cold_start_lists(split)
     np.save(out / "popular_items.npy", pop_items, allow_pickle=False)
     np.save(out / "popular_users.npy", pop_users, allow_pickle=False)
+    prior = fresh_prior(out / "user_tower.onnx", items, split)
+    (out / FRESH_PRIOR).unlink(missing_ok=True)
+    if prior is not None:  # listed in the manifest (bundle.OPTIONAL_FILES) when written
+        prior.save(out / FRESH_PRIOR)
     meta = {
         **meta,
         "dims": {"content": int(items.shape[1]), "friends": int(users.shape[1])},

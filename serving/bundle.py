@@ -11,6 +11,9 @@ A bundle is a directory::
     user_ids.txt       external id of each user index, one per line
     popular_items.npy  item indices by training popularity (cold start), int32
     popular_users.npy  user indices by training degree (cold start), int32
+    fresh_prior.npz    optional fold-in prior of fresh items (socialrec.serving.fresh); listed,
+                       checksummed and signed like the rest when present; without it the
+                       bundle serves with fresh items off
     manifest.sig       optional Ed25519 signature of manifest.json (socialrec.serving.signing)
 
 Nothing in it is a pickle. ``load_manifest`` verifies every checksum before anything is
@@ -42,6 +45,8 @@ REQUIRED_FILES = (
     "popular_items.npy",
     "popular_users.npy",
 )
+# Listed in the manifest (so checksummed and covered by its signature) whenever present.
+OPTIONAL_FILES = ("fresh_prior.npz",)
 
 
 class BundleError(RuntimeError):
@@ -71,10 +76,12 @@ def read_ids(path: Path) -> list[str]:
 
 
 def write_manifest(bundle_dir: str | Path, meta: dict) -> dict:
-    """Checksum every required file and write manifest.json last (its presence = complete)."""
+    """Checksum every required file (and every optional one present) and write manifest.json
+    last (its presence = complete)."""
     d = Path(bundle_dir)
     files = {}
-    for name in REQUIRED_FILES + tuple(meta.pop("extra_files", ())):
+    optional = tuple(n for n in OPTIONAL_FILES if (d / n).is_file())
+    for name in dict.fromkeys(REQUIRED_FILES + optional + tuple(meta.pop("extra_files", ()))):
         p = d / name
         if not p.exists():
             raise BundleError(f"{p}: required bundle file missing")

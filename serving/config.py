@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from socialrec.serving import signing
 from socialrec.serving.bundle import BundleError
 from socialrec.serving.engine import EngineConfig
+from socialrec.serving.fresh import FoldInConfig
 
 POINTER = "CURRENT"  # a bundle root may hold a pointer file naming the live bundle directory
 
@@ -47,6 +48,10 @@ class ServerConfig:
     # Exact result cache (socialrec.serving.cache): MiB it may hold per worker; 0 turns it off.
     result_cache_mb: int = 64
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Fresh items (docs/design.md "Fresh items: serving"): on when the bundle has a prior.
+    fresh_items: bool = True
+    fresh_poll_s: float = 0.25  # how often a worker polls the fresh-item registry's version
+    fresh: FoldInConfig = field(default_factory=FoldInConfig)  # the estimator's own defaults
     # Set by the supervisor: where workers record the last bundle they loaded, so a worker
     # started while the pointer is bad serves that one instead of nothing.
     last_good_file: str | None = None

@@ -12,6 +12,7 @@ pinned to one thread each (docs/design.md "Performance rules"): the server scale
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -30,12 +31,53 @@ from socialrec.serving.bundle import (
     BundleFiles,
     open_bundle,
 )
+from socialrec.serving.fresh import FoldInPrior
+
+log = logging.getLogger("socialrec.server")
+FRESH_PRIOR = "fresh_prior.npz"  # optional bundle file: the fold-in prior of fresh items
 
 # Machine-readable reason tags (the proto's Recommendation.reason documents the same set).
 REASON_TASTE = "similar_taste"  # the user tower's own history (content) or taste (friends)
 REASON_FRIENDS_LIKE = "friends_like"  # content for a user known only through friends
 REASON_MUTUAL = "mutual_friends"  # a friend candidate with mutual friends (count in the field)
 REASON_POPULAR = "popular"  # cold-start fallback
+REASON_FRESH = "fresh"  # an item newer than the bundle, served from the fresh side index
+
+
+@dataclass(frozen=True, eq=False)
+class FreshIndex:
+    """A worker's side index of fresh items (docs/design.md "Fresh items: serving").
+
+    An exact inner-product index over the fold-in rows of items the bundle that built it did
+    not know, with their own id list (``ids[j]`` is row j). Built whole and swapped in with one
+    reference assignment; never mutated once a search may use it. ``version`` identifies what
+    it was built from (registry version, takedown version, bundle version): the result cache
+    keys content answers by it. ``updated_ms``: each item's registry entry time.
+    """
+
+    ids: list[str]
+    index: faiss.Index
+    version: tuple
+    updated_ms: dict[str, int]
+    n_users: dict[str, int]
+
+    @classmethod
+    def build(
+        cls,
+        rows: Mapping[str, np.ndarray],
+        dim: int,
+        version: tuple,
+        updated_ms: Mapping[str, int],
+        n_users: Mapping[str, int],
+    ) -> FreshIndex:
+        ids = sorted(rows)
+        index = faiss.IndexFlatIP(dim)
+        if ids:
+            index.add(np.stack([np.asarray(rows[i], np.float32) for i in ids]))
+        return cls(ids, index, version, dict(updated_ms), dict(n_users))
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +208,27 @@ class Engine:
         self.user_vectors: np.ndarray | None = None  # (N, D + 1) when small enough, see config
         if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
             self.user_vectors = users.reconstruct_n(0, users.ntotal)
+        self.fresh_prior = self._fresh_prior()
+
+    def _fresh_prior(self) -> FoldInPrior | None:
+        """The bundle's fold-in prior when its manifest lists one (checksummed and signed with
+        the rest), else None: fresh items are then off for this bundle (one warning)."""
+        root = self.bundle.root
+        if FRESH_PRIOR not in self.bundle.manifest.get("files", {}):
+            log.warning(
+                "bundle has no fresh-item prior; fresh items are off for it",
+                extra={"event": "fresh_off", "bundle": str(root), "missing": FRESH_PRIOR},
+            )
+            return None
+        try:
+            prior = FoldInPrior.load(root / FRESH_PRIOR)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{root / FRESH_PRIOR}: unreadable fold-in prior ({e})") from None
+        if prior.dim != self.items.d:
+            raise BundleError(
+                f"{root / FRESH_PRIOR}: prior width {prior.dim}, items.faiss has {self.items.d}"
+            )
+        return prior
 
     @classmethod
     def load(
@@ -273,6 +336,17 @@ class Engine:
         (u,) = self.session.run([output], feeds)
         return np.ascontiguousarray(u, dtype=np.float32)  # (1, D + 1)
 
+    def content_vector(
+        self, history: Sequence[tuple[str, float]], friends: Sequence[str]
+    ) -> np.ndarray | None:
+        """The user's (D + 1,) content query vector, as ``recommend_content`` computes it, or
+        None when the bundle knows none of the user's history and friends (no tower run)."""
+        feeds, n_h, n_f, _, _ = self._features(history, friends)
+        if n_h == 0 and n_f == 0:
+            return None
+        _pin_thread()
+        return self._tower(feeds, "content_vector")[0]
+
     # ---- content -----------------------------------------------------------------------
 
     def recommend_content(
@@ -281,10 +355,15 @@ class Engine:
         friends: Sequence[str],
         k: int,
         exclude: Collection[str] = (),
+        fresh: FreshIndex | None = None,
     ) -> Result:
         """Top-k items for a user described by history (recent first) and friends, never an
         item of the history nor of ``exclude`` (seen, dismissed, taken down, excluded by the
-        request). Searches deeper until k items pass the filter or the catalogue runs out."""
+        request). Searches deeper until k items pass the filter or the catalogue runs out.
+
+        With a ``fresh`` side index, its items compete by the same score (the same query,
+        the same inner product) under the same filters, by id: never an item of the
+        history or ``exclude``, nor one this bundle knows (a retrain took it over)."""
         t0 = time.perf_counter()
         feeds, n_h, n_f, unknown, seen = self._features(history, friends)
         items = self.item_index
@@ -311,8 +390,43 @@ class Engine:
         reason = REASON_TASTE if n_h else REASON_FRIENDS_LIKE
         names = self.item_ids
         out = [Scored(names[j], s, reason) for j, s in top[:k]]
+        if fresh is not None and len(fresh) and fresh.index.d == u.shape[1]:
+            s0 = time.perf_counter()
+            out = self._merge_fresh(u, out, history, exclude, fresh, k)
+            t_search += time.perf_counter() - s0
         t2 = time.perf_counter()
         return Result(out, False, _timings(t1 - t0, t_search, t2 - t1 - t_search), unknown)
+
+    def _merge_fresh(
+        self,
+        u: np.ndarray,
+        out: list[Scored],
+        history: Sequence[tuple[str, float]],
+        exclude: Collection[str],
+        fresh: FreshIndex,
+        k: int,
+    ) -> list[Scored]:
+        """``out`` merged by score with the side index's best admissible items (exact search:
+        a flat index over few rows, so one search of k + filtered + overfetch suffices)."""
+        banned = {item for item, _ in history}
+        banned.update(exclude)
+        n = fresh.index.ntotal
+        kk = min(n, k + len(banned) + self.config.overfetch)
+        D, I = fresh.index.search(u, kk)  # noqa: E741
+        ids, known = fresh.ids, self.item_index
+        extra = []
+        for j, s in zip(I[0].tolist(), D[0].tolist(), strict=True):
+            if j < 0:
+                continue
+            item = ids[j]
+            if item in banned or item in known:
+                continue
+            extra.append(Scored(item, s, REASON_FRESH))
+            if len(extra) == k:
+                break
+        if not extra:
+            return out
+        return sorted(out + extra, key=lambda r: -r.score)[:k]
 
     def popular_content(
         self, k: int, exclude: Collection[str] = (), banned: Collection[int] = ()

@@ -46,6 +46,22 @@ class Metrics:
             ["version"],
             multiprocess_mode="livemax",
         )
+        self.fresh_items = Gauge(
+            "socialrec_fresh_items",
+            "Fresh items in this worker's side index",
+            multiprocess_mode="livesum",
+        )
+        self.fresh_lag = Histogram(
+            "socialrec_fresh_lag_seconds",
+            "From the write that made a fresh item's registry entry (its ack) to this worker's "
+            "side index including it",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+        )
+        self.fresh_errors = Counter(
+            "socialrec_fresh_errors_total",
+            "Fresh-item steps that failed or could not run (the interaction itself is recorded)",
+            ["stage"],
+        )
         self._version: str | None = None
         self._children: dict[tuple, object] = {}
 

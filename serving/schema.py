@@ -29,6 +29,15 @@ literal Redis Cluster hash tag, ``s`` = the user's *shard*, see below)::
     {ns}:v2:{g}:removed    set     items taken down (for everyone)
     {ns}:v2:{g}:removed:v  int     bumped by every takedown or restore
     {ns}:v2:{g}:events     stream  the takedown events (shard "g")
+    {ns}:v2:{s}:fu:{item}  zset    fresh items: user -> latest interaction time (ms), at most
+                                   FoldInConfig.max_users (the oldest are dropped); s = the
+                                   item's shard (sha1(item) mod SHARDS, as for users)
+    {ns}:v2:{s}:fv:{item}  hash    fresh items: user -> JSON {w, ts, b, x} (total weight, time,
+                                   bundle version, base64 float32 content vector); the same
+                                   members as fu
+    {ns}:v2:{s}:fn:{item}  int     fresh items: bumped by every record (orders registry writes)
+    {ns}:v2:{g}:fresh      hash    fresh-item registry: item -> "<seq>|<JSON row entry>"
+    {ns}:v2:{g}:fresh:v    int     bumped by every registry change (workers poll it)
 
 **Shards and hash tags.** A user's shard is ``sha1(user)`` mod :data:`SHARDS` (:func:`shard_of`;
 the Lua scripts compute the same with ``redis.sha1hex``). Every key of a user carries the tag
@@ -136,6 +145,12 @@ class Keys:
         self.removed = self.tag(GLOBAL_SHARD) + "removed"  # items taken down (global)
         self.removed_version = self.tag(GLOBAL_SHARD) + "removed:v"  # bumped by each change
         self.shards: list[int | str] = [*range(SHARDS), GLOBAL_SHARD]  # every stream shard
+        self.fresh = self.tag(GLOBAL_SHARD) + "fresh"  # fresh-item registry (global)
+        self.fresh_version = self.tag(GLOBAL_SHARD) + "fresh:v"  # bumped by each change
+
+    def item(self, kind: str, item: str) -> str:
+        """The key of ``kind`` (fu, fv, fn) for a fresh ``item``, in the item's shard."""
+        return f"{self.tag(shard_of(item))}{kind}:{item}"
 
     def tag(self, shard: int | str) -> str:
         """The prefix of every key of ``shard`` (it holds the shard's hash tag)."""
@@ -608,4 +623,43 @@ end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call(ARGV[3] == '1' and 'SADD' or 'SREM', KEYS[1], ARGV[1])
 return 1
+"""
+
+# ---- Fresh items (docs/design.md "Fresh items: serving") ----------------------------------
+
+# One user's interaction with a fresh item, on the item's slot. KEYS: fu, fv, fn of the item.
+# ARGV: user, ts (ms), entry (JSON), max_users. The user's entry is overwritten (a replay or a
+# repeat never counts a user twice), only the max_users most recent users are kept. Returns
+# {seq, user, entry, user, entry, ...}, oldest first.
+FRESH_RECORD = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local n = redis.call('ZCARD', KEYS[1])
+local cap = tonumber(ARGV[4])
+if n > cap then
+  local old = redis.call('ZRANGE', KEYS[1], 0, n - cap - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1)
+  for i = 1, #old do redis.call('HDEL', KEYS[2], old[i]) end
+end
+local out = {redis.call('INCR', KEYS[3])}
+local users = redis.call('ZRANGE', KEYS[1], 0, -1)
+for i = 1, #users do
+  out[#out + 1] = users[i]
+  out[#out + 1] = redis.call('HGET', KEYS[2], users[i]) or ''
+end
+return out
+"""
+
+# Publish a fresh item's row, on the {g} slot. KEYS: the registry, its version. ARGV: item,
+# seq (the FRESH_RECORD answer it was computed from), value ("<seq>|<JSON>"). Only a newer seq
+# replaces the entry (concurrent writers publish in any order); a change bumps the version.
+# Returns the version after the call (0: an older seq, nothing written).
+FRESH_PUBLISH = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local seq = tonumber(string.match(cur, '^(%d+)|'))
+  if seq and seq >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return redis.call('INCR', KEYS[2])
 """

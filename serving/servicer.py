@@ -20,7 +20,8 @@ from typing import Protocol
 import grpc
 from socialrec.serving.cache import ResultCache
 from socialrec.serving.config import ServerConfig, load_admin_token, load_token
-from socialrec.serving.engine import Engine, Result
+from socialrec.serving.engine import Engine, FreshIndex, Result
+from socialrec.serving.fresh_serving import FreshItems
 from socialrec.serving.observability import Metrics, RateLimitedLog
 from socialrec.serving.schema import UserFeatures, check_id
 from socialrec.serving.store import (
@@ -68,6 +69,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
         self._bad_data_log = RateLimitedLog(log)
         self._ack_log = RateLimitedLog(log)
+        # Fresh items: the fold-in after writes and the side index (its poller is started by
+        # the worker, see worker.serve_worker).
+        self.fresh = FreshItems(cfg, holder, store, metrics)
 
     # ---- helpers -------------------------------------------------------------------------
     async def _read(self, method: str, user_id: str, with_fof: bool) -> UserFeatures | None:
@@ -245,7 +249,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             if features is None:
                 result = engine.popular_content(k, exclude=removed | exclude)
             else:
-                result = rank(live, user, k, False, features, exclude, removed)
+                fresh = self.fresh.index if self.cfg.fresh_items else None
+                result = rank(live, user, k, False, features, exclude, removed, fresh)
         self._observe(context, method, t0, result, redis_s)
         return result, engine, features is None
 
@@ -338,6 +343,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             request.request_id,
             now,
         )
+        if self.cfg.fresh_items:  # never raises: the write above is acknowledged whatever happens
+            ack = int(time.time() * 1000)
+            await self.fresh.on_interaction(user, item, request.timestamp_ms or now, ack)
         return pb.LogInteractionResponse(event_id=event_id)
 
     async def _friendship(
@@ -516,6 +524,7 @@ def rank(
     features: UserFeatures,
     exclude: frozenset[str] = frozenset(),
     removed: frozenset[str] = frozenset(),
+    fresh: FreshIndex | None = None,
 ) -> Result:
     """The engine's filtered answer for these features, through the live bundle's exact
     result cache.
@@ -525,9 +534,13 @@ def rank(
     (the request's own list). The filters are part of the features (the takedown set by its
     version), so the cache stays exact; a request with its own exclude list bypasses it. A hit
     comes back with ``timings == {"cache": secs}``.
+
+    Content answers also search the ``fresh`` side index; its version is part of the slot, so
+    an answer computed before the side index changed is never served after.
     """
     cache, engine = live.cache, live.engine
-    slot = (friends, user_id, k)
+    fresh_version = fresh.version if fresh is not None else None
+    slot = (friends, user_id, k) if friends else (friends, user_id, k, fresh_version)
     use_cache = cache is not None and not exclude
     if use_cache:
         t0 = time.perf_counter()
@@ -542,7 +555,7 @@ def rank(
         res = engine.recommend_friends(user_id, f.history, f.friends, f.fof, k, banned)
     else:
         banned = f.seen | f.dismissed | removed | exclude
-        res = engine.recommend_content(f.history, f.friends, k, banned)
+        res = engine.recommend_content(f.history, f.friends, k, banned, fresh)
     if use_cache:
         cache.put(slot, features, res)
     return res

@@ -519,6 +519,10 @@ def _store_error(e: Exception) -> StoreUnavailable:
     return StoreUnavailable(f"redis: {e}")
 
 
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
 def _sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
@@ -565,6 +569,7 @@ class FeatureStore:
         self._client: AsyncClient | RedisPyClusterAsyncClient | None = None  # per event loop
         scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK)
         scripts += (schema.ITEM, schema.EDGE, schema.BLOCK_SET, schema.MIRROR)
+        scripts += (schema.FRESH_RECORD, schema.FRESH_PUBLISH)
         self._sha = {s: _sha1(s) for s in scripts}
 
     # ---- commands (pure: what to send) -------------------------------------------------------
@@ -763,6 +768,62 @@ class FeatureStore:
         _data_errors(replies)
         version, items = replies
         return int(version or 0), frozenset(items)
+
+    # ---- fresh items (best effort: no WAIT; see docs/design.md "Fresh items: serving") -------
+    async def _ascript(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        client = self._aclient()
+        sha = self._sha[script]
+        return await _aretry(lambda: client.evalsha(sha, script, keys, args))
+
+    async def afresh_record(
+        self, item_id: str, user_id: str, ts_ms: int, entry: str, max_users: int
+    ) -> tuple[int, list[tuple[str, str]]]:
+        """Record (overwrite) one user's entry for a fresh item, keep the ``max_users`` most
+        recent: (the item's record sequence number, [(user, entry), ...] oldest first)."""
+        item, user, k = check_id("item_id", item_id), check_id("user_id", user_id), self.keys
+        keys = [k.item("fu", item), k.item("fv", item), k.item("fn", item)]
+        reply = await self._ascript(schema.FRESH_RECORD, keys, [user, int(ts_ms), entry, max_users])
+        seq, rest = int(reply[0]), [_text(x) for x in reply[1:]]
+        return seq, list(zip(rest[::2], rest[1::2], strict=True))
+
+    async def afresh_publish(self, item_id: str, seq: int, entry: str) -> int:
+        """Set a fresh item's registry entry if ``seq`` is newer than the one it holds: the
+        registry's new version, or 0 when a newer entry was already there."""
+        k = self.keys
+        value = f"{int(seq)}|{entry}"
+        keys = [k.fresh, k.fresh_version]
+        return int(await self._ascript(schema.FRESH_PUBLISH, keys, [item_id, int(seq), value]))
+
+    async def _aglobal(self, cmds: list[tuple]) -> list:
+        client = self._aclient()
+        batch = client.pipeline if self.cfg.cluster else client.transaction
+        replies = await _aretry(lambda: batch(cmds))
+        _data_errors(replies)
+        return replies
+
+    async def afresh_versions(self) -> tuple[int, int]:
+        """(fresh registry version, takedown version): one exchange with the {g} slot."""
+        k = self.keys
+        v, r = await self._aglobal([("GET", k.fresh_version), ("GET", k.removed_version)])
+        return int(v or 0), int(r or 0)
+
+    async def afresh_registry(self) -> tuple[int, int, dict[str, str], frozenset[str]]:
+        """(registry version, takedown version, item -> entry JSON, taken-down items), read
+        together (one MULTI/EXEC; one pipeline to the {g} slot's node in a cluster)."""
+        k = self.keys
+        cmds = [
+            ("GET", k.fresh_version),
+            ("GET", k.removed_version),
+            ("HGETALL", k.fresh),
+            ("SMEMBERS", k.removed),
+        ]
+        v, r, reg, removed = await self._aglobal(cmds)
+        pairs = reg if isinstance(reg, dict) else dict(zip(reg[::2], reg[1::2], strict=True))
+        entries = {}
+        for item, value in pairs.items():
+            _, _, entry = _text(value).partition("|")
+            entries[_text(item)] = entry
+        return int(v or 0), int(r or 0), entries, frozenset(_text(x) for x in removed)
 
     async def alog_interaction(
         self,

@@ -246,12 +246,16 @@ async def serve_worker(
     if ready is not None:
         ready.set()
     watcher = asyncio.create_task(watch())
+    # Fresh items: the side index follows the registry (and rebuilds for a new bundle).
+    poller = asyncio.create_task(service.fresh.run()) if cfg.fresh_items else None
     await stop.wait()
     log.info("worker stopping", extra={"event": "stopping", "worker": worker})
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=2.0)
     watcher.cancel()
+    if poller is not None:
+        poller.cancel()
     await store.aclose()
     store.close()
 

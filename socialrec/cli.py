@@ -188,7 +188,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from socialrec.serving.threads import pin_threads
 
     pin_threads()  # before onnxruntime / faiss / numpy start their thread pools
+    from dataclasses import replace
+
     from socialrec.serving.config import ServerConfig
+    from socialrec.serving.fresh import FoldInConfig
     from socialrec.serving.supervisor import serve
 
     local = None
@@ -236,6 +239,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         redis_client=a.redis_client,
         result_cache_mb=a.result_cache_mb,
         bundle_key=a.bundle_key,
+        fresh_items=not a.no_fresh_items,
+        fresh_poll_s=a.fresh_poll_s,
+        fresh=replace(FoldInConfig(), method=a.fresh_method),
     )
     try:
         return serve(cfg)
@@ -644,6 +650,26 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         type=float,
         default=d("watch_interval_s"),
         help="seconds between checks of the bundle pointer",
+    )
+    from socialrec.serving.fresh import METHODS, FoldInConfig
+
+    v.add_argument(
+        "--no-fresh-items",
+        action="store_true",
+        help="do not serve items the bundle does not know (fresh items are on when the bundle "
+        "has a fresh_prior.npz)",
+    )
+    v.add_argument(
+        "--fresh-poll-s",
+        type=float,
+        default=d("fresh_poll_s"),
+        help="seconds between a worker's polls of the fresh-item registry",
+    )
+    v.add_argument(
+        "--fresh-method",
+        choices=METHODS,
+        default=FoldInConfig().method,
+        help="fold-in estimator of fresh items' vectors (socialrec.serving.fresh)",
     )
     v.set_defaults(fn=cmd_serve)
 
