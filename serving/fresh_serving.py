@@ -54,6 +54,7 @@ class FreshItems:
         self.metrics = metrics
         self.index: FreshIndex | None = None  # swapped whole, never mutated
         self._seen: tuple | None = None  # (registry v, takedown v, bundle version) built from
+        self._entry_ms: dict[str, int] | None = None  # every registry entry's time, last build
         self._fail_log = RateLimitedLog(log)
         self._poll_log = RateLimitedLog(log)
 
@@ -171,28 +172,27 @@ class FreshItems:
         """A new side index from registry entries (not the live bundle's items, not taken down,
         rows computed by this bundle), swapped in; lag observed for new or changed entries."""
         dim = engine.items.d
-        rows, updated, n_users = {}, {}, {}
+        rows, updated, n_users, entry_ms = {}, {}, {}, {}
         for item, raw in entries.items():
-            if item in engine.item_index or item in removed:
-                continue
             try:
                 e = json.loads(raw)
-                if e.get("b") != engine.version:
+                entry_ms[item] = ms = int(e["ms"])
+                if item in engine.item_index or item in removed or e.get("b") != engine.version:
                     continue
-                row = _decode(e["row"], dim)
-                ms, n = int(e["ms"]), int(e["n"])
+                row, n = _decode(e["row"], dim), int(e["n"])
             except (ValueError, KeyError, TypeError):
                 continue
             if row is None:
                 continue
             rows[item], updated[item], n_users[item] = row, ms, n
         index = FreshIndex.build(rows, dim, (v, r, engine.version), updated, n_users)
-        old = self.index
         self.index = index  # the swap: one reference assignment
         self._seen = (v, r, engine.version)
-        if self.metrics:
+        before, self._entry_ms = self._entry_ms, entry_ms
+        if self.metrics and before is not None:
+            # Lag of entries new or changed since the last build (not of the whole registry
+            # at a worker's first build, nor of an item back after a restore or a reload).
             now_ms = time.time() * 1000
-            before = old.updated_ms if old is not None else {}
             for item, ms in updated.items():
                 if before.get(item) != ms:
                     self.metrics.fresh_lag.observe(max(0.0, (now_ms - ms) / 1000))

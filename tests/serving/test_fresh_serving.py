@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 from socialrec.serving.bundle import MANIFEST, copy_bundle, write_manifest
 from socialrec.serving.fresh import FoldInConfig
 from socialrec.serving.servicer import RecommenderService
@@ -250,7 +251,9 @@ def test_fresh_step_failure_leaves_the_write_acknowledged(fresh_server, small_bu
     s = fresh_server()
     items = _ids(small_bundle)
     fresh = "broken-item"
-    s.store._r.set(s.store.keys.item("fu", fresh), "not a zset")
+    r = redis.Redis.from_url(s.cfg.redis_url)
+    r.set(s.store.keys.item("fu", fresh), "not a zset")
+    r.close()
     _history(s, items, "u1", _taste(items))
     before = s.metrics.fresh_errors.labels("write")._value.get()
     assert _log(s.stub, "u1", fresh)
