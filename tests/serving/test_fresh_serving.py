@@ -281,3 +281,42 @@ def test_fresh_items_on_a_redis_cluster(server_config, redis_cluster, small_bund
         assert _registry(s)[fresh]["n"] == N_USERS
     finally:
         s.close()
+
+
+@pytest.mark.slow
+def test_served_by_a_multi_worker_server_and_off_with_the_flag(
+    small_bundle, redis_server, tmp_path
+) -> None:
+    """The real `socialrec serve` (two workers, each polling): served within the deadline,
+    counted in socialrec_fresh_items; with --no-fresh-items the same writes serve nothing."""
+    import urllib.request
+    import uuid
+
+    from socialrec.serving.harness import ServerProcess
+
+    from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    items = _ids(small_bundle)
+    for extra, served in (([], True), (["--no-fresh-items"], False)):
+        ns = f"fresh-{uuid.uuid4().hex[:8]}"
+        args = ["--bundle", str(small_bundle), "--redis-url", redis_server.url, "--namespace", ns]
+        args += ["--token-file", str(token), "--workers", "2", "--fresh-method", "mean", *extra]
+        with ServerProcess(args, metrics=True) as server:
+            stub = pb_grpc.RecommenderStub(server.channel())
+            fresh = "subprocess-fresh"
+            for j in range(N_USERS + 1):
+                user = f"fan{j}" if j < N_USERS else "sim"
+                for t, item in enumerate(_taste(items)):
+                    _log(stub, user, item, ts=1000 + t)
+                if j < N_USERS:
+                    assert _log(stub, user, fresh)  # acknowledged either way
+            if served:
+                _wait_for(lambda s=stub, f=fresh: f in {r.id for r in _content(s, "sim")})
+                text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+                gauge = [ln for ln in text.splitlines() if ln.startswith("socialrec_fresh_items")]
+                assert gauge and float(gauge[0].split()[-1]) >= 1
+            else:
+                time.sleep(1.0)
+                assert fresh not in {r.id for r in _content(stub, "sim")}
