@@ -48,6 +48,10 @@ class Settings:
     k: int = 10  # SOCIALREC_K
     seed: int = 0  # SOCIALREC_SEED: id popularity order and per-user draws
     timeout_s: float = 5.0  # SOCIALREC_TIMEOUT_S: per-call deadline
+    # SOCIALREC_NEW_ITEMS: share of interactions with items the bundle does not know (new
+    # posts), drawn Zipf-like from SOCIALREC_NEW_ITEM_POOL ids, so some get many users soon
+    new_items: float = 0.0
+    new_item_pool: int = 200
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,6 +66,8 @@ class Settings:
             k=int(e.get("SOCIALREC_K", "10")),
             seed=int(e.get("SOCIALREC_SEED", "0")),
             timeout_s=float(e.get("SOCIALREC_TIMEOUT_S", "5")),
+            new_items=float(e.get("SOCIALREC_NEW_ITEMS", "0")),
+            new_item_pool=int(e.get("SOCIALREC_NEW_ITEM_POOL", "200")),
         )
 
 
@@ -136,6 +142,9 @@ class GrpcUser(User):
         s = self.settings
         self.users = self._pool(s.user_ids, s)
         self.items = self._pool(s.item_ids, s)
+        self.new_items = ZipfIds(
+            None, s.zipf, s.seed, ids=[f"new-{s.seed}-{i}" for i in range(max(s.new_item_pool, 1))]
+        )
         self.rng = random.Random(s.seed * 1_000_003 + next(self._counter))
         host = self.host.removeprefix("http://").removeprefix("grpc://")
         raw = grpc.insecure_channel(host, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -155,6 +164,12 @@ class GrpcUser(User):
 
     def item(self) -> str:
         return self.items.draw(self.rng)
+
+    def written_item(self) -> str:
+        """The item of an interaction: now and then one the bundle does not know."""
+        if self.settings.new_items and self.rng.random() < self.settings.new_items:
+            return self.new_items.draw(self.rng)
+        return self.item()
 
     def call(self, method: str, request: Any, write: bool = False) -> Any:
         """Call ``method``; the reply, or None on a non-OK status (already reported)."""

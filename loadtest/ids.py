@@ -14,9 +14,13 @@ class ZipfIds:
     Shuffled so the hot ids are not simply the smallest ones (ids are often sorted).
     """
 
-    def __init__(self, path: str | Path, s: float, seed: int) -> None:
-        text = Path(path).read_text(encoding="utf-8")
-        ids = text.split("\n")[:-1] if text else []
+    def __init__(
+        self, path: str | Path | None, s: float, seed: int, ids: list[str] | None = None
+    ) -> None:
+        if ids is None:
+            text = Path(path).read_text(encoding="utf-8") if path is not None else ""
+            ids = text.split("\n")[:-1] if text else []
+        ids = list(ids)
         if not ids:
             raise ValueError(f"{path}: no ids")
         random.Random(seed).shuffle(ids)

@@ -35,7 +35,7 @@ class RecommenderUser(GrpcUser):
 
     @task(7)
     def log_interaction(self) -> None:
-        user, item, ts = self.user(), self.item(), int(time.time() * 1000)
+        user, item, ts = self.user(), self.written_item(), int(time.time() * 1000)
         weight = float(self.rng.randint(1, 5))
         req = pb.LogInteractionRequest(user_id=user, item_id=item, weight=weight, timestamp_ms=ts)
         reply, attempts = self.write("LogInteraction", req)

@@ -74,6 +74,7 @@ class LoadTestConfig:
     redis_cluster: bool = False  # a local Redis Cluster (3 primaries + 3 replicas), not one Redis
     ack_replicas: int = 0  # our server's --ack-replicas (writes acknowledged after WAIT N)
     server_down_s: float = 3.0  # kill-server: how long the killed replica stays down
+    new_items: float = 0.2  # share of logged interactions with items the bundle does not know
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -376,6 +377,7 @@ def locust_env(cfg: LoadTestConfig, bundle: Path, out: Path, tag: str, token: st
         "SOCIALREC_K": str(cfg.k),
         "SOCIALREC_SEED": str(cfg.seed),
         "SOCIALREC_SHAPE": cfg.shape,
+        "SOCIALREC_NEW_ITEMS": str(cfg.new_items),
     }
     if cfg.shape == "steps":
         steps = list(cfg.steps) or _steps(cfg.users)
@@ -631,6 +633,11 @@ def drive(
         res["server_rpc"] = histogram_diff(b, a, "socialrec_rpc_seconds")
         res["bundle_info"] = counter_values(a, "socialrec_bundle_info")
         res["bundle_reloads"] = counter_values(a, "socialrec_bundle_reloads")
+        res["fresh"] = {
+            "items_per_worker": counter_values(a, "socialrec_fresh_items"),
+            "lag": histogram_diff(b, a, "socialrec_fresh_lag_seconds").get("", {}).get("rpc"),
+            "errors": counter_values(a, "socialrec_fresh_errors"),
+        }
         res["degraded_reads"] = {
             k: v - counter_values(b, "socialrec_degraded").get(k, 0.0)
             for k, v in counter_values(a, "socialrec_degraded").items()
@@ -774,6 +781,8 @@ def check_config(cfg: LoadTestConfig) -> None:
         raise ValueError(f"fault must be one of {FAULTS}, got {cfg.fault!r}")
     if cfg.duration <= 0 or cfg.users <= 0 or cfg.workers <= 0 or cfg.replicas <= 0:
         raise ValueError("duration, users, workers and replicas must be positive")
+    if not 0 <= cfg.new_items <= 1:
+        raise ValueError(f"new_items must be a share in [0, 1], got {cfg.new_items}")
     if cfg.ack_replicas < 0:
         raise ValueError(f"ack_replicas must be >= 0, got {cfg.ack_replicas}")
     if any(n <= 0 for n in cfg.steps) or list(cfg.steps) != sorted(set(cfg.steps)):

@@ -28,6 +28,7 @@ FOF = 112  # dict entry share + int, plus the candidate str
 RESULT = 80 + 32 + 8  # Scored (4 slots) + float score + list slot; ids are the bundle's strings
 SETS = 3 * 216  # the seen / dismissed / blocked frozensets, empty
 SET_ITEM = 48  # one frozenset member's share of its hash table, plus the member str
+QUERY = 112  # a numpy array's header (the query vector), plus its data
 
 
 def _str_bytes(s: str) -> int:
@@ -45,7 +46,10 @@ def entry_bytes(slot: tuple, features: UserFeatures, result: Result) -> int:
         for members in (features.seen, features.dismissed, features.blocked)
         for x in members
     )
-    return n + RESULT * len(result.items)
+    n += RESULT * len(result.items)
+    if result.query is not None:  # the query vector kept for the fresh-items check
+        n += QUERY + result.query.nbytes
+    return n
 
 
 class ResultCache:

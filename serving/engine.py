@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -51,8 +51,14 @@ class FreshIndex:
     An exact inner-product index over the fold-in rows of items the bundle that built it did
     not know, with their own id list (``ids[j]`` is row j). Built whole and swapped in with one
     reference assignment; never mutated once a search may use it. ``version`` identifies what
-    it was built from (registry version, takedown version, bundle version): the result cache
-    keys content answers by it. ``updated_ms``: each item's registry entry time.
+    it was built from (registry version, takedown version, bundle version). ``updated_ms``:
+    each item's registry entry time.
+
+    For the result cache: ``seq`` numbers the builds of one worker (1, 2, ...), ``changed[j]``
+    is the build in which row j took its current value (carried over from the previous build
+    when the item's entry did not change), and ``dropped_seq`` the last build that dropped an
+    item the one before it had. An answer computed at build ``s`` is still exact at this build
+    if no row with ``changed > s`` could enter it and none left (:func:`still_exact`).
     """
 
     ids: list[str]
@@ -60,6 +66,10 @@ class FreshIndex:
     version: tuple
     updated_ms: dict[str, int]
     n_users: dict[str, int]
+    rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    seq: int = 1
+    changed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dropped_seq: int = 0
 
     @classmethod
     def build(
@@ -69,15 +79,63 @@ class FreshIndex:
         version: tuple,
         updated_ms: Mapping[str, int],
         n_users: Mapping[str, int],
+        previous: FreshIndex | None = None,
     ) -> FreshIndex:
         ids = sorted(rows)
         index = faiss.IndexFlatIP(dim)
+        mat = np.zeros((0, dim), np.float32)
         if ids:
-            index.add(np.stack([np.asarray(rows[i], np.float32) for i in ids]))
-        return cls(ids, index, version, dict(updated_ms), dict(n_users))
+            mat = np.stack([np.asarray(rows[i], np.float32) for i in ids])
+            index.add(mat)
+        seq = previous.seq + 1 if previous is not None else 1
+        changed = np.full(len(ids), seq, np.int64)
+        dropped = previous.dropped_seq if previous is not None else 0
+        if previous is not None and previous.rows.shape[1:] == (dim,):
+            at = {item: j for j, item in enumerate(previous.ids)}
+            for j, item in enumerate(ids):
+                p = at.get(item)
+                same = p is not None and previous.updated_ms.get(item) == updated_ms.get(item)
+                if same and np.array_equal(previous.rows[p], mat[j]):
+                    changed[j] = previous.changed[p]
+            if not set(previous.ids) <= set(ids):
+                dropped = seq
+        elif previous is not None and len(previous):
+            dropped = seq
+        return cls(ids, index, version, dict(updated_ms), dict(n_users), mat, seq, changed, dropped)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def still_exact(result: Result, k: int, fresh: FreshIndex | None) -> bool:
+    """Whether a content answer computed with the side index of build ``result.fresh_seq`` is
+    still the answer with ``fresh`` (the features being equal). A cold-start answer never
+    involves fresh items. Otherwise it is, unless a row that changed since could score at
+    least the answer's k-th item (or any row could, if the answer had fewer than k), a fresh
+    item in the answer changed, or an item was dropped since: then the caller recomputes.
+    Conservative (a row the filters would drop still counts), never wrong."""
+    if result.query is None or result.cold_start:
+        return True
+    if fresh is None or not len(fresh):
+        return result.fresh_seq is None or not any(r.reason == REASON_FRESH for r in result.items)
+    since = result.fresh_seq if result.fresh_seq is not None else 0
+    if fresh.seq == since:
+        return True
+    if fresh.dropped_seq > since:
+        return False
+    new = np.flatnonzero(fresh.changed > since)
+    if not len(new):
+        return True
+    if fresh.rows.shape[1] != result.query.shape[-1]:
+        return False
+    answer = {r.id for r in result.items}
+    if any(fresh.ids[j] in answer for j in new):
+        return False
+    if len(result.items) < k:
+        return False
+    kth = result.items[-1].score
+    scores = fresh.rows[new] @ result.query.reshape(-1)
+    return not bool((scores >= kth - 1e-6).any())
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +162,10 @@ class Result:
     cold_start: bool
     timings: dict[str, float]
     unknown: int = 0
+    # content answers: the tower's query vector (1, D + 1) and the side-index build they were
+    # merged with (None: none), for the result cache's check of fresh items (still_exact)
+    query: np.ndarray | None = None
+    fresh_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -395,7 +457,10 @@ class Engine:
             out = self._merge_fresh(u, out, history, exclude, fresh, k)
             t_search += time.perf_counter() - s0
         t2 = time.perf_counter()
-        return Result(out, False, _timings(t1 - t0, t_search, t2 - t1 - t_search), unknown)
+        return Result(
+            out, False, _timings(t1 - t0, t_search, t2 - t1 - t_search), unknown, query=u,
+            fresh_seq=fresh.seq if fresh is not None else None,
+        )  # fmt: skip
 
     def _merge_fresh(
         self,

@@ -185,7 +185,14 @@ class FreshItems:
             if row is None:
                 continue
             rows[item], updated[item], n_users[item] = row, ms, n
-        index = FreshIndex.build(rows, dim, (v, r, engine.version), updated, n_users)
+        previous = (
+            self.index
+            if self.index is not None and self.index.version[2:] == (engine.version,)
+            else None
+        )  # build numbers carry over within one bundle (the cache's check)
+        index = FreshIndex.build(
+            rows, dim, (v, r, engine.version), updated, n_users, previous=previous
+        )
         self.index = index  # the swap: one reference assignment
         self._seen = (v, r, engine.version)
         before, self._entry_ms = self._entry_ms, entry_ms

@@ -20,7 +20,7 @@ from typing import Protocol
 import grpc
 from socialrec.serving.cache import ResultCache
 from socialrec.serving.config import ServerConfig, load_admin_token, load_token
-from socialrec.serving.engine import Engine, FreshIndex, Result
+from socialrec.serving.engine import Engine, FreshIndex, Result, still_exact
 from socialrec.serving.fresh_serving import FreshItems
 from socialrec.serving.observability import Metrics, RateLimitedLog
 from socialrec.serving.schema import UserFeatures, check_id
@@ -535,17 +535,18 @@ def rank(
     version), so the cache stays exact; a request with its own exclude list bypasses it. A hit
     comes back with ``timings == {"cache": secs}``.
 
-    Content answers also search the ``fresh`` side index; its version is part of the slot, so
-    an answer computed before the side index changed is never served after.
+    Content answers also search the ``fresh`` side index. A cached content answer is reused
+    after the side index changed only if no fresh row that changed since could enter it
+    (:func:`socialrec.serving.engine.still_exact`: the stored query vector against the changed
+    rows, a few microseconds), so fresh writes do not empty the cache and the cache stays exact.
     """
     cache, engine = live.cache, live.engine
-    fresh_version = fresh.version if fresh is not None else None
-    slot = (friends, user_id, k) if friends else (friends, user_id, k, fresh_version)
+    slot = (friends, user_id, k)
     use_cache = cache is not None and not exclude
     if use_cache:
         t0 = time.perf_counter()
         hit = cache.get(slot, features)
-        if hit is not None:
+        if hit is not None and (friends or still_exact(hit, k, fresh)):
             return Result(
                 hit.items, hit.cold_start, {"cache": time.perf_counter() - t0}, hit.unknown
             )

@@ -280,6 +280,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         redis_cluster=a.redis_cluster,
         ack_replicas=a.ack_replicas,
         server_down_s=a.server_down_s,
+        new_items=a.new_items,
     )
     print_summary(run(cfg))
     return 0
@@ -735,6 +736,13 @@ def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
         help="--fault kill-server: seconds before the killed replica is restarted",
     )
     lt.add_argument(
+        "--new-items",
+        type=float,
+        default=d("new_items"),
+        help="share of logged interactions with items the bundle does not know (fresh content; "
+        "the server folds them in and serves them unless --serve-args --no-fresh-items)",
+    )
+    lt.add_argument(
         "--serve-args",
         default=" ".join(d("serve_args")),
         help="extra `socialrec serve` flags, e.g. '--redis-client redis-py'",
@@ -824,6 +832,91 @@ def _publish_bundle_parser(pb: argparse.ArgumentParser) -> None:
     pb.set_defaults(fn=cmd_publish_bundle)
 
 
+def cmd_coldstart_eval(a: argparse.Namespace) -> int:
+    import shlex
+
+    from socialrec.training.coldstart import ColdStartConfig, parse_counts, run
+
+    cfg = ColdStartConfig(
+        run=a.run,
+        out=a.out or f"benchmarks/reports/coldstart-{Path(a.run).name}.json",
+        holdout_share=a.holdout_share,
+        replays=parse_counts(a.replay),
+        retrain_replays=parse_counts(a.retrain_replay) if a.retrain_replay else None,
+        min_remaining=a.min_remaining,
+        seed=a.holdout_seed,
+        epochs=a.epochs,
+        threads=a.threads,
+        cache_dir=a.cache_dir,
+        plot=not a.no_plot,
+        progress=not a.no_progress,
+        validation_only=a.validation_only,
+        known_drop_budget=a.known_drop_budget,
+        command=shlex.join(["socialrec", *sys.argv[1:]]),
+    )
+    print(f"wrote {run(cfg)}")
+    return 0
+
+
+def _coldstart_eval_parser(c: argparse.ArgumentParser) -> None:
+    from socialrec.training.coldstart import ColdStartConfig
+
+    def d(name: str) -> Any:
+        return default(ColdStartConfig, name)
+
+    c.add_argument("--run", required=True, help="run directory written by `socialrec train`")
+    c.add_argument(
+        "--out",
+        help="report JSON (default: benchmarks/reports/coldstart-RUNNAME.json; plot beside)",
+    )
+    c.add_argument(
+        "--holdout-share",
+        type=float,
+        default=d("holdout_share"),
+        help="share of the eligible items held out of training (half validation, half test)",
+    )
+    c.add_argument(
+        "--replay",
+        default=",".join(map(str, d("replays"))),
+        help="comma-separated N: each held-out item's first N interactions are replayed",
+    )
+    c.add_argument(
+        "--retrain-replay",
+        help="comma-separated N that also get a full retrain (the upper bound; default: every N)",
+    )
+    c.add_argument(
+        "--min-remaining",
+        type=int,
+        default=d("min_remaining"),
+        help="eligible items keep at least this many interactions beyond the largest N to score",
+    )
+    c.add_argument(
+        "--holdout-seed", type=int, default=d("seed"), help="seed of the held-out items and orders"
+    )
+    c.add_argument(
+        "--known-drop-budget",
+        type=float,
+        default=d("known_drop_budget"),
+        help="validation choice: serving fresh items may cost known-item recall@20 at most this "
+        "fraction (relative)",
+    )
+    c.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per training (default: the run's selected content epoch)",
+    )
+    c.add_argument("--threads", type=int, default=d("threads"), help="torch threads")
+    c.add_argument("--cache-dir", help="trained models, reused on a rerun (default: RUN/coldstart)")
+    c.add_argument("--no-plot", action="store_true", help="no PNG beside the report")
+    c.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="stop after the validation choices; the test items are not scored",
+    )
+    _no_progress(c)
+    c.set_defaults(fn=cmd_coldstart_eval)
+
+
 # name -> (one-line help, adds the options and sets fn)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "split": ("export the evaluation split as TSV (original ids)", _split_parser),
@@ -860,6 +953,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
         _publish_bundle_parser,
     ),
     "keygen": ("write an Ed25519 key pair for signing bundles", _keygen_parser),
+    "coldstart-eval": (
+        "item cold start: hold out items, replay their first interactions, score fresh-item "
+        "fold-in vs popular vs a full retrain; write a JSON report",
+        _coldstart_eval_parser,
+    ),
 }
 
 
