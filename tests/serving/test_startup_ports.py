@@ -25,9 +25,9 @@ def _time_wait_port() -> int:
 
 def test_a_port_in_time_wait_is_free_for_a_replacement() -> None:
     port = _time_wait_port()
-    with socket.socket() as plain:  # what the check did before: bind without SO_REUSEADDR
-        with pytest.raises(OSError):
-            plain.bind(("127.0.0.1", port))
+    # what the check did before: bind without SO_REUSEADDR
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
     _port_free("127.0.0.1", port, "gRPC port")  # no StartupError
 
 
