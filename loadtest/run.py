@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import os
 import secrets
@@ -259,13 +260,19 @@ def read_locust_csv(path: Path) -> dict:
     return out
 
 
+def _rows(out: Path, prefix: str, tag: str) -> list[dict]:
+    """The JSON rows every Locust process wrote to OUT/PREFIX-TAG-PID.json, in file order."""
+    return [
+        r for f in sorted(out.glob(f"{prefix}-{tag}-*.json")) for r in json.loads(f.read_text())
+    ]
+
+
 def read_status(out: Path, tag: str) -> dict[str, dict[str, int]]:
     """{method: {status code: calls}} summed over the Locust processes' status files."""
     res: dict[str, dict[str, int]] = {}
-    for f in sorted(out.glob(f"status-{tag}-*.json")):
-        for r in json.loads(f.read_text()):
-            m = res.setdefault(r["method"], {})
-            m[r["code"]] = m.get(r["code"], 0) + r["count"]
+    for r in _rows(out, "status", tag):
+        m = res.setdefault(r["method"], {})
+        m[r["code"]] = m.get(r["code"], 0) + r["count"]
     return res
 
 
@@ -529,10 +536,9 @@ def fleet_window(before: dict[int, dict], after: dict[int, dict]) -> tuple[dict,
 def read_timeline(out: Path, tag: str) -> dict[int, dict[str, int]]:
     """{unix second: {"ok": calls, "failed": calls}} summed over the Locust processes."""
     res: dict[int, dict[str, int]] = {}
-    for f in sorted(out.glob(f"timeline-{tag}-*.json")):
-        for r in json.loads(f.read_text()):
-            sec = res.setdefault(int(r["t"]), {"ok": 0, "failed": 0})
-            sec[r["what"]] += r["count"]
+    for r in _rows(out, "timeline", tag):
+        sec = res.setdefault(int(r["t"]), {"ok": 0, "failed": 0})
+        sec[r["what"]] += r["count"]
     return res
 
 
@@ -844,7 +850,7 @@ def run(cfg: LoadTestConfig) -> Path:
         ]  # fmt: skip
         if cfg.ack_replicas:
             args += ["--ack-replicas", str(cfg.ack_replicas)]
-        logs = iter(range(1_000))
+        logs = itertools.count()  # one log file per server process started
 
         def ours_server(port: int | None) -> ServerProcess:
             return ServerProcess(
