@@ -53,7 +53,6 @@ class FreshItems:
         self.store = store
         self.metrics = metrics
         self.index: FreshIndex | None = None  # swapped whole, never mutated
-        self._seen: tuple | None = None  # (registry v, takedown v, bundle version) built from
         self._entry_ms: dict[str, int] | None = None  # every registry entry's time, last build
         self._fail_log = RateLimitedLog(log)
         self._poll_log = RateLimitedLog(log)
@@ -156,11 +155,10 @@ class FreshItems:
         if not self.enabled(engine):
             if self.index is not None:
                 self.index = None
-                self._seen = None
                 self._set_gauge(0)
             return False
         v, r = await self.store.afresh_versions()
-        if self._seen == (v, r, engine.version):
+        if self.index is not None and self.index.version == (v, r, engine.version):
             return False
         v, r, entries, removed = await self.store.afresh_registry()
         self.build(engine, v, r, entries, removed)
@@ -194,7 +192,6 @@ class FreshItems:
             rows, dim, (v, r, engine.version), updated, n_users, previous=previous
         )
         self.index = index  # the swap: one reference assignment
-        self._seen = (v, r, engine.version)
         before, self._entry_ms = self._entry_ms, entry_ms
         if self.metrics and before is not None:
             # Lag of entries new or changed since the last build (not of the whole registry
