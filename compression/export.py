@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from socialrec.serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, write_ids, write_manifest
 from socialrec.serving.engine import FRESH_PRIOR
-from socialrec.serving.fresh import FoldInPrior
+from socialrec.serving.fresh import FoldInPrior, manifest_block
 from socialrec.training.model import TwoTower, UserTower, with_bias_slot
 from socialrec.training.split import Split
 from torch import nn
@@ -228,13 +228,16 @@ def write_bundle(
     onnx_file: str | Path | None = None,
     items: np.ndarray | None = None,
     users: np.ndarray | None = None,
+    fresh: dict | None = None,
 ) -> Path:
     """Write every bundle file, then the manifest with checksums (written last).
 
     The tower comes from ``model`` (exported here) or from a prepared ``onnx_file`` (e.g. a
     quantised graph); candidate vectors from ``model`` or precomputed ``items`` (I, D + 1)
     and ``users`` (U, D + 1). ``index_kind`` is one kind for both indexes, a per-side dict
-    {"items": ..., "users": ...}, or None for :func:`choose_index`'s default.
+    {"items": ..., "users": ...}, or None for :func:`choose_index`'s default. ``fresh``: the
+    manifest's fold-in block (:func:`socialrec.serving.fresh.manifest_block` of the run; None:
+    the defaults).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,6 +278,7 @@ def write_bundle(
         "dims": {"content": int(items.shape[1]), "friends": int(users.shape[1])},
         "counts": {"items": len(item_ids), "users": len(user_ids)},
         "index": kinds,
+        "fresh": fresh if fresh is not None else manifest_block(None),
     }
     write_manifest(out, meta)
     return out
@@ -324,7 +328,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     }
     variant = {"name": "teacher-fp32", "techniques": []}
     meta = bundle_meta(ds, split, ck["train_config"], variant, metrics)
-    return write_bundle(model, split, ds.user_ids, ds.item_ids, out_dir or run / "bundle", meta)
+    return write_bundle(
+        model,
+        split,
+        ds.user_ids,
+        ds.item_ids,
+        out_dir or run / "bundle",
+        meta,
+        fresh=manifest_block(run),
+    )
 
 
 def describe_bundle(path: Path) -> str:

@@ -30,6 +30,7 @@ from socialrec.compression.quantize import ort_dynamic, quantize_tables
 from socialrec.compression.served_eval import bundle_bytes, served_evaluate, us_per_query
 from socialrec.compression.tables import INPUT_TABLES
 from socialrec.serving.bundle import MANIFEST
+from socialrec.serving.fresh import manifest_block
 from socialrec.training.metrics import TASKS, is_absent
 from socialrec.training.model import TwoTower
 from socialrec.training.run import load_run
@@ -301,6 +302,7 @@ def run(cfg: CompressConfig) -> Path:
             onnx_file=onnx_file,
             items=items,
             users=users,
+            fresh=manifest_block(run_dir),
         )
         for extra in bdir.glob("tower.*.onnx"):
             extra.unlink()  # intermediate files are not part of the bundle

@@ -39,8 +39,9 @@ it is computed once per bundle from the item rows and a sample of users' tower o
 
 from __future__ import annotations
 
+import json
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ METHODS = ("ridge", "mean", "mean_centered")
 WEIGHT_TRANSFORMS = ("binary", "log1p", "raw")
 CALIBRATIONS = ("catalogue", "none")
 QUANTILES = np.linspace(0.0, 1.0, 21)  # the catalogue's bias quantiles a prior keeps
+RUN_CHOICE = "fresh_config.json"  # a run's fold-in choice, written by `socialrec coldstart-eval`
+DEFAULT_SOURCE = (
+    "defaults (chosen on Last.fm's validation items); `socialrec coldstart-eval --run RUN` "
+    "chooses for a run"
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,61 @@ class FoldInConfig:
                 f"max_users ({self.max_users}) < min_interactions ({self.min_interactions}): "
                 "no item could ever be eligible"
             )
+
+
+def config_from_dict(d: object, where: str) -> FoldInConfig:
+    """A :class:`FoldInConfig` from a JSON object; ValueError naming ``where`` and the field
+    for anything else (unknown or missing-typed fields, out-of-range values)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object of fold-in settings, got {d!r}")
+    known = {f.name for f in fields(FoldInConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown fold-in setting(s) {', '.join(unknown)}")
+    for f in fields(FoldInConfig):
+        if f.name in d:
+            v, want = d[f.name], type(getattr(FoldInConfig(), f.name))
+            ok = isinstance(v, str) if want is str else (
+                isinstance(v, int | float) and not isinstance(v, bool)
+                and (want is float or float(v).is_integer())
+            )  # fmt: skip
+            if not ok:
+                kind = {"str": "a string", "float": "a number"}.get(want.__name__, "an integer")
+                raise ValueError(f"{where}: {f.name} must be {kind}, got {v!r}")
+    d = {k: (int(v) if isinstance(getattr(FoldInConfig(), k), int) else v) for k, v in d.items()}
+    try:
+        return FoldInConfig(**d)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def manifest_block(run_dir: str | Path | None) -> dict:
+    """The manifest's ``fresh`` block of a bundle built from ``run_dir``: the run's own choice
+    (``RUN_DIR/fresh_config.json``, written by ``socialrec coldstart-eval``) when it has one,
+    else the defaults. A malformed choice file is an error naming it, not a silent default."""
+    p = Path(run_dir) / RUN_CHOICE if run_dir is not None else None
+    if p is None or not p.is_file():
+        return {"fold_in": asdict(FoldInConfig()), "source": DEFAULT_SOURCE}
+    try:
+        d = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or "fold_in" not in d:
+        raise ValueError(f"{p}: expected an object with a 'fold_in' field")
+    cfg = config_from_dict(d["fold_in"], f"{p}: fold_in")
+    return {"fold_in": asdict(cfg), "source": str(d.get("source") or p)}
+
+
+def bundle_config(manifest: dict) -> tuple[FoldInConfig, str]:
+    """(the fold-in settings a bundle carries, where they came from). A bundle exported
+    before bundles carried them: the defaults. A malformed block: ValueError."""
+    block = manifest.get("fresh")
+    if block is None:
+        return FoldInConfig(), "defaults (the bundle carries no fold-in choice)"
+    if not isinstance(block, dict):
+        raise ValueError(f"manifest.json: fresh must be an object, got {block!r}")
+    cfg = config_from_dict(block.get("fold_in"), "manifest.json: fresh.fold_in")
+    return cfg, str(block.get("source", ""))
 
 
 _PRIOR_FIELDS = (
