@@ -51,7 +51,7 @@ class ServerConfig:
     # Fresh items (docs/design.md "Fresh items: serving"): on when the bundle has a prior.
     fresh_items: bool = True
     fresh_poll_s: float = 0.25  # how often a worker polls the fresh-item registry's version
-    fresh: FoldInConfig = field(default_factory=FoldInConfig)  # the estimator's own defaults
+    fresh: FoldInConfig | None = None  # None: the settings the bundle carries (manifest fresh)
     # Set by the supervisor: where workers record the last bundle they loaded, so a worker
     # started while the pointer is bad serves that one instead of nothing.
     last_good_file: str | None = None

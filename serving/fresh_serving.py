@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from socialrec.serving.config import ServerConfig
 from socialrec.serving.engine import Engine, FreshIndex
-from socialrec.serving.fresh import fold_in
+from socialrec.serving.fresh import FoldInConfig, bundle_config, fold_in
 from socialrec.serving.observability import Metrics, RateLimitedLog
 from socialrec.serving.store import FeatureStore
 
@@ -56,9 +56,36 @@ class FreshItems:
         self._entry_ms: dict[str, int] | None = None  # every registry entry's time, last build
         self._fail_log = RateLimitedLog(log)
         self._poll_log = RateLimitedLog(log)
+        self._settings: tuple[str, FoldInConfig | None] | None = None  # (bundle version, ...)
+
+    def settings(self, engine: Engine) -> FoldInConfig | None:
+        """The fold-in settings for ``engine``'s bundle: ``--fresh-method``'s when given, else
+        the ones the bundle carries (manifest ``fresh``: its run's validation choice). None
+        when the bundle's block is malformed (fresh items off for it, one warning)."""
+        if self.cfg.fresh is not None:
+            return self.cfg.fresh
+        if self._settings is None or self._settings[0] != engine.version:
+            try:
+                got, source = bundle_config(engine.bundle.manifest)
+                log.info(
+                    "fresh-item fold-in settings", extra={"event": "fresh_settings",
+                    "bundle": engine.version, "settings": got.__dict__, "source": source},
+                )  # fmt: skip
+            except ValueError as e:
+                got = None
+                log.warning(
+                    "bundle's fold-in settings are malformed; fresh items are off for it",
+                    extra={"event": "fresh_off", "bundle": engine.version, "error": str(e)},
+                )
+            self._settings = (engine.version, got)
+        return self._settings[1]
 
     def enabled(self, engine: Engine) -> bool:
-        return self.cfg.fresh_items and engine.fresh_prior is not None
+        return (
+            self.cfg.fresh_items
+            and engine.fresh_prior is not None
+            and self.settings(engine) is not None
+        )
 
     def _failed(self, stage: str, error: BaseException, **extra: object) -> None:
         if self.metrics:
@@ -86,8 +113,8 @@ class FreshItems:
             return None
 
     async def _fold(self, engine: Engine, user: str, item: str, ts_ms: int, ack_ms: int) -> bool:
-        prior, fcfg = engine.fresh_prior, self.cfg.fresh
-        assert prior is not None
+        prior, fcfg = engine.fresh_prior, self.settings(engine)
+        assert prior is not None and fcfg is not None
         features = await self.store.aread(user)
         weight = next((w for i, w in features.history if i == item), None)
         if weight is None:  # dropped from the capped history already: the event still counts

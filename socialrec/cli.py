@@ -67,6 +67,8 @@ def _data_config(a: argparse.Namespace):
         interactions=absolute(a.interactions),
         friends=absolute(a.friends),
         item_names=absolute(a.item_names),
+        weight_kind=a.weight_kind,
+        duplicates=a.duplicates,
         synthetic_users=a.synthetic_users,
         synthetic_items=a.synthetic_items,
         synthetic_interactions=a.synthetic_interactions,
@@ -96,6 +98,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from socialrec.training.run import RunConfig, run
     from socialrec.training.split import SplitConfig
     from socialrec.training.train import TrainConfig
+    from socialrec.training.tune import TuneConfig
 
     tc = TrainConfig(
         epochs=a.epochs,
@@ -111,6 +114,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         split=SplitConfig(seed=a.seed),
         train=tc,
         baselines=BaselineConfig(ease_lambda=a.ease_lambda),
+        tune=TuneConfig(budget_min=a.tune_budget, trials=a.tune_trials),
         max_eval_users=a.max_eval_users,
         progress=not a.no_progress,
     )
@@ -241,7 +245,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         bundle_key=a.bundle_key,
         fresh_items=not a.no_fresh_items,
         fresh_poll_s=a.fresh_poll_s,
-        fresh=replace(FoldInConfig(), method=a.fresh_method),
+        fresh=None if a.fresh_method is None else replace(FoldInConfig(), method=a.fresh_method),
     )
     try:
         return serve(cfg)
@@ -381,7 +385,7 @@ def _no_progress(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from socialrec.training.data import DataConfig
+    from socialrec.training.data import DUPLICATE_RULES, WEIGHT_KINDS, DataConfig
     from socialrec.training.split import SplitConfig
 
     g = p.add_argument_group("data")
@@ -397,6 +401,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--friends", help="tsv: optional friends file (user, friend)")
     g.add_argument("--item-names", help="tsv: optional item names file (item, name)")
+    g.add_argument(
+        "--weight-kind",
+        choices=WEIGHT_KINDS,
+        default=default(DataConfig, "weight_kind"),
+        help="tsv: what the weight column is: counts (plays, clicks) or ratings (stars)",
+    )
+    g.add_argument(
+        "--duplicates",
+        choices=DUPLICATE_RULES,
+        default=default(DataConfig, "duplicates"),
+        help="tsv: how duplicate (user, item) rows merge (default: sum for counts, last for "
+        "ratings: the latest timestamp, else the later row)",
+    )
     g.add_argument(
         "--synthetic-users",
         type=int,
@@ -433,6 +450,7 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
     from socialrec.training.baselines import BaselineConfig
     from socialrec.training.run import RunConfig
     from socialrec.training.train import TrainConfig
+    from socialrec.training.tune import TuneConfig
 
     _add_data_args(t)
     t.add_argument("--out", help="run directory (default: runs/DATASET)")
@@ -471,7 +489,22 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         "--ease-lambda",
         type=float,
         default=default(BaselineConfig, "ease_lambda"),
-        help="L2 regularisation of the EASE baseline",
+        help="L2 regularisation of the EASE baseline (default: chosen on the validation split "
+        f"from {', '.join(f'{x:g}' for x in default(BaselineConfig, 'ease_lambdas'))})",
+    )
+    g.add_argument(
+        "--tune-budget",
+        type=float,
+        default=default(TuneConfig, "budget_min"),
+        metavar="MINUTES",
+        help="minutes of hyperparameter search (Optuna, on the validation split) before the "
+        "final teacher trains; 0: no search, the options as given",
+    )
+    g.add_argument(
+        "--tune-trials",
+        type=int,
+        default=default(TuneConfig, "trials"),
+        help="most trials of the hyperparameter search",
     )
     g.add_argument(
         "--max-eval-users",
@@ -652,7 +685,7 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         default=d("watch_interval_s"),
         help="seconds between checks of the bundle pointer",
     )
-    from socialrec.serving.fresh import METHODS, FoldInConfig
+    from socialrec.serving.fresh import METHODS
 
     v.add_argument(
         "--no-fresh-items",
@@ -669,8 +702,9 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
     v.add_argument(
         "--fresh-method",
         choices=METHODS,
-        default=FoldInConfig().method,
-        help="fold-in estimator of fresh items' vectors (socialrec.serving.fresh)",
+        default=None,
+        help="fold-in estimator of fresh items' vectors, at its default settings (default: the "
+        "settings the bundle carries: its run's `coldstart-eval` choice, else the defaults)",
     )
     v.set_defaults(fn=cmd_serve)
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from socialrec.serving.fresh import FoldInConfig, FoldInPrior, fold_in
+from socialrec.serving.fresh import RUN_CHOICE, FoldInConfig, FoldInPrior, fold_in
 from socialrec.training.dataset import Dataset
 from socialrec.training.features import Features
 from socialrec.training.metrics import Graph, recall_ndcg, topk
@@ -906,6 +906,7 @@ def run(cfg: ColdStartConfig) -> Path:
     }
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    write_choice(run_dir, chosen, out, tower_choice)
     if cfg.validation_only:
         rep = {"command": cfg.command, "validation_only": True, "validation": validation}
         out.write_text(json.dumps(_jsonable(rep), indent=2) + "\n")
@@ -978,6 +979,21 @@ def run(cfg: ColdStartConfig) -> Path:
         plot(rep, out.with_suffix(".png"))
     print(format_table(rep))
     return out
+
+
+def write_choice(run_dir: Path, chosen: FoldInConfig, report: Path, tower_input: str) -> Path:
+    """RUN_DIR/fresh_config.json: the validation choice, which every bundle exported or
+    compressed from the run afterwards carries in its manifest (serving.fresh.manifest_block).
+    Made on validation items only, so writing it before the test stage peeks at nothing."""
+    path = run_dir / RUN_CHOICE
+    doc = {
+        "fold_in": asdict(chosen),
+        "source": f"socialrec coldstart-eval validation choice ({report}, "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d')})",
+        "fresh_items_in_tower_input": tower_input,
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
 
 
 def _slim(res: dict) -> dict:

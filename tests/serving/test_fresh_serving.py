@@ -9,7 +9,7 @@ import asyncio
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -162,6 +162,55 @@ def test_below_min_interactions_not_served(fresh_server, small_bundle) -> None:
     assert fresh not in {r.id for r in _content(s.stub, "sim")}
     _fans(s, items, fresh, 1, "t2-last")
     _wait_for(lambda: fresh in {r.id for r in _content(s.stub, "sim")})
+
+
+def _with_fresh_block(bundle: Path, out: Path, block) -> Path:
+    """A re-manifested copy of ``bundle`` whose manifest carries ``block`` as its fold-in choice."""
+    copy = copy_bundle(bundle, out, "fresh-block")
+    m = json.loads((copy / MANIFEST).read_text())
+    drop = ("format_version", "created", "tower", "files")
+    write_manifest(copy, {**{k: v for k, v in m.items() if k not in drop}, "fresh": block})
+    return copy
+
+
+def test_server_uses_the_settings_the_bundle_carries(fresh_server, small_bundle, tmp_path):
+    """No --fresh-method: the bundle's manifest block decides (here: eligible from N users)."""
+    chosen = {**asdict(RANKABLE), "min_interactions": N_USERS}
+    b = _with_fresh_block(small_bundle, tmp_path / "b", {"fold_in": chosen, "source": "test"})
+    s = fresh_server(bundle=str(b), fresh=None)
+    assert s.service.fresh.settings(s.holder.engine) == FoldInConfig(**chosen)
+    items = _ids(small_bundle)
+    fresh = "bundle-settings-item"
+    _fans(s, items, fresh, N_USERS - 1, "t6")
+    _history(s, items, "sim", _taste(items))
+    time.sleep(0.3)
+    assert fresh not in _registry(s)  # the defaults (min 1) would have published it
+    _fans(s, items, fresh, 1, "t6-last")
+    _wait_for(lambda: fresh in {r.id for r in _content(s.stub, "sim")})
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"fold_in": {"method": "nope"}},
+        {"fold_in": {"min_interactions": 0}},
+        {"fold_in": {"lam": "100"}},
+        {"fold_in": {"unknown_setting": 1}},
+        {"fold_in": ["ridge"]},
+        "ridge",
+    ],
+)
+def test_malformed_bundle_settings_turn_fresh_items_off(
+    fresh_server, small_bundle, tmp_path, block
+):
+    b = _with_fresh_block(small_bundle, tmp_path / "b", block)
+    s = fresh_server(bundle=str(b), fresh=None)
+    assert s.service.fresh.settings(s.holder.engine) is None
+    items = _ids(small_bundle)
+    _history(s, items, "u1", _taste(items))
+    assert _log(s.stub, "u1", "some-new-item")  # the write is still acknowledged
+    assert _registry(s) == {}
+    assert all(r.reason != "fresh" for r in _content(s.stub, "u1"))
 
 
 def test_replay_and_repeat_do_not_count_a_user_twice(fresh_server, small_bundle) -> None:
