@@ -67,8 +67,6 @@ def _data_config(a: argparse.Namespace):
         interactions=absolute(a.interactions),
         friends=absolute(a.friends),
         item_names=absolute(a.item_names),
-        weight_kind=a.weight_kind,
-        duplicates=a.duplicates,
         synthetic_users=a.synthetic_users,
         synthetic_items=a.synthetic_items,
         synthetic_interactions=a.synthetic_interactions,
@@ -98,7 +96,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     from socialrec.training.run import RunConfig, run
     from socialrec.training.split import SplitConfig
     from socialrec.training.train import TrainConfig
-    from socialrec.training.tune import TuneConfig
 
     tc = TrainConfig(
         epochs=a.epochs,
@@ -114,7 +111,6 @@ def cmd_train(a: argparse.Namespace) -> int:
         split=SplitConfig(seed=a.seed),
         train=tc,
         baselines=BaselineConfig(ease_lambda=a.ease_lambda),
-        tune=TuneConfig(budget_min=a.tune_budget, trials=a.tune_trials),
         max_eval_users=a.max_eval_users,
         progress=not a.no_progress,
     )
@@ -385,7 +381,7 @@ def _no_progress(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from socialrec.training.data import DUPLICATE_RULES, WEIGHT_KINDS, DataConfig
+    from socialrec.training.data import DataConfig
     from socialrec.training.split import SplitConfig
 
     g = p.add_argument_group("data")
@@ -401,19 +397,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--friends", help="tsv: optional friends file (user, friend)")
     g.add_argument("--item-names", help="tsv: optional item names file (item, name)")
-    g.add_argument(
-        "--weight-kind",
-        choices=WEIGHT_KINDS,
-        default=default(DataConfig, "weight_kind"),
-        help="tsv: what the weight column is: counts (plays, clicks) or ratings (stars)",
-    )
-    g.add_argument(
-        "--duplicates",
-        choices=DUPLICATE_RULES,
-        default=default(DataConfig, "duplicates"),
-        help="tsv: how duplicate (user, item) rows merge (default: sum for counts, last for "
-        "ratings: the latest timestamp, else the later row)",
-    )
     g.add_argument(
         "--synthetic-users",
         type=int,
@@ -450,7 +433,6 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
     from socialrec.training.baselines import BaselineConfig
     from socialrec.training.run import RunConfig
     from socialrec.training.train import TrainConfig
-    from socialrec.training.tune import TuneConfig
 
     _add_data_args(t)
     t.add_argument("--out", help="run directory (default: runs/DATASET)")
@@ -489,22 +471,7 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         "--ease-lambda",
         type=float,
         default=default(BaselineConfig, "ease_lambda"),
-        help="L2 regularisation of the EASE baseline (default: chosen on the validation split "
-        f"from {', '.join(f'{x:g}' for x in default(BaselineConfig, 'ease_lambdas'))})",
-    )
-    g.add_argument(
-        "--tune-budget",
-        type=float,
-        default=default(TuneConfig, "budget_min"),
-        metavar="MINUTES",
-        help="minutes of hyperparameter search (Optuna, on the validation split) before the "
-        "final teacher trains; 0: no search, the options as given",
-    )
-    g.add_argument(
-        "--tune-trials",
-        type=int,
-        default=default(TuneConfig, "trials"),
-        help="most trials of the hyperparameter search",
+        help="L2 regularisation of the EASE baseline",
     )
     g.add_argument(
         "--max-eval-users",
