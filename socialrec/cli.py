@@ -67,8 +67,6 @@ def _data_config(a: argparse.Namespace):
         interactions=absolute(a.interactions),
         friends=absolute(a.friends),
         item_names=absolute(a.item_names),
-        weight_kind=a.weight_kind,
-        duplicates=a.duplicates,
         synthetic_users=a.synthetic_users,
         synthetic_items=a.synthetic_items,
         synthetic_interactions=a.synthetic_interactions,
@@ -98,7 +96,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     from socialrec.training.run import RunConfig, run
     from socialrec.training.split import SplitConfig
     from socialrec.training.train import TrainConfig
-    from socialrec.training.tune import TuneConfig
 
     tc = TrainConfig(
         epochs=a.epochs,
@@ -114,7 +111,6 @@ def cmd_train(a: argparse.Namespace) -> int:
         split=SplitConfig(seed=a.seed),
         train=tc,
         baselines=BaselineConfig(ease_lambda=a.ease_lambda),
-        tune=TuneConfig(budget_min=a.tune_budget, trials=a.tune_trials),
         max_eval_users=a.max_eval_users,
         progress=not a.no_progress,
     )
@@ -242,8 +238,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
         watch_interval_s=a.watch_interval,
         redis_client=a.redis_client,
         result_cache_mb=a.result_cache_mb,
-        batch_max=a.batch_max,
-        batch_wait_us=a.batch_wait_us,
         bundle_key=a.bundle_key,
         fresh_items=not a.no_fresh_items,
         fresh_poll_s=a.fresh_poll_s,
@@ -387,7 +381,7 @@ def _no_progress(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from socialrec.training.data import DUPLICATE_RULES, WEIGHT_KINDS, DataConfig
+    from socialrec.training.data import DataConfig
     from socialrec.training.split import SplitConfig
 
     g = p.add_argument_group("data")
@@ -403,19 +397,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--friends", help="tsv: optional friends file (user, friend)")
     g.add_argument("--item-names", help="tsv: optional item names file (item, name)")
-    g.add_argument(
-        "--weight-kind",
-        choices=WEIGHT_KINDS,
-        default=default(DataConfig, "weight_kind"),
-        help="tsv: what the weight column is: counts (plays, clicks) or ratings (stars)",
-    )
-    g.add_argument(
-        "--duplicates",
-        choices=DUPLICATE_RULES,
-        default=default(DataConfig, "duplicates"),
-        help="tsv: how duplicate (user, item) rows merge (default: sum for counts, last for "
-        "ratings: the latest timestamp, else the later row)",
-    )
     g.add_argument(
         "--synthetic-users",
         type=int,
@@ -452,7 +433,6 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
     from socialrec.training.baselines import BaselineConfig
     from socialrec.training.run import RunConfig
     from socialrec.training.train import TrainConfig
-    from socialrec.training.tune import TuneConfig
 
     _add_data_args(t)
     t.add_argument("--out", help="run directory (default: runs/DATASET)")
@@ -491,22 +471,7 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         "--ease-lambda",
         type=float,
         default=default(BaselineConfig, "ease_lambda"),
-        help="L2 regularisation of the EASE baseline (default: chosen on the validation split "
-        f"from {', '.join(f'{x:g}' for x in default(BaselineConfig, 'ease_lambdas'))})",
-    )
-    g.add_argument(
-        "--tune-budget",
-        type=float,
-        default=default(TuneConfig, "budget_min"),
-        metavar="MINUTES",
-        help="minutes of hyperparameter search (Optuna, on the validation split) before the "
-        "final teacher trains; 0: no search, the options as given",
-    )
-    g.add_argument(
-        "--tune-trials",
-        type=int,
-        default=default(TuneConfig, "trials"),
-        help="most trials of the hyperparameter search",
+        help="L2 regularisation of the EASE baseline",
     )
     g.add_argument(
         "--max-eval-users",
@@ -710,36 +675,6 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         default=d("result_cache_mb"),
         help="exact result cache per worker, in MiB (0: off); an answer is reused only when "
         "the features just read equal the ones it was computed from",
-    )
-    from socialrec.serving.engine import MAX_BATCH
-
-    def batch_size(text: str) -> int:
-        n = int(text)
-        if not 1 <= n <= MAX_BATCH:
-            raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_BATCH}, got {n}")
-        return n
-
-    def wait_us(text: str) -> int:
-        n = int(text)
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-        return n
-
-    v.add_argument(
-        "--batch-max",
-        type=batch_size,
-        default=d("batch_max"),
-        metavar="N",
-        help="dynamic batching: most reads per engine batch (one tower run, one search per "
-        "index) in a worker, 1 to 16 (1: off); a read with nothing to wait for runs at once",
-    )
-    v.add_argument(
-        "--batch-wait-us",
-        type=wait_us,
-        default=d("batch_wait_us"),
-        metavar="U",
-        help="dynamic batching: longest a queued read waits for reads still fetching their "
-        "features (0: only for those already fetched)",
     )
     v.add_argument(
         "--bundle-key",
