@@ -439,7 +439,7 @@ class DeviceConfig:
     seed: int = 0
 
 
-def _queries(feeds: Sequence[dict[str, np.ndarray]], seen: Sequence[np.ndarray], path: Path):
+def save_queries(feeds: Sequence[dict[str, np.ndarray]], seen: Sequence[np.ndarray], path: Path):
     """Batch-1 tower inputs and seen items of the timed queries, as one npz."""
     arrays = {}
     for i, (f, s) in enumerate(zip(feeds, seen, strict=True)):
@@ -449,11 +449,13 @@ def _queries(feeds: Sequence[dict[str, np.ndarray]], seen: Sequence[np.ndarray],
     np.savez(path, n=np.array(len(feeds)), **arrays)
 
 
-def time_queries(device_dir: str | Path, queries: str | Path, k: int = K) -> dict[str, float]:
+def time_queries(
+    device_dir: str | Path, queries: str | Path, k: int = K, resident: str = "codes"
+) -> dict[str, float]:
     """Median / p90 microseconds per query (tower + score every item + drop seen + top-k),
     one query at a time, after 10 warm-up queries. Run it single-threaded
     (:func:`time_single_threaded`)."""
-    rec = DeviceRecommender(device_dir)
+    rec = DeviceRecommender(device_dir, resident)
     with np.load(queries, allow_pickle=False) as z:
         n = int(z["n"])
         qs = [({name: z[f"{i}_{name}"] for name in TOWER_INPUTS}, z[f"{i}_seen"]) for i in range(n)]
@@ -593,7 +595,7 @@ def run(cfg: DeviceConfig) -> Path:
         feeds.append(dict(zip(TOWER_INPUTS, x, strict=True)))
         seen.append(split.train_item[split.train_user == user].astype(np.int64))
     with tempfile.TemporaryDirectory() as tmp:
-        _queries(feeds, seen, Path(tmp) / "q.npz")
+        save_queries(feeds, seen, Path(tmp) / "q.npz")
         t = time_single_threaded(out, Path(tmp) / "q.npz")
     report["us_per_query"] = t["median"]
     report["us_per_query_p90"] = t["p90"]
