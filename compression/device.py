@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import subprocess
@@ -253,7 +254,16 @@ def to_ort(onnx_file: Path, out_dir: Path) -> tuple[Path, Path]:
         convert_onnx_models_to_ort,
     )
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    # The converter prints its progress and logs the temporary config path at INFO: muted.
+    quiet = logging.getLogger("ort_format_model.utils")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.ExitStack() as restore,
+    ):
+        restore.callback(quiet.setLevel, level)
         src = Path(tmp) / "user_tower.onnx"
         src.write_bytes(onnx_file.read_bytes())
         convert_onnx_models_to_ort(
