@@ -48,6 +48,10 @@ class ServerConfig:
     # Exact result cache (socialrec.serving.cache): MiB it may hold per worker; 0 turns it off.
     result_cache_mb: int = 64
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Dynamic batching (docs/design.md "Dynamic batching"): most requests per engine batch
+    # (1: off) and how long a queued request may wait for others still reading features.
+    batch_max: int = 8
+    batch_wait_us: int = 0
     # Fresh items (docs/design.md "Fresh items: serving"): on when the bundle has a prior.
     fresh_items: bool = True
     fresh_poll_s: float = 0.25  # how often a worker polls the fresh-item registry's version

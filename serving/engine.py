@@ -1,9 +1,12 @@
 """Retrieval core of the server: a verified bundle in, ranked items and friends out.
 
-The engine runs the ONNX user tower once per request (batch 1) over what the online store
-holds now (history, friends), searches the FAISS inner-product indexes, filters what the
-user must not see again (seen items; self and existing friends) and blends friend-of-friend
-counts into the friend score. It has no I/O after ``load`` and no torch: the gRPC servicer
+The engine runs the ONNX user tower over what the online store holds now (history, friends),
+searches the FAISS inner-product indexes, filters what the user must not see again (seen
+items; self and existing friends) and blends friend-of-friend counts into the friend score.
+``recommend_batch`` answers several requests with one tower run and one search per index
+(the worker's dynamic batching, :mod:`socialrec.serving.batcher`); every answer is the one
+the request gets alone (tower inputs padded to a multiple of ``PAD``, each row reading only
+its own prefix of the search). It has no I/O after ``load`` and no torch: the gRPC servicer
 injects the store's features and turns a :class:`Result` into a reply.
 
 Read-only after ``load``, so one engine serves many threads. ONNX Runtime and FAISS are
@@ -184,6 +187,71 @@ class EngineConfig:
     decoded_users_max_bytes: int = 256 << 20
 
 
+# Tower input rows are zero-padded to a multiple of PAD (one AVX-512 vector of float32), alone
+# or in a batch: ONNX Runtime's reductions then see the same vector lanes whatever the batch,
+# so a request's vector does not depend on what it is batched with (unpadded lengths differ
+# by ~1e-7; measured and tested).
+PAD = 16
+# Most requests one recommend_batch call takes. Below faiss's distance_compute_blas_threshold
+# (20): a flat search of fewer queries scores each query alone (no BLAS), so each row's scores
+# are bit-identical to a search of one.
+MAX_BATCH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ContentQuery:
+    """One content request, as ``Engine.recommend_batch`` takes it (see recommend_content)."""
+
+    history: Sequence[tuple[str, float]]
+    friends: Sequence[str]
+    k: int
+    exclude: Collection[str] = ()
+    fresh: FreshIndex | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FriendQuery:
+    """One friend request, as ``Engine.recommend_batch`` takes it (see recommend_friends)."""
+
+    user_id: str
+    history: Sequence[tuple[str, float]]
+    friends: Sequence[str]
+    fof: Mapping[str, int]
+    k: int
+    exclude: Collection[str] = ()
+
+
+Query = ContentQuery | FriendQuery
+
+
+@dataclass(slots=True)
+class _Row:
+    """One request's tower inputs and filters between the stages of ``recommend_batch``."""
+
+    query: Query | None
+    hist: list[int]  # known history rows, summed weights in hist_w
+    hist_w: list[float]
+    friends: list[int]  # known friend rows
+    unknown: int
+    banned: set[int]  # rows the answer must leave out
+    kk: int  # first search depth
+    cand_fof: dict[int, int] = field(default_factory=dict)  # friends: candidate -> mutual
+    at: int = 0  # position in the batch
+
+
+def _padded(n: int) -> int:
+    return max(PAD, -(-n // PAD) * PAD)
+
+
+def exhaustive(index: faiss.Index) -> bool:
+    """Whether a search scores every stored vector (flat, scalar-quantised; also behind a
+    pre-transform): its first n results are then a search n deep's, whatever the depth."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        idx = faiss.downcast_index(idx.index)
+    return isinstance(idx, faiss.IndexFlat | faiss.IndexScalarQuantizer)
+
+
 _tls = threading.local()
 
 
@@ -271,6 +339,8 @@ class Engine:
         if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
             self.user_vectors = users.reconstruct_n(0, users.ntotal)
         self.fresh_prior = self._fresh_prior()
+        self._items_exhaustive = exhaustive(items)
+        self._users_exhaustive = exhaustive(users)
 
     def _fresh_prior(self) -> FoldInPrior | None:
         """The bundle's fold-in prior when its manifest lists one (checksummed and signed with
@@ -353,15 +423,15 @@ class Engine:
 
     def _features(
         self, history: Sequence[tuple[str, float]], friends: Sequence[str]
-    ) -> tuple[dict[str, np.ndarray], int, int, int, set[int]]:
-        """Tower feeds from external ids: (feeds, known history, known friends, unknown, seen).
+    ) -> tuple[list[int], list[float], list[int], int, set[int]]:
+        """Tower inputs from external ids: (history rows, their weights, friend rows, unknown,
+        seen).
 
         History is cut to its first ``max_history`` entries, then unknown ids and entries
         without a positive finite weight are skipped; a repeated item sums its weights (the
         training data has one row per (user, item) with summed weight). Friends likewise
-        (cut, unknown skipped, deduplicated). Empty lists become one padding entry. ``seen``
-        is every known item of the whole history (what content results must leave out),
-        collected in the same pass.
+        (cut, unknown skipped, deduplicated). ``seen`` is every known item of the whole
+        history (what content results must leave out), collected in the same pass.
         """
         cfg = self.config
         items = self.item_index
@@ -385,29 +455,105 @@ class Engine:
                 unknown += 1
             else:
                 fr[j] = None
-        n_h, n_f = len(acc), len(fr)
-        feeds = {
-            "hist_ids": np.array([list(acc) or [0]], dtype=np.int64),  # (1, L)
-            "hist_w": np.array([list(acc.values()) or [0.0]], dtype=np.float32),  # (1, L)
-            "friend_ids": np.array([list(fr) or [0]], dtype=np.int64),  # (1, F)
-            "friend_w": np.full((1, max(n_f, 1)), 1.0 if n_f else 0.0, dtype=np.float32),  # (1, F)
-        }
-        return feeds, n_h, n_f, unknown, seen
+        return list(acc), list(acc.values()), list(fr), unknown, seen
 
-    def _tower(self, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
-        (u,) = self.session.run([output], feeds)
-        return np.ascontiguousarray(u, dtype=np.float32)  # (1, D + 1)
+    def _tower(self, rows: Sequence[_Row], outputs: list[str]) -> list[np.ndarray]:
+        """One tower run over ``rows``: each requested output as a (B, D + 1) float32 array.
+
+        Every row is zero-padded (id 0, weight 0: no contribution) to the batch's longest
+        history and friend list, rounded up to a multiple of ``PAD``; a lone request is padded
+        the same way, so its vector is bit-identical in any batch (the kernels' vector lanes
+        see the same values whatever the batch; tested).
+        """
+        B = len(rows)
+        L = _padded(max(len(r.hist) for r in rows))
+        F = _padded(max(len(r.friends) for r in rows))
+        hist_ids = np.zeros((B, L), np.int64)
+        hist_w = np.zeros((B, L), np.float32)
+        friend_ids = np.zeros((B, F), np.int64)
+        friend_w = np.zeros((B, F), np.float32)
+        for b, r in enumerate(rows):
+            if n := len(r.hist):
+                hist_ids[b, :n] = r.hist
+                hist_w[b, :n] = r.hist_w
+            if n := len(r.friends):
+                friend_ids[b, :n] = r.friends
+                friend_w[b, :n] = 1.0
+        feeds = {"hist_ids": hist_ids, "hist_w": hist_w, "friend_ids": friend_ids,
+                 "friend_w": friend_w}  # fmt: skip
+        return [np.ascontiguousarray(u, np.float32) for u in self.session.run(outputs, feeds)]
 
     def content_vector(
         self, history: Sequence[tuple[str, float]], friends: Sequence[str]
     ) -> np.ndarray | None:
         """The user's (D + 1,) content query vector, as ``recommend_content`` computes it, or
         None when the bundle knows none of the user's history and friends (no tower run)."""
-        feeds, n_h, n_f, _, _ = self._features(history, friends)
-        if n_h == 0 and n_f == 0:
+        hist, hist_w, fr, unknown, seen = self._features(history, friends)
+        if not hist and not fr:
             return None
         _pin_thread()
-        return self._tower(feeds, "content_vector")[0]
+        row = _Row(None, hist, hist_w, fr, unknown, seen, 0)
+        return self._tower([row], ["content_vector"])[0][0]
+
+    # ---- batches -----------------------------------------------------------------------
+
+    def recommend_batch(self, queries: Sequence[Query]) -> list[Result]:
+        """The answers to up to ``MAX_BATCH`` requests, in order, each exactly the one its
+        request gets alone (``recommend_content`` and ``recommend_friends`` are this with one
+        query).
+
+        Requests that need the tower go through one ``session.run`` (content and friend rows
+        together, each output asked for once), content rows through one items search, friend
+        rows through one users search, fresh-item rows through one side-index search. On an
+        exhaustive index (flat, SQ) the search runs as deep as the deepest row needs and each
+        row reads only its own prefix, which is its own search's answer; an approximate
+        index's results depend on the depth, so it runs one search per distinct depth. A row
+        that needs to search deeper (too much filtered) does so alone, as it would alone.
+        Stage timings of each answer are its batch's tower and search times and its own rank
+        time.
+        """
+        if len(queries) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} queries per batch, got {len(queries)}")
+        t0 = time.perf_counter()
+        out: list[Result | None] = [None] * len(queries)
+        content: list[_Row] = []
+        friends: list[_Row] = []
+        for at, q in enumerate(queries):
+            r = self._content_row(q) if isinstance(q, ContentQuery) else self._friend_row(q)
+            if isinstance(r, Result):
+                out[at] = r
+            else:
+                r.at = at
+                (content if isinstance(q, ContentQuery) else friends).append(r)
+        if content or friends:
+            _pin_thread()
+            outputs = (["content_vector"] if content else []) + (
+                ["friend_vector"] if friends else []
+            )
+            vecs = self._tower(content + friends, outputs)  # (B, D + 1) each
+            t_tower = time.perf_counter() - t0
+            if content:
+                self._content_rows(content, vecs[0][: len(content)], t_tower, out)
+            if friends:
+                self._friend_rows(friends, vecs[-1][len(content) :], t_tower, out)
+        return out  # type: ignore[return-value]  (every slot is filled)
+
+    def _search(
+        self, index: faiss.Index, exhaustive: bool, U: np.ndarray, depths: list[int]
+    ) -> list[tuple[list[int], list[float]]]:
+        """(ids, scores) of each row of U (B, D + 1), at least ``depths[b]`` deep."""
+        if exhaustive or len(set(depths)) == 1:
+            D, I = index.search(U, max(depths))  # noqa: E741  (B, kk) each
+            return list(zip(I.tolist(), D.tolist(), strict=True))
+        res: list = [None] * len(depths)
+        groups: dict[int, list[int]] = {}
+        for b, d in enumerate(depths):
+            groups.setdefault(d, []).append(b)
+        for d, bs in groups.items():
+            D, I = index.search(np.ascontiguousarray(U[bs]), d)  # noqa: E741
+            for row, b in enumerate(bs):
+                res[b] = (I[row].tolist(), D[row].tolist())
+        return res
 
     # ---- content -----------------------------------------------------------------------
 
@@ -426,69 +572,100 @@ class Engine:
         With a ``fresh`` side index, its items compete by the same score (the same query,
         the same inner product) under the same filters, by id: never an item of the
         history or ``exclude``, nor one this bundle knows (a retrain took it over)."""
-        t0 = time.perf_counter()
-        feeds, n_h, n_f, unknown, seen = self._features(history, friends)
+        return self.recommend_batch([ContentQuery(history, friends, k, exclude, fresh)])[0]
+
+    def _content_row(self, q: ContentQuery) -> _Row | Result:
+        """A content request's tower inputs and filters, or its cold-start answer."""
+        hist, hist_w, fr, unknown, seen = self._features(q.history, q.friends)
         items = self.item_index
-        banned = seen.union(j for item in exclude if (j := items.get(item)) is not None)
-        if n_h == 0 and n_f == 0:
-            res = self.popular_content(k, exclude=[item for item, _ in history], banned=banned)
+        banned = seen.union(j for item in q.exclude if (j := items.get(item)) is not None)
+        if not hist and not fr:
+            history = [item for item, _ in q.history]
+            res = self.popular_content(q.k, exclude=history, banned=banned)
             res.unknown = unknown
             return res
-        _pin_thread()
-        u = self._tower(feeds, "content_vector")  # (1, D + 1)
-        t1 = time.perf_counter()
-        n = self.items.ntotal
-        kk = min(n, k + len(banned) + self.config.overfetch)
-        t_search = 0.0
-        while True:
-            s0 = time.perf_counter()
-            D, I = self.items.search(u, kk)  # noqa: E741  (1, kk) each; STYLE names D, I
-            t_search += time.perf_counter() - s0
-            ids, scores = I[0].tolist(), D[0].tolist()
-            top = [(j, s) for j, s in zip(ids, scores, strict=True) if j >= 0 and j not in banned]
-            if len(top) >= k or kk >= n:
-                break
-            kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
-        reason = REASON_TASTE if n_h else REASON_FRIENDS_LIKE
-        names = self.item_ids
-        out = [Scored(names[j], s, reason) for j, s in top[:k]]
-        if fresh is not None and len(fresh) and fresh.index.d == u.shape[1]:
-            s0 = time.perf_counter()
-            out = self._merge_fresh(u, out, history, exclude, fresh, k)
-            t_search += time.perf_counter() - s0
-        t2 = time.perf_counter()
-        return Result(
-            out, False, _timings(t1 - t0, t_search, t2 - t1 - t_search), unknown, query=u,
-            fresh_seq=fresh.seq if fresh is not None else None,
-        )  # fmt: skip
+        kk = min(self.items.ntotal, q.k + len(banned) + self.config.overfetch)
+        return _Row(q, hist, hist_w, fr, unknown, banned, kk)
 
-    def _merge_fresh(
-        self,
-        u: np.ndarray,
-        out: list[Scored],
-        history: Sequence[tuple[str, float]],
-        exclude: Collection[str],
-        fresh: FreshIndex,
-        k: int,
-    ) -> list[Scored]:
-        """``out`` merged by score with the side index's best admissible items (exact search:
-        a flat index over few rows, so one search of k + filtered + overfetch suffices)."""
-        banned = {item for item, _ in history}
-        banned.update(exclude)
-        n = fresh.index.ntotal
-        kk = min(n, k + len(banned) + self.config.overfetch)
-        D, I = fresh.index.search(u, kk)  # noqa: E741
-        ids, known = fresh.ids, self.item_index
-        extra = []
-        for j, s in zip(I[0].tolist(), D[0].tolist(), strict=True):
-            if j < 0:
-                continue
-            item = ids[j]
-            if item in banned or item in known:
-                continue
-            extra.append(Scored(item, s, REASON_FRESH))
-            if len(extra) == k:
-                break
+    def _content_rows(
+        self, rows: list[_Row], U: np.ndarray, t_tower: float, out: list[Result | None]
+    ) -> None:
+        s0 = time.perf_counter()
+        U = np.ascontiguousarray(U)
+        hits = self._search(self.items, self._items_exhaustive, U, [r.kk for r in rows])
+        merged = self._fresh_rows(rows, U)
+        t_batch = time.perf_counter() - s0
+        n = self.items.ntotal
+        names = self.item_ids
+        for b, r in enumerate(rows):
+            r0 = time.perf_counter()
+            q, k, kk = r.query, r.query.k, r.kk
+            ids, scores = hits[b]
+            t_alone = 0.0
+            while True:
+                if kk > len(ids):
+                    s1 = time.perf_counter()
+                    D, I = self.items.search(U[b : b + 1], kk)  # noqa: E741  (1, kk)
+                    ids, scores = I[0].tolist(), D[0].tolist()
+                    t_alone += time.perf_counter() - s1
+                top = [(j, s) for j, s in zip(ids[:kk], scores[:kk], strict=True)
+                       if j >= 0 and j not in r.banned]  # fmt: skip
+                if len(top) >= k or kk >= n:
+                    break
+                kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
+            reason = REASON_TASTE if r.hist else REASON_FRIENDS_LIKE
+            items = [Scored(names[j], s, reason) for j, s in top[:k]]
+            if merged[b] is not None:
+                items = self._merge_fresh(items, merged[b], k)
+            fresh = q.fresh
+            rank = time.perf_counter() - r0 - t_alone
+            out[r.at] = Result(
+                items, False, _timings(t_tower, t_batch + t_alone, rank), r.unknown,
+                query=U[b : b + 1].copy(), fresh_seq=fresh.seq if fresh is not None else None,
+            )  # fmt: skip
+
+    def _fresh_rows(self, rows: list[_Row], U: np.ndarray) -> list[list[Scored] | None]:
+        """Each row's admissible side-index items, best first (None: no side index to search):
+        exact searches (flat indexes over few rows), one per side index in the batch, each row
+        reading its own k + filtered + overfetch first results. Admissible: not in the row's
+        history nor its ``exclude``, nor an item this bundle knows (a retrain took it over)."""
+        res: list[list[Scored] | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for b, r in enumerate(rows):
+            fresh = r.query.fresh
+            if fresh is not None and len(fresh) and fresh.index.d == U.shape[1]:
+                groups.setdefault(id(fresh), []).append(b)
+        overfetch, known = self.config.overfetch, self.item_index
+        for bs in groups.values():
+            fresh = rows[bs[0]].query.fresh
+            n = fresh.index.ntotal
+            banned, depth = [], []
+            for b in bs:
+                q = rows[b].query
+                ban = {item for item, _ in q.history}
+                ban.update(q.exclude)
+                banned.append(ban)
+                depth.append(min(n, q.k + len(ban) + overfetch))
+            D, I = fresh.index.search(np.ascontiguousarray(U[bs]), max(depth))  # noqa: E741
+            ids = fresh.ids
+            for row, b in enumerate(bs):
+                k, ban, kk = rows[b].query.k, banned[row], depth[row]
+                extra = []
+                for j, s in zip(I[row, :kk].tolist(), D[row, :kk].tolist(), strict=True):
+                    if j < 0:
+                        continue
+                    item = ids[j]
+                    if item in ban or item in known:
+                        continue
+                    extra.append(Scored(item, s, REASON_FRESH))
+                    if len(extra) == k:
+                        break
+                res[b] = extra
+        return res
+
+    @staticmethod
+    def _merge_fresh(out: list[Scored], extra: list[Scored], k: int) -> list[Scored]:
+        """``out`` merged by score with the side index's best admissible items."""
         if not extra:
             return out
         return sorted(out + extra, key=lambda r: -r.score)[:k]
@@ -529,58 +706,79 @@ class Engine:
         flat/HNSW-flat, the same decoded vector the search scores
         for SQ/refined indexes, and fof-only candidates are scored like ANN ones.
         """
-        t0 = time.perf_counter()
+        query = FriendQuery(user_id, history, friends, fof, k, exclude)
+        return self.recommend_batch([query])[0]
+
+    def _friend_row(self, q: FriendQuery) -> _Row | Result:
+        """A friend request's tower inputs, filters and friends-of-friends, or its cold-start
+        answer."""
         users = self.user_index
-        feeds, n_h, n_f, unknown, _ = self._features(history, friends)
-        banned = {j for u in friends if (j := users.get(u)) is not None}
-        banned.update(j for u in exclude if (j := users.get(u)) is not None)
-        me = users.get(user_id)
+        hist, hist_w, fr, unknown, _ = self._features(q.history, q.friends)
+        banned = {j for u in q.friends if (j := users.get(u)) is not None}
+        banned.update(j for u in q.exclude if (j := users.get(u)) is not None)
+        me = users.get(q.user_id)
         if me is not None:
             banned.add(me)
         cand_fof: dict[int, int] = {}
-        for u, m in fof.items():
+        for u, m in q.fof.items():
             j = users.get(u)
             if j is None:
                 unknown += 1
             elif j not in banned:
                 cand_fof[j] = max(int(m), 0)
-        if n_h == 0 and n_f == 0 and not cand_fof:
-            res = self.popular_friends(user_id, k, exclude=[*friends, *exclude])
+        if not hist and not fr and not cand_fof:
+            res = self.popular_friends(q.user_id, q.k, exclude=[*q.friends, *q.exclude])
             res.unknown = unknown
             return res
         if len(cand_fof) > self.config.max_fof:
             keep = sorted(cand_fof.items(), key=lambda p: -p[1])[: self.config.max_fof]
             cand_fof = dict(keep)
-        _pin_thread()
-        u = self._tower(feeds, "friend_vector")  # (1, D + 1)
-        t1 = time.perf_counter()
+        kk = min(self.users.ntotal, q.k + len(banned) + self.config.overfetch)
+        return _Row(q, hist, hist_w, fr, unknown, banned, kk, cand_fof)
+
+    def _friend_rows(
+        self, rows: list[_Row], U: np.ndarray, t_tower: float, out: list[Result | None]
+    ) -> None:
+        s0 = time.perf_counter()
+        U = np.ascontiguousarray(U)
+        hits = self._search(self.users, self._users_exhaustive, U, [r.kk for r in rows])
+        t_batch = time.perf_counter() - s0
         n = self.users.ntotal
-        kk = min(n, k + len(banned) + self.config.overfetch)
-        while True:
-            _, I = self.users.search(u, kk)  # noqa: E741  (1, kk)
-            cand = dict.fromkeys(j for j in I[0].tolist() if j >= 0 and j not in banned)
-            cand.update(dict.fromkeys(cand_fof))
-            if len(cand) >= k or kk >= n:
-                break
-            kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
-        t2 = time.perf_counter()
-        idx = np.fromiter(cand, dtype=np.int64, count=len(cand))  # (C,)
-        mutual = np.fromiter((cand_fof.get(j, 0) for j in cand), dtype=np.float32, count=len(cand))
-        if self.user_vectors is not None:
-            vecs = self.user_vectors[idx]  # (C, D + 1)
-        else:
-            vecs = self.users.reconstruct_batch(idx)  # (C, D + 1)
-        score = vecs @ u[0] + self.config.fof_weight * np.log1p(mutual)  # (C,)
-        order = np.argsort(-score, kind="stable")[:k]
         names = self.user_ids
-        out = []
-        for c, s, m in zip(
-            idx[order].tolist(), score[order].tolist(), mutual[order].tolist(), strict=True
-        ):
-            m = int(m)
-            out.append(Scored(names[c], s, REASON_MUTUAL if m > 0 else REASON_TASTE, m))
-        t3 = time.perf_counter()
-        return Result(out, False, _timings(t1 - t0, t2 - t1, t3 - t2), unknown)
+        for b, r in enumerate(rows):
+            r0 = time.perf_counter()
+            k, kk, banned, cand_fof = r.query.k, r.kk, r.banned, r.cand_fof
+            ids = hits[b][0]
+            t_alone = 0.0
+            while True:
+                if kk > len(ids):
+                    s1 = time.perf_counter()
+                    _, I = self.users.search(U[b : b + 1], kk)  # noqa: E741  (1, kk)
+                    ids = I[0].tolist()
+                    t_alone += time.perf_counter() - s1
+                cand = dict.fromkeys(j for j in ids[:kk] if j >= 0 and j not in banned)
+                cand.update(dict.fromkeys(cand_fof))
+                if len(cand) >= k or kk >= n:
+                    break
+                kk = min(n, 2 * kk)  # an approximate index came back short: ask for more
+            idx = np.fromiter(cand, dtype=np.int64, count=len(cand))  # (C,)
+            mutual = np.fromiter(
+                (cand_fof.get(j, 0) for j in cand), dtype=np.float32, count=len(cand)
+            )  # (C,)
+            if self.user_vectors is not None:
+                vecs = self.user_vectors[idx]  # (C, D + 1)
+            else:
+                vecs = self.users.reconstruct_batch(idx)  # (C, D + 1)
+            score = vecs @ U[b] + self.config.fof_weight * np.log1p(mutual)  # (C,)
+            order = np.argsort(-score, kind="stable")[:k]
+            items = []
+            for c, s, m in zip(
+                idx[order].tolist(), score[order].tolist(), mutual[order].tolist(), strict=True
+            ):
+                m = int(m)
+                items.append(Scored(names[c], s, REASON_MUTUAL if m > 0 else REASON_TASTE, m))
+            rank = time.perf_counter() - r0 - t_alone
+            out[r.at] = Result(items, False, _timings(t_tower, t_batch + t_alone, rank), r.unknown)
 
     def popular_friends(self, user_id: str, k: int, exclude: Collection[str] = ()) -> Result:
         """Best-connected users at training time, minus self and ``exclude``; rank-based scores."""
@@ -610,6 +808,12 @@ class Engine:
                 self.recommend_friends(users[0], hist, fr[1:], {users[-1]: 2}, 10)
             self.popular_content(10)
             self.popular_friends(users[0], 10)
+            hist = [(item, 1.0) for item in items[:8]]
+            batch = [
+                ContentQuery(hist, users[:2], 10),
+                FriendQuery(users[0], hist, users[1:3], {}, 10),
+            ]
+            self.recommend_batch(batch * (MAX_BATCH // 2))
 
 
 def _popular(pop: np.ndarray, names: list[str], skip: set[int], k: int) -> list[Scored]:

@@ -28,6 +28,11 @@ class Metrics:
             ["method", "stage"],
             buckets=BUCKETS,
         )
+        self.batch_size = Histogram(
+            "socialrec_batch_size",
+            "Requests per engine batch (dynamic batching; 1: a request ran alone)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+        )
         self.requests = Counter(
             "socialrec_requests_total", "RPCs by final status", ["method", "code"]
         )

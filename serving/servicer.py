@@ -18,9 +18,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from socialrec.serving.batcher import Batcher
 from socialrec.serving.cache import ResultCache
 from socialrec.serving.config import ServerConfig, load_admin_token, load_token
-from socialrec.serving.engine import Engine, FreshIndex, Result, still_exact
+from socialrec.serving.engine import (
+    ContentQuery,
+    Engine,
+    FreshIndex,
+    FriendQuery,
+    Query,
+    Result,
+    still_exact,
+)
 from socialrec.serving.fresh_serving import FreshItems
 from socialrec.serving.observability import Metrics, RateLimitedLog
 from socialrec.serving.schema import UserFeatures, check_id
@@ -72,6 +81,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         # Fresh items: the fold-in after writes and the side index (its poller is started by
         # the worker, see worker.serve_worker).
         self.fresh = FreshItems(cfg, holder, store, metrics)
+        # Dynamic batching of the engine work (docs/design.md "Dynamic batching").
+        observe = metrics.batch_size.observe if metrics else None
+        self.batcher = Batcher(cfg.batch_max, cfg.batch_wait_us / 1e6, observe)
 
     # ---- helpers -------------------------------------------------------------------------
     async def _read(self, method: str, user_id: str, with_fof: bool) -> UserFeatures | None:
@@ -234,23 +246,29 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         live = await self._live(context, method)
         engine = live.engine
         t1 = time.perf_counter()
-        features = await self._read(method, user, friends)
-        redis_s = time.perf_counter() - t1 if features is not None else None
-        await self._deadline(context, method)
-        if friends:
-            if features is None:
+        with self.batcher.arriving():
+            features = await self._read(method, user, friends)
+            redis_s = time.perf_counter() - t1 if features is not None else None
+            await self._deadline(context, method)
+            removed: frozenset[str] = frozenset()
+            if not friends:
+                removed = await self._removed_items(
+                    None if features is None else features.removed_version
+                )
+        if features is None:
+            if friends:
                 result = engine.popular_friends(user, k, exclude=exclude)
             else:
-                result = rank(live, user, k, True, features, exclude)
-        else:
-            removed = await self._removed_items(
-                None if features is None else features.removed_version
-            )
-            if features is None:
                 result = engine.popular_content(k, exclude=removed | exclude)
-            else:
-                fresh = self.fresh.index if self.cfg.fresh_items else None
-                result = rank(live, user, k, False, features, exclude, removed, fresh)
+        else:
+            fresh = self.fresh.index if self.cfg.fresh_items and not friends else None
+            slot = (friends, user, k)
+            result = cached(live, slot, features, exclude, fresh)
+            if result is None:
+                query = make_query(user, k, friends, features, exclude, removed, fresh)
+                result = await self.batcher.run(engine, query)
+                if live.cache is not None and not exclude:
+                    live.cache.put(slot, features, result)
         self._observe(context, method, t0, result, redis_s)
         return result, engine, features is None
 
@@ -516,6 +534,47 @@ class Dispatcher:
         return call
 
 
+def cached(
+    live: Live,
+    slot: tuple[bool, str, int],
+    features: UserFeatures,
+    exclude: frozenset[str],
+    fresh: FreshIndex | None,
+) -> Result | None:
+    """The result cache's answer for ``slot`` = (friends, user, k) and these features, if it
+    holds one that is still exact; None otherwise, and always for a request with its own
+    ``exclude`` list (it bypasses the cache). A hit comes back with
+    ``timings == {"cache": secs}``."""
+    cache = live.cache
+    if cache is None or exclude:
+        return None
+    t0 = time.perf_counter()
+    hit = cache.get(slot, features)
+    if hit is not None and (slot[0] or still_exact(hit, slot[2], fresh)):
+        return Result(hit.items, hit.cold_start, {"cache": time.perf_counter() - t0}, hit.unknown)
+    return None
+
+
+def make_query(
+    user_id: str,
+    k: int,
+    friends: bool,
+    features: UserFeatures,
+    exclude: frozenset[str] = frozenset(),
+    removed: frozenset[str] = frozenset(),
+    fresh: FreshIndex | None = None,
+) -> Query:
+    """The engine query of a read: content answers leave out everything the user has seen and
+    dismissed and every item taken down; friend answers everyone dismissed or blocked either
+    way; both leave out ``exclude`` (the request's own list)."""
+    f = features
+    if friends:
+        return FriendQuery(
+            user_id, f.history, f.friends, f.fof, k, f.dismissed | f.blocked | exclude
+        )
+    return ContentQuery(f.history, f.friends, k, f.seen | f.dismissed | removed | exclude, fresh)
+
+
 def rank(
     live: Live,
     user_id: str,
@@ -526,37 +585,23 @@ def rank(
     removed: frozenset[str] = frozenset(),
     fresh: FreshIndex | None = None,
 ) -> Result:
-    """The engine's filtered answer for these features, through the live bundle's exact
-    result cache.
+    """The engine's filtered answer for these features (:func:`make_query`), through the
+    live bundle's exact result cache (:func:`cached`), unbatched; the servicer does the same
+    through its batcher.
 
-    Content answers leave out everything the user has seen and dismissed and every item taken
-    down; friend answers everyone dismissed or blocked either way; both leave out ``exclude``
-    (the request's own list). The filters are part of the features (the takedown set by its
-    version), so the cache stays exact; a request with its own exclude list bypasses it. A hit
-    comes back with ``timings == {"cache": secs}``.
-
-    Content answers also search the ``fresh`` side index. A cached content answer is reused
-    after the side index changed only if no fresh row that changed since could enter it
+    The filters are part of the features (the takedown set by its version), so the cache
+    stays exact; a request with its own exclude list bypasses it. Content answers also search
+    the ``fresh`` side index. A cached content answer is reused after the side index changed
+    only if no fresh row that changed since could enter it
     (:func:`socialrec.serving.engine.still_exact`: the stored query vector against the changed
     rows, a few microseconds), so fresh writes do not empty the cache and the cache stays exact.
     """
-    cache, engine = live.cache, live.engine
     slot = (friends, user_id, k)
-    use_cache = cache is not None and not exclude
-    if use_cache:
-        t0 = time.perf_counter()
-        hit = cache.get(slot, features)
-        if hit is not None and (friends or still_exact(hit, k, fresh)):
-            return Result(
-                hit.items, hit.cold_start, {"cache": time.perf_counter() - t0}, hit.unknown
-            )
-    f = features
-    if friends:
-        banned = f.dismissed | f.blocked | exclude
-        res = engine.recommend_friends(user_id, f.history, f.friends, f.fof, k, banned)
-    else:
-        banned = f.seen | f.dismissed | removed | exclude
-        res = engine.recommend_content(f.history, f.friends, k, banned, fresh)
-    if use_cache:
-        cache.put(slot, features, res)
+    hit = cached(live, slot, features, exclude, fresh)
+    if hit is not None:
+        return hit
+    query = make_query(user_id, k, friends, features, exclude, removed, fresh)
+    res = live.engine.recommend_batch([query])[0]
+    if live.cache is not None and not exclude:
+        live.cache.put(slot, features, res)
     return res
