@@ -50,7 +50,7 @@ DEVICE_FILES = (TOWER_ORT, TABLE)  # what the phone holds; the rest is build inp
 TOWER_INPUTS = ("hist_ids", "hist_w", "friend_ids", "friend_w")  # serving/bundle.py's names
 CONTENT_OUTPUT = "content_vector"
 SCHEMES = ("sq8", "row8", "row4")  # per-dimension 8-bit (FAISS SQ8), per-row 8 / 4-bit
-CHUNK_ROWS = 1 << 15  # item rows converted from codes to float32 at a time while scoring
+CHUNK_ROWS = 4096  # item rows converted from codes to float32 at a time while scoring (~0.5 MB)
 K = 20
 
 
@@ -111,21 +111,42 @@ class ItemTable:
 
         The affine dequantisation folds into the query (sq8: ``q . (u * scale) + offset . u``)
         or into the per-row result (row: ``scale_r (q_r . u) + offset_r sum(u)``), so only
-        ``chunk`` rows of codes are ever held as float32.
+        ``chunk`` rows of codes are ever held as float32, in reused buffers. int4 rows are
+        scored as two halves (low nibbles against the first ceil(D/2) query entries, high
+        nibbles against the rest), never unpacked into one row.
         """
         u = np.ascontiguousarray(u, np.float32)
-        out = np.empty((len(u), len(self)), np.float32)
+        n, rows, b = len(self), max(min(chunk, len(self)), 1), len(u)
+        out = np.empty((b, n), np.float32)
+        w = np.ascontiguousarray((u * self.scale).T if self.scheme == "sq8" else u.T)  # (D, B)
+        width = self.codes.shape[1]
+        if self.scheme == "row4":  # (2, ceil(D/2), B): halves of w, the odd pad row zero
+            w = np.concatenate([w, np.zeros((2 * width - self.dim, b), np.float32)])
+            halves = w.reshape(2, width, b)
+        nib = np.empty((rows, width), np.uint8)
+        buf = np.empty((rows, width), np.float32)
+        dots = np.empty((rows, b), np.float32)
+        part = np.empty((rows, b), np.float32)
+        for a in range(0, n, rows):
+            c = self.codes[a : a + rows]  # (m, width) uint8
+            m = len(c)
+            if self.scheme != "row4":
+                np.copyto(buf[:m], c, casting="unsafe")
+                np.matmul(buf[:m], w, out=dots[:m])
+            else:
+                np.bitwise_and(c, 15, out=nib[:m])
+                np.copyto(buf[:m], nib[:m], casting="unsafe")
+                np.matmul(buf[:m], halves[0], out=dots[:m])
+                np.right_shift(c, 4, out=nib[:m])
+                np.copyto(buf[:m], nib[:m], casting="unsafe")
+                np.matmul(buf[:m], halves[1], out=part[:m])
+                dots[:m] += part[:m]
+            out[:, a : a + m] = dots[:m].T
         if self.scheme == "sq8":
-            w = (u * self.scale).T  # (D, B)
-            base = u @ self.offset  # (B,)
-            for a in range(0, len(self), chunk):
-                out[:, a : a + chunk] = (self._codes(a, a + chunk) @ w).T + base[:, None]
-            return out
-        ut, total = u.T, u.sum(axis=1)  # (D, B), (B,)
-        s, o = self.scale.astype(np.float32), self.offset.astype(np.float32)
-        for a in range(0, len(self), chunk):
-            dots = (self._codes(a, a + chunk) @ ut).T  # (B, rows)
-            out[:, a : a + chunk] = dots * s[a : a + chunk] + total[:, None] * o[a : a + chunk]
+            out += (u @ self.offset)[:, None]
+        else:
+            out *= self.scale.astype(np.float32)
+            out += u.sum(axis=1)[:, None] * self.offset.astype(np.float32)
         return out
 
 
