@@ -1,10 +1,11 @@
-"""`socialrec loadtest`: our server and the naive peer under the same Locust load, side by side.
+"""`socialrec loadtest`: our server and its peers under the same Locust load, side by side.
 
 One command, one machine, one report: a private redis-server gets the run published (train
-part) into two namespaces; `socialrec serve` runs as a subprocess on free ports and Locust
-(headless, a subprocess) drives it; then the naive peer (loadtest/naive_server.py) gets the
-same Locust settings right after. The machine is shared and noisy, so what counts are the
-ratios measured in the same run (docs/design.md "Performance rules").
+part) into a namespace per server; `socialrec serve` runs as a subprocess on free ports and
+Locust (headless, a subprocess) drives it; then each peer gets the same Locust settings right
+after, one at a time: the naive peer (loadtest/naive_server.py) and the Ray Serve peer
+(loadtest/ray_peer.py, ``--peers naive,ray``). The machine is shared and noisy, so what
+counts are the ratios measured in the same run (docs/design.md "Performance rules").
 
 Measured per server: client percentiles (Locust CSV, Aggregated row), per-stage server
 histograms (Prometheus /metrics before/after), server CPU-seconds per request (psutil: the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import itertools
 import json
 import os
@@ -36,7 +38,7 @@ import psutil
 from socialrec.loadtest.balancer import HAProxy, find_haproxy
 from socialrec.loadtest.ids import ZipfIds
 from socialrec.serving.bundle import copy_bundle
-from socialrec.serving.harness import ServerProcess
+from socialrec.serving.harness import SERVING, ServerProcess
 from socialrec.serving.offline_store import OfflineStore
 from socialrec.serving.redis_local import LocalCluster, RedisProcess, start_cluster, start_redis
 from socialrec.serving.schema import Keys
@@ -49,6 +51,10 @@ SHAPES = ("constant", "steps")
 # serving replica with its workers, restart it after server_down_s)
 FAULTS = ("none", "kill-worker", "restart-redis", "swap-bundle", "kill-primary", "kill-server")
 PEER_NAME = "naive-torch"
+# --peers: key -> the name reported for it; each peer runs after ours with the same settings
+PEERS = {"naive": PEER_NAME, "ray": "ray-serve"}
+RAY_MAX_ONGOING_REQUESTS = 4  # per replica of the Ray peer (docs/benchmarks.md "Ray Serve peer")
+RAY_READY_TIMEOUT_S = 180.0  # a local Ray head, Serve and the replicas take ~20 s on 2 idle cores
 THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
@@ -62,7 +68,8 @@ class LoadTestConfig:
     workers: int = 2  # our server's worker processes
     shape: str = "constant"  # or "steps": 1, 2, 4, ... users up to `users`
     fault: str = "none"
-    peer: bool = True  # also run the naive peer with the same Locust settings
+    peer: bool = True  # also run the peers with the same Locust settings
+    peers: tuple[str, ...] = ("naive",)  # which peers (keys of PEERS), in order
     k: int = 10
     zipf: float = 1.1
     seed: int = 0
@@ -158,6 +165,52 @@ def tree_cpu_s(pid: int) -> float:
             continue  # exited between the listing and the reading
         total += t.user + t.system + t.children_user + t.children_system
     return total
+
+
+class RayPeerProcess(ServerProcess):
+    """The Ray Serve peer (loadtest/ray_peer.py) as a subprocess: ready when it prints its
+    ready line, which it does after one call through its own gRPC proxy answered (Serve's
+    proxy has no grpc.health.v1 service).
+
+    Ray's processes (GCS, raylet, agents, Serve controller, proxy, replicas) are all
+    descendants of this one, so ``tree_cpu_s(pid)`` counts them; ``marker`` is set in its
+    environment, which they inherit, so :meth:`outside_tree` can check that none escaped.
+    """
+
+    def __init__(self, args: list[str], **kw) -> None:
+        self.marker = secrets.token_hex(8)
+        env = {**kw.pop("env", {}), "SOCIALREC_PEER_MARKER": self.marker}
+        super().__init__(args, program=("socialrec.loadtest.ray_peer",), env=env,
+                         ready_timeout_s=RAY_READY_TIMEOUT_S, **kw)  # fmt: skip
+
+    def wait_health(self, status: int = SERVING, timeout_s: float | None = None) -> RayPeerProcess:
+        from socialrec.loadtest.ray_peer import READY
+
+        deadline = time.monotonic() + (self.ready_timeout_s if timeout_s is None else timeout_s)
+        while READY not in self.log_text():
+            if not self.alive():
+                raise RuntimeError(f"the Ray peer exited with {self.proc.returncode} before "
+                                   f"serving; its log ({self.log_path}) ends:\n{self.tail()}")  # fmt: skip
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the Ray peer is not serving after {self.ready_timeout_s}s; "
+                                   f"its log ({self.log_path}) ends:\n{self.tail()}")  # fmt: skip
+            time.sleep(0.2)
+        return self
+
+    def outside_tree(self) -> dict:
+        """Processes of this peer (by the environment marker) and how many are not its
+        descendants (their CPU would be missed)."""
+        try:
+            tree = {self.pid, *(p.pid for p in psutil.Process(self.pid).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            tree = set()
+        marked = set()
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get("SOCIALREC_PEER_MARKER") == self.marker:
+                    marked.add(p.pid)
+        return {"in_tree": len(tree), "marked_outside_tree": len(marked - tree)}
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -801,10 +854,17 @@ def check_config(cfg: LoadTestConfig) -> None:
         raise ValueError("fault kill-server needs replicas >= 2 (another replica takes the calls)")
     if cfg.redis_cluster and cfg.unix_socket:
         raise ValueError("unix_socket applies to one redis-server, not a cluster")
+    if cfg.peer:
+        if not cfg.peers or len(set(cfg.peers)) != len(cfg.peers):
+            raise ValueError(f"peers must name each peer once, got {list(cfg.peers)}")
+        if bad := [p for p in cfg.peers if p not in PEERS]:
+            raise ValueError(f"unknown peer {bad[0]!r}: one of {sorted(PEERS)}")
+        if "ray" in cfg.peers and importlib.util.find_spec("ray") is None:
+            raise ValueError("peer 'ray' needs Ray Serve: pip install -e '.[peer]'")
 
 
 def run(cfg: LoadTestConfig) -> Path:
-    """Run the load test (ours, then the peer) and write OUT/summary.json; returns its path."""
+    """Run the load test (ours, then each peer) and write OUT/summary.json; returns its path."""
     check_config(cfg)
     run_dir = Path(cfg.run).resolve()
     if not (run_dir / "teacher.pt").exists():
@@ -816,6 +876,7 @@ def run(cfg: LoadTestConfig) -> Path:
         find_haproxy()  # a clear error before anything starts
     token = secrets.token_hex(16)
     summary: dict = {}
+    results: dict[str, dict] = {}  # peer key -> its figures
 
     from socialrec.serving.publish import PublishConfig
     from socialrec.serving.publish import run as publish
@@ -823,9 +884,10 @@ def run(cfg: LoadTestConfig) -> Path:
     backend = Backend(cfg, out / "redis-data")
     cluster_flags = backend.cluster_flags()
     try:
-        namespaces = {"ours": "lt-ours", "peer": "lt-peer"}
+        peers = cfg.peers if cfg.peer else ()
+        namespaces = {"ours": "lt-ours", "naive": "lt-peer", "ray": "lt-ray"}
         for tag, ns in namespaces.items():
-            if tag == "peer" and not cfg.peer:
+            if tag != "ours" and tag not in peers:
                 continue
             with OfflineStore(backend.store_cfg(ns)) as s:
                 s.flush(events=True)
@@ -869,35 +931,19 @@ def run(cfg: LoadTestConfig) -> Path:
             fleet.stop()
         summary.update(ours)
 
-        # ---- the naive peer, same Locust settings and replica count, right after
-        peer = None
-        if cfg.peer:
-            pargs = [
-                "--run", str(run_dir), "--redis-url", backend.serve_url, *cluster_flags,
-                "--namespace", namespaces["peer"],
-            ]  # fmt: skip
-
-            def peer_server(port: int | None) -> ServerProcess:
-                return ServerProcess(
-                    pargs, port=port, env=env, stop_timeout_s=15.0,
-                    log=out / f"peer-server-{next(logs)}.log",
-                    program=("socialrec.loadtest.naive_server",),
-                )  # fmt: skip
-
-            pfleet = Fleet(peer_server, cfg.replicas, out / "peer-haproxy")
-            try:
-                pfleet.start()
-                with FeatureStore(backend.store_cfg(namespaces["peer"])) as s:
-                    p = drive(cfg, "peer", pfleet, bundle, out, token, backend, s)
-            finally:
-                pfleet.stop()
-            peer = {"name": PEER_NAME, **p}
+        # ---- the peers, one after the other, same Locust settings, right after
+        for name in peers:
+            results[name] = run_peer(cfg, name, run_dir, bundle, out, token, backend, env,
+                                     namespaces[name], logs)  # fmt: skip
     finally:
         backend.cleanup()
         shutil.rmtree(out / "redis-data", ignore_errors=True)
 
-    summary["peer"] = peer
-    summary["ratios"] = _ratios(summary, peer)
+    # "peer" and "ratios": the naive peer's, as before --peers; every peer's under "peers"
+    summary["peer"] = results.get("naive")
+    summary["ratios"] = _ratios(summary, results.get("naive"))
+    summary["peers"] = results
+    summary["ratios_by_peer"] = {name: _ratios(summary, r) for name, r in results.items()}
     summary["config"] = {
         **asdict(cfg),
         "run": str(run_dir),
@@ -914,6 +960,65 @@ def run(cfg: LoadTestConfig) -> Path:
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=1))
     return path
+
+
+def run_peer(
+    cfg: LoadTestConfig,
+    name: str,
+    run_dir: Path,
+    bundle: Path,
+    out: Path,
+    token: str,
+    backend: Backend,
+    env: dict[str, str],
+    namespace: str,
+    logs: itertools.count,
+) -> dict:
+    """One peer under the Locust settings ours had; RuntimeError naming the peer (with the
+    tail of its log) if it does not start.
+
+    naive: ``cfg.replicas`` naive servers (behind HAProxy when more than one). ray: one local
+    Ray head whose deployment has ``cfg.workers * cfg.replicas`` replicas on as many Ray CPUs
+    (the worker processes ours had), balanced by Serve's own proxy.
+    """
+    cluster_flags = backend.cluster_flags()
+    if name == "naive":
+        pargs = ["--run", str(run_dir), "--redis-url", backend.serve_url, *cluster_flags,
+                 "--namespace", namespace]  # fmt: skip
+
+        def make(port: int | None) -> ServerProcess:
+            return ServerProcess(
+                pargs, port=port, env=env, stop_timeout_s=15.0,
+                log=out / f"peer-server-{next(logs)}.log",
+                program=("socialrec.loadtest.naive_server",),
+            )  # fmt: skip
+
+        fleet, tag = Fleet(make, cfg.replicas, out / "peer-haproxy"), "peer"
+    else:
+        n = cfg.workers * cfg.replicas
+        rargs = ["--bundle", str(bundle), "--redis-url", backend.serve_url, *cluster_flags,
+                 "--namespace", namespace, "--replicas", str(n), "--num-cpus", str(n),
+                 "--max-ongoing-requests", str(RAY_MAX_ONGOING_REQUESTS)]  # fmt: skip
+
+        def make(port: int | None) -> ServerProcess:
+            return RayPeerProcess(rargs, port=port, env=env, stop_timeout_s=30.0,
+                                  log=out / f"{name}-server-{next(logs)}.log")  # fmt: skip
+
+        fleet, tag = Fleet(make, 1, out / f"{name}-haproxy"), name
+    try:
+        try:
+            fleet.start()
+        except RuntimeError as e:
+            raise RuntimeError(f"peer {name!r} ({PEERS[name]}) failed to start: {e}") from None
+        with FeatureStore(backend.store_cfg(namespace)) as s:
+            res = drive(cfg, tag, fleet, bundle, out, token, backend, s)
+        if name == "ray":
+            res["processes"] = fleet.servers[0].outside_tree()  # type: ignore[attr-defined]
+            res["ray"] = {"replicas": cfg.workers * cfg.replicas,
+                          "max_ongoing_requests": RAY_MAX_ONGOING_REQUESTS}  # fmt: skip
+    finally:
+        fleet.stop()
+    return {"name": PEERS[name], **res}
 
 
 def _manifest(bundle: Path) -> dict:
@@ -950,9 +1055,9 @@ def print_summary(path: Path) -> None:
         )
 
     print(line("socialrec", s))
-    if s.get("peer"):
-        print(line(s["peer"]["name"], s["peer"]))
-        print(f"ratios: {s['ratios']}")
+    for name, peer in (s.get("peers") or {}).items():
+        print(line(peer["name"], peer))
+        print(f"ratios vs {name}: {s['ratios_by_peer'][name]}")
     if s.get("balancer"):
         print("replicas behind haproxy: " + ", ".join(
             f"{name} {b['status']} {b['calls']} calls" for name, b in s["balancer"].items()
