@@ -67,6 +67,8 @@ def _data_config(a: argparse.Namespace):
         interactions=absolute(a.interactions),
         friends=absolute(a.friends),
         item_names=absolute(a.item_names),
+        weight_kind=a.weight_kind,
+        duplicates=a.duplicates,
         synthetic_users=a.synthetic_users,
         synthetic_items=a.synthetic_items,
         synthetic_interactions=a.synthetic_interactions,
@@ -96,6 +98,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from socialrec.training.run import RunConfig, run
     from socialrec.training.split import SplitConfig
     from socialrec.training.train import TrainConfig
+    from socialrec.training.tune import TuneConfig
 
     tc = TrainConfig(
         epochs=a.epochs,
@@ -111,6 +114,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         split=SplitConfig(seed=a.seed),
         train=tc,
         baselines=BaselineConfig(ease_lambda=a.ease_lambda),
+        tune=TuneConfig(budget_min=a.tune_budget, trials=a.tune_trials),
         max_eval_users=a.max_eval_users,
         progress=not a.no_progress,
     )
@@ -261,11 +265,6 @@ def _int_list(flag: str, text: str) -> tuple[int, ...]:
         raise SystemExit(msg) from None
 
 
-def _peer_list(text: str) -> tuple[str, ...]:
-    """--peers: names separated by commas (checked by the load test's config)."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def cmd_loadtest(a: argparse.Namespace) -> int:
     from socialrec.loadtest.run import LoadTestConfig, print_summary, run
 
@@ -279,7 +278,6 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         shape=a.shape,
         fault=a.fault,
         peer=not a.no_peer,
-        peers=_peer_list(a.peers),
         serve_args=tuple(a.serve_args.split()),
         steps=_int_list("--steps", a.steps),
         unix_socket=a.unix_socket,
@@ -389,7 +387,7 @@ def _no_progress(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from socialrec.training.data import DataConfig
+    from socialrec.training.data import DUPLICATE_RULES, WEIGHT_KINDS, DataConfig
     from socialrec.training.split import SplitConfig
 
     g = p.add_argument_group("data")
@@ -405,6 +403,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--friends", help="tsv: optional friends file (user, friend)")
     g.add_argument("--item-names", help="tsv: optional item names file (item, name)")
+    g.add_argument(
+        "--weight-kind",
+        choices=WEIGHT_KINDS,
+        default=default(DataConfig, "weight_kind"),
+        help="tsv: what the weight column is: counts (plays, clicks) or ratings (stars)",
+    )
+    g.add_argument(
+        "--duplicates",
+        choices=DUPLICATE_RULES,
+        default=default(DataConfig, "duplicates"),
+        help="tsv: how duplicate (user, item) rows merge (default: sum for counts, last for "
+        "ratings: the latest timestamp, else the later row)",
+    )
     g.add_argument(
         "--synthetic-users",
         type=int,
@@ -441,6 +452,7 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
     from socialrec.training.baselines import BaselineConfig
     from socialrec.training.run import RunConfig
     from socialrec.training.train import TrainConfig
+    from socialrec.training.tune import TuneConfig
 
     _add_data_args(t)
     t.add_argument("--out", help="run directory (default: runs/DATASET)")
@@ -479,7 +491,22 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         "--ease-lambda",
         type=float,
         default=default(BaselineConfig, "ease_lambda"),
-        help="L2 regularisation of the EASE baseline",
+        help="L2 regularisation of the EASE baseline (default: chosen on the validation split "
+        f"from {', '.join(f'{x:g}' for x in default(BaselineConfig, 'ease_lambdas'))})",
+    )
+    g.add_argument(
+        "--tune-budget",
+        type=float,
+        default=default(TuneConfig, "budget_min"),
+        metavar="MINUTES",
+        help="minutes of hyperparameter search (Optuna, on the validation split) before the "
+        "final teacher trains; 0: no search, the options as given",
+    )
+    g.add_argument(
+        "--tune-trials",
+        type=int,
+        default=default(TuneConfig, "trials"),
+        help="most trials of the hyperparameter search",
     )
     g.add_argument(
         "--max-eval-users",
@@ -837,14 +864,7 @@ def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
         action="store_true",
         help="both servers reach the private redis-server over its Unix socket, not loopback TCP",
     )
-    lt.add_argument("--no-peer", action="store_true", help="skip the peer runs")
-    lt.add_argument(
-        "--peers",
-        default=",".join(d("peers")),
-        help="peers run after ours with the same load, in order: naive (eager torch, "
-        "brute force) and/or ray (Ray Serve gRPC proxy over the same bundle; needs the "
-        "'peer' extra), e.g. naive,ray",
-    )
+    lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
     lt.add_argument(
         "--users-dist",
         choices=("zipf", "uniform"),

@@ -112,6 +112,23 @@ def _check_id(path: Path, lineno: int, name: str, value: str, numeric: bool) -> 
     return value
 
 
+DUPLICATE_RULES = ("sum", "max", "last")
+WEIGHT_KINDS = ("counts", "ratings")
+# What duplicate (user, item) rows become when no rule is given: play counts add up; a
+# rating given again replaces the earlier one (two 3-star rows stay a 3, not a 6).
+DEFAULT_DUPLICATES = {"counts": "sum", "ratings": "last"}
+
+
+def duplicate_rule(weight_kind: str, duplicates: str | None = None) -> str:
+    """The rule for duplicate (user, item) rows: ``duplicates`` if given, else the kind's default."""
+    if weight_kind not in WEIGHT_KINDS:
+        raise ValueError(f"unknown weight kind {weight_kind!r}: choose {' or '.join(WEIGHT_KINDS)}")
+    rule = duplicates or DEFAULT_DUPLICATES[weight_kind]
+    if rule not in DUPLICATE_RULES:
+        raise ValueError(f"unknown duplicate rule {rule!r}: choose {', '.join(DUPLICATE_RULES)}")
+    return rule
+
+
 def _build(
     name: str,
     inter_rows: list[tuple[str, str, float, int | None]],
@@ -119,8 +136,19 @@ def _build(
     item_names: dict[str, str] | None,
     report: LoadReport,
     sort_numeric: bool,
+    duplicates: str = "sum",
 ) -> Dataset:
-    """Turn parsed rows into a Dataset: dense ids, merged duplicates (counted), canonical pairs."""
+    """Turn parsed rows into a Dataset: dense ids, merged duplicates (counted), canonical pairs.
+
+    ``duplicates`` says what several rows of one (user, item) become: ``sum`` (play counts),
+    ``max``, or ``last`` (the row with the latest timestamp; without timestamps, the later
+    row in the file). The latest timestamp is kept in every case.
+    """
+    if duplicates not in DUPLICATE_RULES:
+        raise ValueError(
+            f"unknown duplicate rule {duplicates!r}: choose {', '.join(DUPLICATE_RULES)}"
+        )
+    report.duplicate_rule = duplicates
     user_set: dict[str, None] = {}
     item_set: dict[str, None] = {}
     for u, i, _, _ in inter_rows:
@@ -147,15 +175,20 @@ def _build(
         if prev is None:
             merged[k] = [w, -1 if ts is None else ts]
         else:
-            # Duplicate (user, item) rows: weights add up, the latest timestamp wins.
             report.merged_duplicate_interactions += 1
-            prev[0] += w
-            prev[1] = max(prev[1], -1 if ts is None else ts)
+            t = -1 if ts is None else ts
+            if duplicates == "sum":
+                prev[0] += w
+            elif duplicates == "max":
+                prev[0] = max(prev[0], w)
+            elif t >= prev[1]:  # "last": the latest row; equal timestamps: the later row
+                prev[0] = w
+            prev[1] = max(prev[1], t)
     has_ts = any(r[3] is not None for r in inter_rows)
     keys = np.array(list(merged.keys()), dtype=np.int64).reshape(-1, 2)
     vals = np.array(list(merged.values()), dtype=np.float64).reshape(-1, 2)
     keep = vals[:, 0] > 0
-    # A (user, item) whose weights add up to 0 carries no signal: skipped and counted.
+    # A (user, item) whose merged weight is 0 carries no signal: skipped and counted.
     report.skipped_zero_weight_interactions = int((~keep).sum())
     keys, vals = keys[keep], vals[keep]
 
@@ -237,13 +270,18 @@ def load_tsv(
     friends: str | Path | None = None,
     item_names: str | Path | None = None,
     name: str = "tsv",
+    weight_kind: str = "counts",
+    duplicates: str | None = None,
 ) -> Dataset:
     """User data: interactions ``user, item, weight[, timestamp]``; optional ``user, friend`` and ``item, name`` files.
 
-    Ids are any non-empty strings. A header line is detected and skipped. Duplicate
-    (user, item) rows are merged (weights summed) and counted; friend rows in both
-    directions are merged and counted; self-friendships are skipped and counted.
+    Ids are any non-empty strings. A header line is detected and skipped. ``weight_kind``
+    says what the weight is (``counts``: plays, clicks; ``ratings``: stars); duplicate
+    (user, item) rows are merged by ``duplicates`` (default: ``sum`` for counts, ``last``
+    for ratings, see :func:`duplicate_rule`) and counted; friend rows in both directions are
+    merged and counted; self-friendships are skipped and counted.
     """
+    rule = duplicate_rule(weight_kind, duplicates)
     report = LoadReport()
     path = Path(interactions)
     inter: list[tuple[str, str, float, int | None]] = []
@@ -280,7 +318,8 @@ def load_tsv(
         names = {}
         for lineno, parts in _read_rows(npath, 2, 64, header=None):
             names[_check_id(npath, lineno, "item", parts[0], False)] = parts[1]
-    return _build(name, inter, fr, names, report, sort_numeric=False)
+    report.weight_kind = weight_kind
+    return _build(name, inter, fr, names, report, sort_numeric=False, duplicates=rule)
 
 
 @dataclass(frozen=True)
@@ -292,6 +331,8 @@ class DataConfig:
     interactions: str | None = None  # tsv: interactions file
     friends: str | None = None  # tsv: optional friends file
     item_names: str | None = None  # tsv: optional item-names file
+    weight_kind: str = "counts"  # tsv: counts (plays, clicks) | ratings (stars)
+    duplicates: str | None = None  # tsv: sum | max | last; None: sum for counts, last for ratings
     synthetic_users: int = SyntheticConfig.n_users
     synthetic_items: int = SyntheticConfig.n_items
     synthetic_interactions: int = SyntheticConfig.n_interactions
@@ -311,7 +352,13 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             raise ValueError(
                 "--dataset tsv needs --interactions FILE (user, item, weight[, timestamp])"
             )
-        return load_tsv(cfg.interactions, cfg.friends, cfg.item_names)
+        return load_tsv(
+            cfg.interactions,
+            cfg.friends,
+            cfg.item_names,
+            weight_kind=cfg.weight_kind,
+            duplicates=cfg.duplicates,
+        )
     if cfg.dataset == "synthetic":
         return generate(
             SyntheticConfig(

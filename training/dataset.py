@@ -15,7 +15,7 @@ import numpy as np
 
 # LoadReport counter -> how the summary names it (only non-zero counters are shown).
 _COUNTER_LABELS = {
-    "merged_duplicate_interactions": "duplicate (user, item) rows merged, weights summed",
+    "merged_duplicate_interactions": "duplicate (user, item) rows merged",
     "repeat_interactions_summed": "repeat interactions summed (same user and item again: "
     "play counts add up)",
     "skipped_zero_weight_interactions": "interactions skipped (total weight 0)",
@@ -40,15 +40,18 @@ class LoadReport:
     skipped_zero_weight_interactions: int = 0
     friends_only_users: int = 0
     items_without_names: int = 0
+    weight_kind: str = "counts"  # what an interaction weight is: counts (plays) | ratings
+    duplicate_rule: str = "sum"  # how duplicate (user, item) rows merged: sum | max | last
     notes: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, int | list[str]]:
+    def as_dict(self) -> dict[str, int | str | list[str]]:
         return {k: v for k, v in self.__dict__.items()}
 
     def lines(self) -> list[str]:
         """One readable line per non-zero counter, then the notes."""
         out = [
             f"{label}: {getattr(self, k):,}"
+            + (f" (rule: {self.duplicate_rule})" if k == "merged_duplicate_interactions" else "")
             for k, label in _COUNTER_LABELS.items()
             if getattr(self, k)
         ]

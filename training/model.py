@@ -26,12 +26,27 @@ class TowerConfig:
     n_users: int
     dim: int = 256
     input_dropout: float = 0.5  # fraction of history/friend entries dropped while training
-    weight_transform: str = "binary"  # binary | log1p: how a raw interaction weight enters
+    weight_transform: str = "binary"  # one of WEIGHT_TRANSFORMS: how a raw weight enters
+    weight_threshold: float = 0.0  # "threshold": weights >= this count as 1, the rest as 0
     content_uses_friends: bool = True  # friends' ids feed the content head too (cold start)
     friends_uses_history: bool = True  # the user's history feeds the friend head too
 
+    def __post_init__(self) -> None:
+        if self.weight_transform not in WEIGHT_TRANSFORMS:
+            raise ValueError(
+                f"weight_transform must be one of {WEIGHT_TRANSFORMS}, got {self.weight_transform!r}"
+            )
+
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+# How a raw interaction weight (plays, a star rating) enters the user tower. Part of the
+# model, so the exported tower applies it to the raw weights the online store holds.
+# binary: 1 per entry; log1p: log(1 + w) (play counts); raw: w itself (ratings);
+# centered: w minus the mean of the user's (capped) history, so ratings below the user's
+# own average push away; threshold: 1 if w >= weight_threshold else 0 (e.g. 4+ stars).
+WEIGHT_TRANSFORMS = ("binary", "log1p", "raw", "centered", "threshold")
 
 
 def pool(table: nn.Module, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -51,7 +66,7 @@ def pool(table: nn.Module, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def normalise(w: torch.Tensor) -> torch.Tensor:
-    """Scale each row of non-negative weights to unit L2 norm (all-zero rows stay zero).  (B, L)"""
+    """Scale each row of weights to unit L2 norm (all-zero rows stay zero).  (B, L)"""
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -72,10 +87,19 @@ class UserTower(nn.Module):
             nn.init.normal_(t.weight, std=0.05)
 
     def transform(self, w: torch.Tensor) -> torch.Tensor:
-        """Raw interaction weights -> input weights; zero stays zero (padding)."""
-        if self.cfg.weight_transform == "log1p":
+        """Raw interaction weights -> input weights; zero stays zero (padding).  (B, L)"""
+        how = self.cfg.weight_transform
+        present = (w > 0).to(w.dtype)  # (B, L) real entries; padding has weight 0
+        if how == "log1p":
             return torch.log1p(w.clamp_min(0))
-        return (w > 0).to(w.dtype)
+        if how == "raw":
+            return w.clamp_min(0)
+        if how == "centered":
+            mean = (w * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp_min(1)
+            return (w - mean) * present
+        if how == "threshold":
+            return (w >= self.cfg.weight_threshold).to(w.dtype) * present
+        return present
 
     def _drop(self, w: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.input_dropout > 0:

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from socialrec.training.baselines import BaselineConfig, content_baselines, friend_baselines
+from socialrec.training.baselines import (
+    BaselineConfig,
+    choose_ease_lambda,
+    content_baselines,
+    friend_baselines,
+)
 from socialrec.training.data import DataConfig, load_dataset
 from socialrec.training.dataset import Dataset
 from socialrec.training.metrics import TASKS, Graph, absent, absent_reason, evaluate, is_absent
@@ -33,6 +38,7 @@ from socialrec.training.train import (
     save_checkpoint,
     train_teacher,
 )
+from socialrec.training.tune import TuneConfig, tune
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    tune: TuneConfig | None = None  # None: no search (the `train` CLI passes its default budget)
     max_eval_users: int | None = None  # None: every user with a test positive
     progress: bool = True
 
@@ -90,6 +97,28 @@ def score_baselines(split: Split, cfg: RunConfig) -> tuple[dict, dict, dict]:
     return content, friends, notes
 
 
+EASE_FALLBACK_LAMBDA = 100.0  # when validation has no content pairs to choose on
+
+
+def select_ease(split: Split, val: Split, cfg: RunConfig) -> dict:
+    """EASE's lambda for this run: fixed by the config, or chosen on ``val`` from the grid."""
+    b = cfg.baselines
+    params: dict = {"input": "binary"}
+    if b.ease_lambda is not None:
+        return {**params, "lambda": b.ease_lambda, "selection": "fixed by the config"}
+    if split.n_items > b.ease_max_items or absent_reason(split, "content"):
+        return {**params, "lambda": None, "selection": "EASE not scored on this run"}
+    why = absent_reason(val, "content")
+    if why:
+        return {
+            **params,
+            "lambda": EASE_FALLBACK_LAMBDA,
+            "selection": f"validation has no content pairs ({why}): fallback lambda",
+        }
+    sel = choose_ease_lambda(val, b.ease_lambdas, max_users=cfg.max_eval_users)
+    return {**params, "lambda": sel["chosen"], "selection": "validation recall@20", **sel}
+
+
 def run(cfg: RunConfig) -> Path:
     """Train and evaluate the teacher and all baselines; write report.json, teacher.pt, split/."""
     distributed = init_distributed()
@@ -106,7 +135,15 @@ def run(cfg: RunConfig) -> Path:
             print(f"[data] {line}")
     val = validation_split(split)
     t0 = time.time()
-    model, log = train_teacher(split, val, cfg.train, progress=cfg.progress)
+    tc, study = cfg.train, None
+    if cfg.tune is not None and cfg.tune.budget_min > 0:
+        if distributed:
+            study = {"note": "no search under torchrun: the given config trains as is"}
+        else:
+            tc, study = tune(val, cfg.train, cfg.tune, progress=cfg.progress and rank == 0)
+    t_tune = time.time() - t0
+    t0 = time.time()
+    model, log = train_teacher(split, val, tc, progress=cfg.progress)
     t_train = time.time() - t0
     if distributed:
         import torch.distributed as dist
@@ -116,7 +153,12 @@ def run(cfg: RunConfig) -> Path:
         return out
     export_split(ds, split, out / "split")
     t0 = time.time()
-    content, friends, notes = score_baselines(split, cfg)
+    ease_params = select_ease(split, val, cfg)
+    t_ease = time.time() - t0
+    t0 = time.time()
+    content, friends, notes = score_baselines(
+        split, replace(cfg, baselines=replace(cfg.baselines, ease_lambda=ease_params["lambda"]))
+    )
     teacher = evaluate_model(
         model, split, max_users=cfg.max_eval_users, desc="teacher" if cfg.progress else None
     )
@@ -133,13 +175,18 @@ def run(cfg: RunConfig) -> Path:
         },
         "content": content,
         "friends": friends,
-        "timings_s": {"train": round(t_train, 2), "evaluate": round(t_eval, 2)},
+        "timings_s": {
+            "tune": round(t_tune, 2),
+            "train": round(t_train, 2),
+            "ease_selection": round(t_ease, 2),
+            "evaluate": round(t_eval, 2),
+        },
         "baseline_params": {
-            "EASE": {"lambda": cfg.baselines.ease_lambda, "input": "binary"},
+            "EASE": ease_params,
             "ItemKNN": {"similarity": "cosine", "input": "binary", "neighbours": "all"},
         },
         "notes": notes,
-        "teacher": {"train_log": log, "train_config": asdict(cfg.train)},
+        "teacher": {"train_log": log, "train_config": asdict(tc), "tuning": study},
         "data_report": ds.report.as_dict(),
         "data_fingerprint": ds.fingerprint(),
         "evaluated_users": "all"
@@ -148,13 +195,17 @@ def run(cfg: RunConfig) -> Path:
     }
     save_checkpoint(
         model,
-        cfg.train,
+        tc,
         out / "teacher.pt",
         extra={"dataset": ds.summary(), "split_sha256": split.sha256()},
     )
     np.save(out / "user_ids.npy", ds.user_ids.astype(str), allow_pickle=False)
     np.save(out / "item_ids.npy", ds.item_ids.astype(str), allow_pickle=False)
-    (out / "run.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=2) + "\n")
+    # run.json names the config that trained the teacher (the study's choice, if any), so a
+    # retrain from it trains the same recipe without searching again.
+    (out / "run.json").write_text(
+        json.dumps(_jsonable(asdict(replace(cfg, train=tc))), indent=2) + "\n"
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     return out

@@ -32,7 +32,8 @@ FULL_SOFTMAX_MAX = 60_000  # catalogues up to this size train with a full softma
 class TrainConfig:
     dim: int = 256
     input_dropout: float = 0.5
-    weight_transform: str = "binary"
+    weight_transform: str = "binary"  # see training.model.WEIGHT_TRANSFORMS
+    weight_threshold: float = 0.0  # weight_transform "threshold": weights >= this count
     content_uses_friends: bool = True
     friends_uses_history: bool = True
     epochs: int = 150
@@ -58,6 +59,7 @@ def tower_config(cfg: TrainConfig, n_users: int, n_items: int) -> TowerConfig:
         dim=cfg.dim,
         input_dropout=cfg.input_dropout,
         weight_transform=cfg.weight_transform,
+        weight_threshold=cfg.weight_threshold,
         content_uses_friends=cfg.content_uses_friends,
         friends_uses_history=cfg.friends_uses_history,
     )
@@ -215,8 +217,12 @@ def fit(
     desc: str = "teacher",
     init: TwoTower | None = None,
     make_task: TaskFactory = TwoTowerTrainTask,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[TwoTower, dict]:
     """Train on ``split``'s train part; keep each head at its best ``val`` epoch or at ``snapshot_at``.
+
+    ``on_eval(epoch, {task: val recall@20})`` is called after every validation evaluation
+    (a hyperparameter search prunes a trial from it by raising).
 
     ``init`` starts from a given model (a compressed student) instead of a fresh teacher;
     ``make_task(model, friend_loss_weight, item_log_q, user_log_q)`` builds the module whose
@@ -282,6 +288,8 @@ def fit(
             for t in scored:
                 if m[t]["recall@20"] > best[t][0]:
                     best[t] = (m[t]["recall@20"], _head_state(model, t), epoch)
+            if on_eval is not None:
+                on_eval(epoch, {t: m[t]["recall@20"] for t in scored})
             bar.set_postfix(
                 loss=f"{entry['loss']:.3f}", **{t[0]: f"{m[t]['recall@20']:.4f}" for t in scored}
             )

@@ -227,6 +227,8 @@ def test_cli_split_matches_train_split(tmp_path: Path) -> None:
         "16",
         "--threads",
         "1",
+        "--tune-budget",
+        "0",
         "--no-progress",
     )
     assert r.returncode == 0, r.stderr
@@ -267,7 +269,7 @@ def test_dataset_without_friends_reports_the_friends_task_absent(tmp_path: Path)
     inter = _interactions_only_tsv(tmp_path / "interactions.tsv")
     out = tmp_path / "run"
     args = ["--interactions", str(inter), "--out", str(out), "--epochs", "6", "--dim", "16"]
-    r = _cli("train", "--dataset", "tsv", *args, "--threads", "1")
+    r = _cli("train", "--dataset", "tsv", *args, "--threads", "1", "--tune-budget", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"]["friend_pairs"] == 0
