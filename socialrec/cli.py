@@ -265,6 +265,11 @@ def _int_list(flag: str, text: str) -> tuple[int, ...]:
         raise SystemExit(msg) from None
 
 
+def _peer_list(text: str) -> tuple[str, ...]:
+    """--peers: names separated by commas (checked by the load test's config)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def cmd_loadtest(a: argparse.Namespace) -> int:
     from socialrec.loadtest.run import LoadTestConfig, print_summary, run
 
@@ -278,6 +283,7 @@ def cmd_loadtest(a: argparse.Namespace) -> int:
         shape=a.shape,
         fault=a.fault,
         peer=not a.no_peer,
+        peers=_peer_list(a.peers),
         serve_args=tuple(a.serve_args.split()),
         steps=_int_list("--steps", a.steps),
         unix_socket=a.unix_socket,
@@ -864,7 +870,14 @@ def _loadtest_parser(lt: argparse.ArgumentParser) -> None:
         action="store_true",
         help="both servers reach the private redis-server over its Unix socket, not loopback TCP",
     )
-    lt.add_argument("--no-peer", action="store_true", help="skip the naive peer run")
+    lt.add_argument("--no-peer", action="store_true", help="skip the peer runs")
+    lt.add_argument(
+        "--peers",
+        default=",".join(d("peers")),
+        help="peers run after ours with the same load, in order: naive (eager torch, "
+        "brute force) and/or ray (Ray Serve gRPC proxy over the same bundle; needs the "
+        "'peer' extra), e.g. naive,ray",
+    )
     lt.add_argument(
         "--users-dist",
         choices=("zipf", "uniform"),
