@@ -147,6 +147,7 @@ class Keys:
         self.shards: list[int | str] = [*range(SHARDS), GLOBAL_SHARD]  # every stream shard
         self.fresh = self.tag(GLOBAL_SHARD) + "fresh"  # fresh-item registry (global)
         self.fresh_version = self.tag(GLOBAL_SHARD) + "fresh:v"  # bumped by each change
+        self.fresh_lease = self.tag(GLOBAL_SHARD) + "fresh:lease"  # one worker tidies at a time
 
     def item(self, kind: str, item: str) -> str:
         """The key of ``kind`` (fu, fv, fn) for a fresh ``item``, in the item's shard."""
@@ -661,5 +662,19 @@ if cur then
   if seq and seq >= tonumber(ARGV[2]) then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return redis.call('INCR', KEYS[2])
+"""
+
+# Retire a fresh item's registry entry, on the {g} slot: when the live bundle knows the item (a
+# retrain took it over) or it had no interaction for FRESH_MAX_AGE. KEYS: the registry, its
+# version. ARGV: item, the entry (JSON after "<seq>|") the caller decided on. Only that entry is
+# removed: one published since is newer information and stays. Returns the version after the
+# call (0: the entry had changed or was gone, nothing removed).
+FRESH_RETIRE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local bar = string.find(cur, '|', 1, true)
+if not bar or string.sub(cur, bar + 1) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
 return redis.call('INCR', KEYS[2])
 """

@@ -569,7 +569,7 @@ class FeatureStore:
         self._client: AsyncClient | RedisPyClusterAsyncClient | None = None  # per event loop
         scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK)
         scripts += (schema.ITEM, schema.EDGE, schema.BLOCK_SET, schema.MIRROR)
-        scripts += (schema.FRESH_RECORD, schema.FRESH_PUBLISH)
+        scripts += (schema.FRESH_RECORD, schema.FRESH_PUBLISH, schema.FRESH_RETIRE)
         self._sha = {s: _sha1(s) for s in scripts}
 
     # ---- commands (pure: what to send) -------------------------------------------------------
@@ -793,6 +793,40 @@ class FeatureStore:
         value = f"{int(seq)}|{entry}"
         keys = [k.fresh, k.fresh_version]
         return int(await self._ascript(schema.FRESH_PUBLISH, keys, [item_id, int(seq), value]))
+
+    async def afresh_retire(self, item_id: str, entry: str, keep_s: int) -> int:
+        """Remove a fresh item's registry entry if it still is ``entry`` (FRESH_RETIRE), and let
+        the item's own keys expire after ``keep_s`` (kept so that a rollback to a bundle that
+        did not know the item folds it in again from its users at its next interaction). The
+        registry's new version, or 0 when the entry had changed (nothing removed)."""
+        k = self.keys
+        item = check_id("item_id", item_id)
+        v = int(await self._ascript(schema.FRESH_RETIRE, [k.fresh, k.fresh_version], [item, entry]))
+        if v:
+            keys = [k.item(kind, item) for kind in ("fu", "fv", "fn")]
+            await self._aglobal([("EXPIRE", key, int(keep_s)) for key in keys])  # one slot
+        return v
+
+    async def afresh_lease(self, owner: str, ttl_s: int) -> bool:
+        """Take the registry's tidying lease for ``ttl_s`` (SET NX EX): True for the one worker
+        that got it. Tidying is idempotent, so the lease only keeps workers from repeating it."""
+        cmd = ("SET", self.keys.fresh_lease, owner, "NX", "EX", max(1, int(ttl_s)))
+        (got,) = await self._aglobal([cmd])
+        return got is not None and got is not False
+
+    async def afresh_entries(self, item_id: str) -> list[tuple[str, str]]:
+        """A fresh item's recorded users and their entries, oldest first (read only)."""
+        k, item = self.keys, check_id("item_id", item_id)
+        users, entries = await self._aglobal(
+            [("ZRANGE", k.item("fu", item), 0, -1), ("HGETALL", k.item("fv", item))]
+        )
+        pairs = (
+            entries
+            if isinstance(entries, dict)
+            else dict(zip(entries[::2], entries[1::2], strict=True))
+        )
+        got = {_text(u): _text(e) for u, e in pairs.items()}
+        return [(u, got[u]) for u in (_text(x) for x in users) if u in got]
 
     async def _aglobal(self, cmds: list[tuple]) -> list:
         client = self._aclient()

@@ -257,6 +257,79 @@ def test_hot_reload_to_a_bundle_that_knows_the_item(fresh_server, small_bundle, 
     assert s.service.fresh.index.version[2] == s.holder.engine.version
 
 
+def _tidy(s: FreshServer) -> dict[str, int]:
+    """One tidying pass over the registry as it is now, from the test thread."""
+    f = s.service.fresh
+    _, _, entries, _ = s._call(s.store.afresh_registry())
+    return s._call(f.tidy(s.holder.engine, entries))
+
+
+def _settle(s: FreshServer) -> None:
+    f = s.service.fresh
+    f.takeover_grace_s = 0.0
+    f.lease_s = 1
+    time.sleep(1.1)  # any lease an automatic pass took has expired
+
+
+def test_takeover_retires_the_entry_after_the_grace(fresh_server, small_bundle, tmp_path) -> None:
+    items = _ids(small_bundle)
+    fresh = items[-1]
+    old = tmp_path / "old"
+    shutil.copytree(small_bundle, old)
+    _drop_last_item(old)
+    s = fresh_server(bundle=str(old))
+    _fans(s, items[:-1], fresh, N_USERS, "t7")
+    assert fresh in _registry(s)
+    assert s.holder.load(small_bundle)  # the retrained bundle knows it
+    _wait_for(lambda: s.service.fresh.index.version[2] == s.holder.engine.version)
+    assert _tidy(s)["taken_over"] == 0  # within the grace: workers may still be on the old one
+    assert fresh in _registry(s)
+    _settle(s)
+    assert _tidy(s)["taken_over"] == 1
+    assert fresh not in _registry(s)
+    r = redis.Redis.from_url(s.cfg.redis_url)
+    ttl = r.ttl(s.store.keys.item("fu", fresh))
+    r.close()
+    assert 0 < ttl <= s.service.fresh.keep_s  # its users are kept a while, for a rollback
+
+
+def test_retrain_that_does_not_know_the_item_refolds_it(fresh_server, small_bundle, tmp_path):
+    """A new bundle in another vector space that still does not know the item: after the
+    grace, one worker recomputes its users' vectors and the item is served again, with no
+    new write."""
+    s = fresh_server()
+    items = _ids(small_bundle)
+    fresh = "survives-a-retrain"
+    _fans(s, items, fresh, N_USERS, "t8")
+    _history(s, items, "sim", _taste(items))
+    _wait_for(lambda: fresh in {r.id for r in _content(s.stub, "sim")})
+    first = s.holder.engine.version
+    assert _registry(s)[fresh]["b"] == first
+    retrained = copy_bundle(small_bundle, tmp_path / "retrained", "retrained-without-it")
+    assert s.holder.load(retrained)
+    _wait_for(lambda: s.service.fresh.index.version[2] == "retrained-without-it")
+    assert fresh not in s.service.fresh.index.ids  # a row of the previous bundle's space
+    _settle(s)
+    assert _tidy(s)["refolded"] == 1
+    e = _registry(s)[fresh]
+    assert e["b"] == "retrained-without-it" and e["n"] == N_USERS
+    _wait_for(lambda: fresh in {r.id for r in _content(s.stub, "sim")})
+
+
+def test_an_item_with_no_interaction_for_max_age_expires(fresh_server, small_bundle) -> None:
+    """The poller's own tidying (no registry change needed) retires an expired entry."""
+    s = fresh_server()
+    f = s.service.fresh
+    items = _ids(small_bundle)
+    fresh = "expiring-item"
+    _fans(s, items, fresh, N_USERS, "t9")
+    _wait_for(lambda: f.index is not None and fresh in f.index.ids)
+    assert _tidy(s)["expired"] == 0
+    f.tidy_every_s, f.max_age_s = 0.1, 0.0
+    _wait_for(lambda: fresh not in _registry(s))
+    _wait_for(lambda: fresh not in f.index.ids)
+
+
 def _drop_last_item(bundle: Path) -> None:
     """Rewrite a bundle copy without its last item (ids, index, counts), re-checksummed."""
     import faiss
