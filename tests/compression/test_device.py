@@ -218,6 +218,7 @@ def test_export_device_writes_report(device_run: Path, tmp_path: Path) -> None:
     assert rep["bytes"] == sum((out / n).stat().st_size for n in DEVICE_FILES)
     assert rep["files"].keys() == set(DEVICE_FILES)
     assert 0 < rep["recall@20"] <= 1 and rep["us_per_query"] > 0
+    assert 0 < rep["us_tower"] < rep["us_per_query"] and rep["us_rank"] > 0
     # The server's codes and the same tower: the same lists up to float ties.
     assert abs(rep["recall@20"] - rep["server_recall@20"]) <= 0.005
     assert rep["top20_same_as_server"] >= 0.95
