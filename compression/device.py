@@ -641,6 +641,8 @@ def run(cfg: DeviceConfig) -> Path:
     report["us_per_query"] = t["median"]
     report["us_per_query_p90"] = t["p90"]
     report["us_tower"] = t["tower_median"]
+    # This host's cores are shared: the load while timing says how far to trust the times.
+    report["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     report["us_rank"] = t["rank_median"]
     report["timing"] = (
         f"median of {t['queries']} batch-1 queries (tower + score all items from the codes + "
