@@ -87,6 +87,7 @@ class FreshItems:
         self._bundle: str | None = None  # the live bundle's version at the last poll
         self._since = time.monotonic()  # when it became live here
         self._entries: dict[str, str] = {}  # the registry as last read
+        self._decoded: dict[str, tuple] = {}  # item -> (entry, width, parsed, row): last build
         self._tidied = 0.0  # monotonic time of the last tidying attempt
         self.tidy_every_s = TIDY_EVERY_S
         self.takeover_grace_s = TAKEOVER_GRACE_S
@@ -114,6 +115,10 @@ class FreshItems:
                     "bundle's fold-in settings are malformed; fresh items are off for it",
                     extra={"event": "fresh_off", "bundle": engine.version, "error": str(e)},
                 )
+            if got is not None and got.method == "ridge" and engine.fresh_prior is not None:
+                # the (D + 1)^2 inverse every ridge fold-in shares: computed here (the first
+                # poll after a load), not inside the first fresh write
+                engine.fresh_prior.ridge_base(got.negatives, got.lam)
             self._settings = (engine.version, got)
         return self._settings[1]
 
@@ -321,18 +326,23 @@ class FreshItems:
         rows computed by this bundle), swapped in; lag observed for new or changed entries."""
         dim = engine.items.d
         rows, updated, n_users, entry_ms = {}, {}, {}, {}
+        seen, decoded = self._decoded, {}
         for item, raw in entries.items():
-            try:
-                e = json.loads(raw)
-                entry_ms[item] = ms = int(e["ms"])
-                if item in engine.item_index or item in removed or e.get("b") != engine.version:
-                    continue
-                row, n = _decode(e["row"], dim), int(e["n"])
-            except (ValueError, KeyError, TypeError):
+            got = seen.get(item)
+            if got is None or got[0] != raw or got[1] != dim:  # parse only new or changed ones
+                e = _entry(raw, row=True)
+                got = (raw, dim, None) if e is None else (raw, dim, e, _decode(e["row"], dim))
+            decoded[item] = got
+            if len(got) < 4:
                 continue
-            if row is None:
+            e, row = got[2], got[3]
+            entry_ms[item] = e["ms"]
+            if row is None or item in engine.item_index or item in removed:
                 continue
-            rows[item], updated[item], n_users[item] = row, ms, n
+            if e.get("b") != engine.version:
+                continue
+            rows[item], updated[item], n_users[item] = row, e["ms"], e["n"]
+        self._decoded = decoded  # only the registry's current entries
         previous = (
             self.index
             if self.index is not None and self.index.version[2:] == (engine.version,)
