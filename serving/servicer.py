@@ -278,14 +278,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         result, engine, degraded = await self._recommend(
             "RecommendContent", request, context, friends=False
         )
-        return pb.RecommendContentResponse(
-            items=[
-                pb.Recommendation(id=s.id, score=s.score, reason=s.reason) for s in result.items
-            ],
-            bundle_version=engine.version,
-            cold_start=result.cold_start,
-            degraded=degraded,
+        reply = pb.RecommendContentResponse(
+            bundle_version=engine.version, cold_start=result.cold_start, degraded=degraded
         )
+        add = reply.items.add  # built in place: half the CPU of Recommendation(...) then a copy
+        for s in result.items:
+            add(id=s.id, score=s.score, reason=s.reason)
+        return reply
 
     async def RecommendFriends(
         self, request: pb.RecommendFriendsRequest, context
@@ -293,17 +292,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         result, engine, degraded = await self._recommend(
             "RecommendFriends", request, context, friends=True
         )
-        return pb.RecommendFriendsResponse(
-            users=[
-                pb.Recommendation(
-                    id=s.id, score=s.score, reason=s.reason, mutual_friends=s.mutual_friends
-                )
-                for s in result.items
-            ],
-            bundle_version=engine.version,
-            cold_start=result.cold_start,
-            degraded=degraded,
+        reply = pb.RecommendFriendsResponse(
+            bundle_version=engine.version, cold_start=result.cold_start, degraded=degraded
         )
+        add = reply.users.add
+        for s in result.items:
+            add(id=s.id, score=s.score, reason=s.reason, mutual_friends=s.mutual_friends)
+        return reply
 
     # ---- writes ----------------------------------------------------------------------------
     async def _write(self, context, method: str, fn, *args) -> str:
@@ -569,10 +564,20 @@ def make_query(
     way; both leave out ``exclude`` (the request's own list)."""
     f = features
     if friends:
-        return FriendQuery(
-            user_id, f.history, f.friends, f.fof, k, f.dismissed | f.blocked | exclude
-        )
-    return ContentQuery(f.history, f.friends, k, f.seen | f.dismissed | removed | exclude, fresh)
+        banned = _union(f.dismissed, f.blocked, exclude)
+        return FriendQuery(user_id, f.history, f.friends, f.fof, k, banned)
+    return ContentQuery(
+        f.history, f.friends, k, _union(f.seen, f.dismissed, removed, exclude), fresh
+    )
+
+
+def _union(*sets: frozenset[str]) -> frozenset[str]:
+    """The union of ``sets``, not copied when at most one is non-empty (the usual content
+    read: its seen set, nothing dismissed, taken down or excluded)."""
+    full = [s for s in sets if s]
+    if len(full) == 1:
+        return full[0]
+    return frozenset().union(*full)
 
 
 def rank(

@@ -1,0 +1,250 @@
+"""Server CPU per request by stage under load, next to an empty gRPC call's, side by side.
+
+Starts a private redis-server, publishes the run's training data, starts `socialrec serve`
+with one worker and the result cache off (``--result-cache-mb 0``; every read runs the tower
+and the search), then alternates, for ``--rounds`` rounds, two phases of closed-loop load from
+a client process with ``--concurrency`` channels: reads (RecommendContent and RecommendFriends
+alternating, uniformly random users, k = 20) and empty calls (gRPC health Check on the same
+server: the transport and grpc.aio's machinery, no work). The worker's CPU time (psutil)
+over each phase divided by its calls is the CPU per request; the ratio reads / empty is the
+issue's target (<= 2x, goal 1.5x).
+
+In the last round py-spy samples the worker during the read phase (``--py-spy``, needs the
+py-spy binary and ptrace rights); each sample is assigned to one stage by its innermost frame
+that names one (rules in STAGES), and the worker CPU per read is split in those proportions.
+
+    python benchmarks/stage_profile.py --run RUN [--bundle DIR] [--seconds 15] [--rounds 3]
+        [--concurrency 4] [--serve-args '...'] [--py-spy] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from socialrec.serving.harness import ServerProcess  # noqa: E402
+from socialrec.serving.redis_local import start_redis  # noqa: E402
+
+from socialrec.v1 import recommender_pb2 as pb  # noqa: E402
+from socialrec.v1 import recommender_pb2_grpc as pb_grpc  # noqa: E402
+
+# (stage, file pattern, function pattern): a sample belongs to the first stage, scanning its
+# frames from the innermost outwards, whose rule matches a frame (regexes, search()).
+STAGES: list[tuple[str, str, str]] = [
+    ("metrics", r"prometheus_client", r""),
+    ("metrics", r"serving/servicer\.py", r"\b(_observe|_count|_degraded)$"),
+    (
+        "validate",
+        r"serving/(servicer|schema)\.py",
+        r"\b(_id|_k|_exclude|_live|_deadline|check_id)$",
+    ),
+    ("protobuf build", r"", r"SerializeToString|\b_serialize"),
+    ("protobuf build", r"serving/servicer\.py", r"\b(RecommendContent|RecommendFriends)$"),
+    ("tower", r"serving/engine\.py", r"\b_tower$"),
+    ("search", r"serving/engine\.py", r"\b_search$"),
+    ("search", r"faiss", r""),
+    ("filter/rank/id map", r"serving/(engine|cache)\.py", r""),
+    ("filter/rank/id map", r"serving/servicer\.py", r"\b(make_query|cached|rank)$"),
+    ("batcher", r"serving/batcher\.py", r""),
+    ("feature read + reply parsing", r"serving/(resp|store|schema|fresh_serving)\.py", r""),
+    ("servicer glue", r"serving/servicer\.py", r""),
+]
+FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
+
+
+def classify(stack: str) -> str:
+    """The stage of one collapsed py-spy stack (frames root;...;leaf)."""
+    for frame in reversed(stack.split(";")):
+        m = FRAME.match(frame.strip())
+        fn, file = (m["fn"], m["file"]) if m else (frame, "")
+        for stage, fpat, npat in STAGES:
+            if (not fpat or re.search(fpat, file)) and (not npat or re.search(npat, fn)):
+                return stage
+    return "grpc + event loop"
+
+
+def _client(address: str, mode: str, users: list[str], conc: int, seconds: float, q) -> None:
+    async def main() -> int:
+        channels = [grpc.aio.insecure_channel(address) for _ in range(conc)]
+        rng = np.random.default_rng(os.getpid())
+        calls = 0
+        stop = time.perf_counter() + seconds
+
+        async def loop(ch: grpc.aio.Channel, i: int) -> None:
+            nonlocal calls
+            stub, health = pb_grpc.RecommenderStub(ch), health_pb2_grpc.HealthStub(ch)
+            n = i
+            while time.perf_counter() < stop:
+                if mode == "empty":
+                    await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                else:
+                    u = users[int(rng.integers(len(users)))]
+                    if n % 2:
+                        await stub.RecommendFriends(
+                            pb.RecommendFriendsRequest(user_id=u, k=20), timeout=10
+                        )
+                    else:
+                        await stub.RecommendContent(
+                            pb.RecommendContentRequest(user_id=u, k=20), timeout=10
+                        )
+                n += 1
+                calls += 1
+
+        await asyncio.gather(*(loop(c, i) for i, c in enumerate(channels)))
+        for c in channels:
+            await c.close()
+        return calls
+
+    q.put(asyncio.run(main()))
+
+
+def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path | None):
+    """(calls per second, worker CPU us per call) over one phase; py-spy into ``spy``."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    warm = ctx.Process(target=_client, args=(address, mode, users, conc, 1.0, q))
+    warm.start()
+    q.get()
+    warm.join()
+    proc = ctx.Process(target=_client, args=(address, mode, users, conc, seconds, q))
+    t = worker.cpu_times()
+    c0, t0 = t.user + t.system, time.perf_counter()
+    proc.start()
+    sampler = None
+    if spy is not None:
+        sampler = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(worker.pid), "--duration", str(int(seconds) - 1),
+             "--rate", "200", "--format", "raw", "-o", str(spy)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    calls = q.get()
+    proc.join()
+    t = worker.cpu_times()
+    cpu, dt = t.user + t.system - c0, time.perf_counter() - t0
+    if sampler is not None:
+        _, err = sampler.communicate(timeout=60)
+        if sampler.returncode:
+            print(f"py-spy failed: {err.decode()[-300:]}", file=sys.stderr)
+    return calls / dt, 1e6 * cpu / max(calls, 1)
+
+
+def stage_split(raw: Path) -> dict[str, float]:
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            counts[classify(stack)] += int(n)
+    total = sum(counts.values())
+    return {s: c / total for s, c in counts.most_common()} if total else {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run directory (socialrec train)")
+    ap.add_argument("--bundle", help="bundle directory (default RUN/bundle)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="seconds per phase")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=4, help="client channels in flight")
+    ap.add_argument("--serve-args", default="", help="extra `socialrec serve` flags")
+    ap.add_argument("--py-spy", action="store_true", help="split the read CPU by stage")
+    ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--raw", help="keep py-spy's collapsed stacks in this file")
+    a = ap.parse_args()
+    if a.py_spy and shutil.which("py-spy") is None:
+        ap.error("--py-spy needs the py-spy binary (pip install py-spy)")
+
+    run = Path(a.run)
+    bundle = Path(a.bundle) if a.bundle else run / "bundle"
+    if not (bundle / "manifest.json").exists():
+        ap.error(f"{bundle} holds no bundle (export one, or pass --bundle)")
+    users = (bundle / "user_ids.txt").read_text().split("\n")[:-1]
+    redis = start_redis()
+    server = None
+    tmp = Path(tempfile.mkdtemp(prefix="stage-profile-"))
+    try:
+        from socialrec.serving.publish import PublishConfig
+        from socialrec.serving.publish import run as publish
+
+        publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
+        args = ["--bundle", str(bundle), "--redis-url", redis.url, "--workers", "1",
+                "--result-cache-mb", "0", *a.serve_args.split()]  # fmt: skip
+        server = ServerProcess(
+            args, metrics=True, env={"SOCIALREC_WRITE_TOKEN": "bench"}, ready_timeout_s=120
+        ).start()
+        server.wait_serving()
+        (worker,) = psutil.Process(server.pid).children()
+        runs: dict[str, list[tuple[float, float]]] = {"reads": [], "empty": []}
+        split: dict[str, float] = {}
+        for r in range(a.rounds):
+            for mode in ("reads", "empty"):
+                spy = (
+                    tmp / "reads.txt"
+                    if a.py_spy and mode == "reads" and r == a.rounds - 1
+                    else None
+                )
+                rps, us = phase(server.address, mode, users, a.concurrency, a.seconds, worker, spy)
+                runs[mode].append((rps, us))
+                print(f"round {r + 1}/{a.rounds} {mode:6s} {rps:7.0f} calls/s  {us:7.1f} us "
+                      "worker CPU/call", flush=True)  # fmt: skip
+                if spy is not None and spy.exists():
+                    split = stage_split(spy)
+                    if a.raw:
+                        shutil.copy(spy, a.raw)
+    finally:
+        if server is not None:
+            server.stop()
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {m: statistics.median(us for _, us in v) for m, v in runs.items()}
+    rps = {m: statistics.median(x for x, _ in v) for m, v in runs.items()}
+    ratio = med["reads"] / med["empty"]
+    print(f"\nbundle {bundle}; serve flags: {a.serve_args or '(defaults)'} --result-cache-mb 0; "
+          f"{a.concurrency} channels; medians of {a.rounds} rounds of {a.seconds:g} s")  # fmt: skip
+    print(f"reads: {med['reads']:.1f} us worker CPU/request ({rps['reads']:.0f}/s); empty call: "
+          f"{med['empty']:.1f} us ({rps['empty']:.0f}/s); reads / empty = {ratio:.2f}x")  # fmt: skip
+    if split:
+        print(f"\n{'stage (py-spy share of worker CPU)':36s} {'share':>6s} {'us/request':>10s}")
+        for stage, share in split.items():
+            print(f"{stage:36s} {100 * share:5.1f}% {share * med['reads']:10.1f}")
+    if a.out:
+        report = {
+            "command": "python benchmarks/stage_profile.py " + " ".join(sys.argv[1:]),
+            "bundle": str(bundle),
+            "setup": {**vars(a), "cpus": os.cpu_count(), "load": os.getloadavg()},
+            "rounds": {
+                m: [{"rps": round(x, 1), "cpu_us": round(y, 1)} for x, y in v]
+                for m, v in runs.items()
+            },  # fmt: skip
+            "median_cpu_us": {m: round(v, 1) for m, v in med.items()},
+            "median_rps": {m: round(v, 1) for m, v in rps.items()},
+            "reads_over_empty": round(ratio, 3),
+            "stage_share": {s: round(v, 4) for s, v in split.items()},
+            "stage_us": {s: round(v * med["reads"], 1) for s, v in split.items()},
+        }
+        Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
