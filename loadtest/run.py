@@ -54,6 +54,7 @@ PEER_NAME = "naive-torch"
 # --peers: key -> the name reported for it; each peer runs after ours with the same settings
 PEERS = {"naive": PEER_NAME, "ray": "ray-serve"}
 RAY_MAX_ONGOING_REQUESTS = 4  # per replica of the Ray peer (docs/benchmarks.md "Ray Serve peer")
+RAY_IDLE_S = 5.0  # the Ray peer's idle CPU is read over this long before its load
 RAY_READY_TIMEOUT_S = 180.0  # a local Ray head, Serve and the replicas take ~20 s on 2 idle cores
 THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
@@ -943,7 +944,7 @@ def run(cfg: LoadTestConfig) -> Path:
     summary["peer"] = results.get("naive")
     summary["ratios"] = _ratios(summary, results.get("naive"))
     summary["peers"] = results
-    summary["ratios_by_peer"] = {name: _ratios(summary, r) for name, r in results.items()}
+    summary["ratios_by_peer"] = {name: _peer_ratios(summary, r) for name, r in results.items()}
     summary["config"] = {
         **asdict(cfg),
         "run": str(run_dir),
@@ -1010,12 +1011,19 @@ def run_peer(
             fleet.start()
         except RuntimeError as e:
             raise RuntimeError(f"peer {name!r} ({PEERS[name]}) failed to start: {e}") from None
+        idle = None
+        if name == "ray":  # what the Ray head burns with no calls (counted in the window too)
+            pid, t0 = fleet.servers[0].pid, time.monotonic()
+            c0 = tree_cpu_s(pid)
+            time.sleep(RAY_IDLE_S)
+            idle = round((tree_cpu_s(pid) - c0) / (time.monotonic() - t0), 3)
         with FeatureStore(backend.store_cfg(namespace)) as s:
             res = drive(cfg, tag, fleet, bundle, out, token, backend, s)
         if name == "ray":
             res["processes"] = fleet.servers[0].outside_tree()  # type: ignore[attr-defined]
             res["ray"] = {"replicas": cfg.workers * cfg.replicas,
-                          "max_ongoing_requests": RAY_MAX_ONGOING_REQUESTS}  # fmt: skip
+                          "max_ongoing_requests": RAY_MAX_ONGOING_REQUESTS,
+                          "idle_cpu_cores": idle}  # fmt: skip
     finally:
         fleet.stop()
     return {"name": PEERS[name], **res}
@@ -1039,6 +1047,16 @@ def _ratios(ours: dict, peer: dict | None) -> dict | None:
         ),
         "p99_peer_over_ours": div(peer["p99_ms"], ours["p99_ms"]),
     }
+
+
+def _peer_ratios(ours: dict, peer: dict) -> dict:
+    """:func:`_ratios` plus, for a steps run, capacity (the best step within the p99 bound)."""
+    res = _ratios(ours, peer) or {}
+    if "capacity" in ours or "capacity" in peer:
+        a, b = ours.get("capacity") or {}, peer.get("capacity") or {}
+        ok = a.get("rps") is not None and b.get("rps")
+        res["capacity_vs_peer"] = round(a["rps"] / b["rps"], 2) if ok else None
+    return res
 
 
 def print_summary(path: Path) -> None:
@@ -1066,4 +1084,6 @@ def print_summary(path: Path) -> None:
         print(f"fault: {s['fault']}  status: {s['status']}")
     if s.get("capacity") is not None or s.get("steps"):
         print(f"capacity (p99 <= 25 ms): {s.get('capacity')}")
+        for peer in (s.get("peers") or {}).values():
+            print(f"  {peer['name']}: {peer.get('capacity')}")
     print(f"wrote {path}")

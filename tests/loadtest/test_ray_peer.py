@@ -175,6 +175,7 @@ def test_loadtest_with_naive_and_ray_peers(run_dir, tmp_path) -> None:
     # Ray's GCS, raylet, agents, controller, proxy and replicas: all counted, none outside
     assert ray["processes"]["in_tree"] >= 6 and ray["processes"]["marked_outside_tree"] == 0
     assert ray["server_cpu_us_per_request"] > 0
+    assert ray["ray"]["replicas"] == 2 and ray["ray"]["idle_cpu_cores"] >= 0
     for name in ("rps_vs_peer", "cpu_per_request_peer_over_ours", "p99_peer_over_ours"):
         assert s["ratios_by_peer"]["ray"][name] is not None, name
     assert (out / "ray_stats.csv").stat().st_size > 0
