@@ -50,7 +50,7 @@ DEVICE_FILES = (TOWER_ORT, TABLE)  # what the phone holds; the rest is build inp
 TOWER_INPUTS = ("hist_ids", "hist_w", "friend_ids", "friend_w")  # serving/bundle.py's names
 CONTENT_OUTPUT = "content_vector"
 SCHEMES = ("sq8", "row8", "row4")  # per-dimension 8-bit (FAISS SQ8), per-row 8 / 4-bit
-CHUNK_ROWS = 4096  # item rows converted from codes to float32 at a time while scoring (~0.5 MB)
+CHUNK_BYTES = 1 << 19  # float32 codes converted at a time while scoring (cache-sized)
 K = 20
 
 
@@ -106,20 +106,22 @@ class ItemTable:
             return q * self.scale + self.offset
         return q * self.scale.astype(np.float32)[:, None] + self.offset.astype(np.float32)[:, None]
 
-    def scores(self, u: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
+    def scores(self, u: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """Inner products of queries with every item, straight from the codes.  (B, D) -> (B, N)
 
         The affine dequantisation folds into the query (sq8: ``q . (u * scale) + offset . u``)
         or into the per-row result (row: ``scale_r (q_r . u) + offset_r sum(u)``), so only
-        ``chunk`` rows of codes are ever held as float32, in reused buffers. int4 rows are
+        ``chunk`` rows of codes (default: CHUNK_BYTES of float32) are ever held as float32, in
+        reused buffers. int4 rows are
         scored as two halves (low nibbles against the first ceil(D/2) query entries, high
         nibbles against the rest), never unpacked into one row.
         """
         u = np.ascontiguousarray(u, np.float32)
+        width = self.codes.shape[1]
+        chunk = chunk or max(CHUNK_BYTES // (4 * width), 64)
         n, rows, b = len(self), max(min(chunk, len(self)), 1), len(u)
         out = np.empty((b, n), np.float32)
         w = np.ascontiguousarray((u * self.scale).T if self.scheme == "sq8" else u.T)  # (D, B)
-        width = self.codes.shape[1]
         if self.scheme == "row4":  # (2, ceil(D/2), B): halves of w, the odd pad row zero
             w = np.concatenate([w, np.zeros((2 * width - self.dim, b), np.float32)])
             halves = w.reshape(2, width, b)
