@@ -106,10 +106,12 @@ def measure(device: Path, n: int, scheme: str, args, work: Path) -> dict:
         "load_s": round(load_s, 3),
         "us_per_query_codes": round(codes["median"], 1),
         "us_per_query_codes_p90": round(codes["p90"], 1),
+        "us_per_query_codes_min": round(codes["min"], 1),
         "us_tower": round(codes["tower_median"], 1),
         "us_rank_codes": round(codes["rank_median"], 1),
         "us_per_query_float32": round(f32["median"], 1) if f32 else None,
         "us_per_query_float32_p90": round(f32["p90"], 1) if f32 else None,
+        "us_per_query_float32_min": round(f32["min"], 1) if f32 else None,
         "us_rank_float32": round(f32["rank_median"], 1) if f32 else None,
     }
     shutil.rmtree(d)
