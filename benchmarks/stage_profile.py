@@ -1,20 +1,22 @@
 """Server CPU per request by stage under load, next to an empty gRPC call's, side by side.
 
-Starts a private redis-server, publishes the run's training data, starts `socialrec serve`
-with one worker and the result cache off (``--result-cache-mb 0``; every read runs the tower
-and the search), then alternates, for ``--rounds`` rounds, two phases of closed-loop load from
-a client process with ``--concurrency`` channels: reads (RecommendContent and RecommendFriends
-alternating, uniformly random users, k = 20) and empty calls (gRPC health Check on the same
-server: the transport and grpc.aio's machinery, no work). The worker's CPU time (psutil)
+Starts a private redis-server, publishes the run's training data, starts one `socialrec
+serve` per ``--config`` with one worker and the result cache off (``--result-cache-mb 0``;
+every read runs the tower and the search), then alternates, for ``--rounds`` rounds, phases of
+closed-loop load from a client process with ``--concurrency`` channels: reads on each server (RecommendContent and RecommendFriends
+alternating, uniformly random users, k = 20), then empty calls (gRPC health Check on the
+first server: the transport and grpc.aio's machinery, no work). The worker's CPU time (psutil)
 over each phase divided by its calls is the CPU per request; the ratio reads / empty is the
 issue's target (<= 2x, goal 1.5x).
 
-In the last round py-spy samples the worker during the read phase (``--py-spy``, needs the
-py-spy binary and ptrace rights); each sample is assigned to one stage by its innermost frame
-that names one (rules in STAGES), and the worker CPU per read is split in those proportions.
+With ``--py-spy``, an extra round after the measured ones samples each worker during a read
+phase (py-spy pauses the process it samples, so that round is left out of the CPU figures;
+needs the py-spy binary and ptrace rights). Each sample of the event-loop thread is assigned
+to one stage by its innermost frame that names one (rules in STAGES), and each server's
+median CPU per read is split in those proportions.
 
     python benchmarks/stage_profile.py --run RUN [--bundle DIR] [--seconds 15] [--rounds 3]
-        [--concurrency 4] [--serve-args '...'] [--py-spy] [--out FILE]
+        [--concurrency 4] [--config 'LABEL=SERVE ARGS[@PYTHONPATH]' ...] [--py-spy] [--out FILE]
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ STAGES: list[tuple[str, str, str]] = [
         r"\b(_id|_k|_exclude|_live|_deadline|check_id)$",
     ),
     ("protobuf build", r"", r"SerializeToString|\b_serialize"),
-    ("protobuf build", r"serving/servicer\.py", r"\b(RecommendContent|RecommendFriends)$"),
+    ("protobuf build", r"serving/servicer\.py", r"\b(RecommendContent|RecommendFriends)\b"),
     ("tower", r"serving/engine\.py", r"\b_tower$"),
     ("search", r"serving/engine\.py", r"\b_search$"),
     ("search", r"faiss", r""),
@@ -134,7 +136,7 @@ def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path
     if spy is not None:
         sampler = subprocess.Popen(
             ["py-spy", "record", "--pid", str(worker.pid), "--duration", str(int(seconds) - 1),
-             "--rate", "200", "--format", "raw", "-o", str(spy)],
+             "--rate", "200", "--format", "raw", "--threads", "-o", str(spy)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
     calls = q.get()
@@ -149,13 +151,36 @@ def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path
 
 
 def stage_split(raw: Path) -> dict[str, float]:
-    counts: collections.Counter[str] = collections.Counter()
+    """Each stage's share of the event-loop thread's busy samples (``py-spy --threads``: the
+    thread whose stacks run the event loop; other threads, e.g. idle executor threads, and
+    samples blocked in the selector, waiting for I/O, are left out)."""
+    by_thread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    loop: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if stack and n.isdigit():
-            counts[classify(stack)] += int(n)
+        if not stack or not n.isdigit():
+            continue
+        thread, _, frames = stack.partition(";")
+        if "run_forever" in frames:
+            loop[thread] += int(n)
+        leaf = frames.rsplit(";", 1)[-1]
+        if re.match(r"(\w+\.)?select \(.*selectors\.py", leaf):
+            continue  # waiting for I/O
+        by_thread[thread][classify(frames)] += int(n)
+    if not loop:
+        return {}
+    counts = by_thread[loop.most_common(1)[0][0]]
     total = sum(counts.values())
     return {s: c / total for s, c in counts.most_common()} if total else {}
+
+
+def parse_config(text: str) -> tuple[str, str, str | None]:
+    """``LABEL=SERVE ARGS[@PYTHONPATH]``: one server under test (PYTHONPATH: another checkout's
+    package, e.g. the code before a change; run the benchmark outside the repository root so
+    the server's ``python -m`` does not import the checkout from its working directory)."""
+    label, _, rest = text.partition("=")
+    args, _, path = rest.partition("@")
+    return label, args, path or None
 
 
 def main() -> int:
@@ -165,13 +190,20 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds per phase")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4, help="client channels in flight")
-    ap.add_argument("--serve-args", default="", help="extra `socialrec serve` flags")
+    ap.add_argument(
+        "--config",
+        action="append",
+        type=parse_config,
+        help="LABEL=SERVE ARGS[@PYTHONPATH], repeatable: servers measured in alternation "
+        "(default: one, 'server=' with the defaults); the empty call runs on the first",
+    )
     ap.add_argument("--py-spy", action="store_true", help="split the read CPU by stage")
     ap.add_argument("--out", help="write the report as JSON here")
-    ap.add_argument("--raw", help="keep py-spy's collapsed stacks in this file")
+    ap.add_argument("--raw", help="keep py-spy's collapsed stacks in this directory")
     a = ap.parse_args()
     if a.py_spy and shutil.which("py-spy") is None:
         ap.error("--py-spy needs the py-spy binary (pip install py-spy)")
+    configs = a.config or [("server", "", None)]
 
     run = Path(a.run)
     bundle = Path(a.bundle) if a.bundle else run / "bundle"
@@ -179,68 +211,82 @@ def main() -> int:
         ap.error(f"{bundle} holds no bundle (export one, or pass --bundle)")
     users = (bundle / "user_ids.txt").read_text().split("\n")[:-1]
     redis = start_redis()
-    server = None
+    servers: dict[str, ServerProcess] = {}
     tmp = Path(tempfile.mkdtemp(prefix="stage-profile-"))
+    runs: dict[str, list[tuple[float, float]]] = {c[0]: [] for c in configs}
+    runs["empty"] = []
+    split: dict[str, dict[str, float]] = {}
     try:
         from socialrec.serving.publish import PublishConfig
         from socialrec.serving.publish import run as publish
 
         publish(PublishConfig(run=str(run), redis_url=redis.url, train_only=True, progress=False))
-        args = ["--bundle", str(bundle), "--redis-url", redis.url, "--workers", "1",
-                "--result-cache-mb", "0", *a.serve_args.split()]  # fmt: skip
-        server = ServerProcess(
-            args, metrics=True, env={"SOCIALREC_WRITE_TOKEN": "bench"}, ready_timeout_s=120
-        ).start()
-        server.wait_serving()
-        (worker,) = psutil.Process(server.pid).children()
-        runs: dict[str, list[tuple[float, float]]] = {"reads": [], "empty": []}
-        split: dict[str, float] = {}
-        for r in range(a.rounds):
-            for mode in ("reads", "empty"):
-                spy = (
-                    tmp / "reads.txt"
-                    if a.py_spy and mode == "reads" and r == a.rounds - 1
-                    else None
-                )
-                rps, us = phase(server.address, mode, users, a.concurrency, a.seconds, worker, spy)
+        for label, extra, path in configs:
+            args = ["--bundle", str(bundle), "--redis-url", redis.url, "--workers", "1",
+                    "--result-cache-mb", "0", *extra.split()]  # fmt: skip
+            env = {"SOCIALREC_WRITE_TOKEN": "bench", **({"PYTHONPATH": path} if path else {})}
+            servers[label] = ServerProcess(args, metrics=True, env=env, ready_timeout_s=120)
+            servers[label].start().wait_serving()
+        workers = {label: psutil.Process(s.pid).children()[0] for label, s in servers.items()}
+        first = configs[0][0]
+        for r in range(a.rounds + a.py_spy):
+            profiling = r == a.rounds  # an extra round: py-spy pauses the worker it samples
+            for mode in [c[0] for c in configs] + ([] if profiling else ["empty"]):
+                label = first if mode == "empty" else mode
+                spy = tmp / f"{mode}.txt" if profiling else None
+                rps, us = phase(servers[label].address, "empty" if mode == "empty" else "reads",
+                                users, a.concurrency, a.seconds, workers[label], spy)  # fmt: skip
+                if spy is not None:
+                    if spy.exists():
+                        split[mode] = stage_split(spy)
+                        if a.raw:
+                            Path(a.raw).mkdir(parents=True, exist_ok=True)
+                            shutil.copy(spy, Path(a.raw) / spy.name)
+                    continue
                 runs[mode].append((rps, us))
-                print(f"round {r + 1}/{a.rounds} {mode:6s} {rps:7.0f} calls/s  {us:7.1f} us "
+                print(f"round {r + 1}/{a.rounds} {mode:14s} {rps:7.0f} calls/s  {us:7.1f} us "
                       "worker CPU/call", flush=True)  # fmt: skip
-                if spy is not None and spy.exists():
-                    split = stage_split(spy)
-                    if a.raw:
-                        shutil.copy(spy, a.raw)
     finally:
-        if server is not None:
-            server.stop()
+        for s in servers.values():
+            s.stop()
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {m: statistics.median(us for _, us in v) for m, v in runs.items()}
     rps = {m: statistics.median(x for x, _ in v) for m, v in runs.items()}
-    ratio = med["reads"] / med["empty"]
-    print(f"\nbundle {bundle}; serve flags: {a.serve_args or '(defaults)'} --result-cache-mb 0; "
-          f"{a.concurrency} channels; medians of {a.rounds} rounds of {a.seconds:g} s")  # fmt: skip
-    print(f"reads: {med['reads']:.1f} us worker CPU/request ({rps['reads']:.0f}/s); empty call: "
-          f"{med['empty']:.1f} us ({rps['empty']:.0f}/s); reads / empty = {ratio:.2f}x")  # fmt: skip
+    print(f"\nbundle {bundle}; --result-cache-mb 0, 1 worker; {a.concurrency} channels; "
+          f"medians of {a.rounds} alternating rounds of {a.seconds:g} s; load {os.getloadavg()}")  # fmt: skip
+    print(f"{'server':14s} {'us CPU/call':>11s} {'calls/s':>8s} {'/ empty':>8s}")
+    for m in runs:
+        print(f"{m:14s} {med[m]:11.1f} {rps[m]:8.0f} {med[m] / med['empty']:8.2f}")
+    stages = sorted({st for v in split.values() for st in v}, key=lambda st: -max(
+        v.get(st, 0.0) for v in split.values()))  # fmt: skip
     if split:
-        print(f"\n{'stage (py-spy share of worker CPU)':36s} {'share':>6s} {'us/request':>10s}")
-        for stage, share in split.items():
-            print(f"{stage:36s} {100 * share:5.1f}% {share * med['reads']:10.1f}")
+        print(f"\n{'us per read by stage (py-spy)':30s}" + "".join(f"{m:>14s}" for m in split))
+        for st in stages:
+            print(
+                f"{st:30s}" + "".join(f"{v.get(st, 0.0) * med[m]:14.1f}" for m, v in split.items())
+            )
     if a.out:
         report = {
             "command": "python benchmarks/stage_profile.py " + " ".join(sys.argv[1:]),
             "bundle": str(bundle),
-            "setup": {**vars(a), "cpus": os.cpu_count(), "load": os.getloadavg()},
+            "setup": {
+                **{k: v for k, v in vars(a).items() if k != "config"},
+                "configs": configs,
+                "cpus": os.cpu_count(),
+                "load": os.getloadavg(),
+            },
             "rounds": {
                 m: [{"rps": round(x, 1), "cpu_us": round(y, 1)} for x, y in v]
                 for m, v in runs.items()
             },  # fmt: skip
             "median_cpu_us": {m: round(v, 1) for m, v in med.items()},
             "median_rps": {m: round(v, 1) for m, v in rps.items()},
-            "reads_over_empty": round(ratio, 3),
-            "stage_share": {s: round(v, 4) for s, v in split.items()},
-            "stage_us": {s: round(v * med["reads"], 1) for s, v in split.items()},
+            "over_empty": {m: round(v / med["empty"], 3) for m, v in med.items()},
+            "stage_us": {
+                m: {st: round(x * med[m], 1) for st, x in v.items()} for m, v in split.items()
+            },  # fmt: skip
         }
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -540,11 +540,11 @@ class Engine:
 
     def _search(
         self, index: faiss.Index, exhaustive: bool, U: np.ndarray, depths: list[int]
-    ) -> list[tuple[list[int], list[float]]]:
-        """(ids, scores) of each row of U (B, D + 1), at least ``depths[b]`` deep."""
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, scores) rows of each row of U (B, D + 1), at least ``depths[b]`` deep."""
         if exhaustive or len(set(depths)) == 1:
             D, I = index.search(U, max(depths))  # noqa: E741  (B, kk) each
-            return list(zip(I.tolist(), D.tolist(), strict=True))
+            return list(zip(I, D, strict=True))
         res: list = [None] * len(depths)
         groups: dict[int, list[int]] = {}
         for b, d in enumerate(depths):
@@ -552,7 +552,7 @@ class Engine:
         for d, bs in groups.items():
             D, I = index.search(np.ascontiguousarray(U[bs]), d)  # noqa: E741
             for row, b in enumerate(bs):
-                res[b] = (I[row].tolist(), D[row].tolist())
+                res[b] = (I[row], D[row])
         return res
 
     # ---- content -----------------------------------------------------------------------
@@ -600,15 +600,15 @@ class Engine:
         for b, r in enumerate(rows):
             r0 = time.perf_counter()
             q, k, kk = r.query, r.query.k, r.kk
-            ids, scores = hits[b]
+            I, D = hits[b]  # noqa: E741  (KK,) each, KK >= kk
             t_alone = 0.0
             while True:
-                if kk > len(ids):
+                if kk > len(I):
                     s1 = time.perf_counter()
                     D, I = self.items.search(U[b : b + 1], kk)  # noqa: E741  (1, kk)
-                    ids, scores = I[0].tolist(), D[0].tolist()
+                    D, I = D[0], I[0]  # noqa: E741
                     t_alone += time.perf_counter() - s1
-                top = [(j, s) for j, s in zip(ids[:kk], scores[:kk], strict=True)
+                top = [(j, s) for j, s in zip(I[:kk].tolist(), D[:kk].tolist(), strict=True)
                        if j >= 0 and j not in r.banned]  # fmt: skip
                 if len(top) >= k or kk >= n:
                     break
@@ -748,15 +748,16 @@ class Engine:
         for b, r in enumerate(rows):
             r0 = time.perf_counter()
             k, kk, banned, cand_fof = r.query.k, r.kk, r.banned, r.cand_fof
-            ids = hits[b][0]
+            I = hits[b][0]  # noqa: E741  (KK,), KK >= kk
             t_alone = 0.0
             while True:
-                if kk > len(ids):
+                if kk > len(I):
                     s1 = time.perf_counter()
                     _, I = self.users.search(U[b : b + 1], kk)  # noqa: E741  (1, kk)
-                    ids = I[0].tolist()
+                    I = I[0]  # noqa: E741
                     t_alone += time.perf_counter() - s1
-                cand = dict.fromkeys(j for j in ids[:kk] if j >= 0 and j not in banned)
+                ids = I[:kk].tolist()
+                cand = dict.fromkeys(j for j in ids if j >= 0 and j not in banned)
                 cand.update(dict.fromkeys(cand_fof))
                 if len(cand) >= k or kk >= n:
                     break
