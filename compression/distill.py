@@ -5,13 +5,23 @@ server ranks (train positives, and self for friends, removed), at temperature T,
 truncated to the teacher's top-M candidates, so the student learns to reproduce the top of
 the *served* list rather than to re-score items the user already has. The ground-truth term
 is the teacher's own full-softmax loss. Both heads are distilled.
+
+The KD teacher is any module that maps the tower inputs to (content logits, friend logits):
+the trained two-tower, or :class:`BlendedTeacher`, whose content scores mix the two-tower's
+with EASE's (a linear function of the history row, :class:`EaseScorer`) when that scores
+better on validation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
 import torch
+from socialrec.training.baselines import interaction_matrix
 from socialrec.training.model import TwoTower, multinomial_nll
 from socialrec.training.split import Split
 from socialrec.training.train import TrainConfig, fit
@@ -48,6 +58,86 @@ def distill_loss(
     return kl.mean() * temperature**2
 
 
+class EaseScorer:
+    """EASE (Steck 2019) fitted on a split's train part, scoring tower inputs.
+
+    The closed form is :func:`training.baselines.ease`'s (binary input, diag(B) = 0, solved on
+    the items with a training user), kept as the item-item matrix B so it can score any
+    history row the tower sees -- the distillation batch's own inputs -- not only the split's
+    users.
+    """
+
+    def __init__(self, split: Split, lam: float) -> None:
+        x = interaction_matrix(split)
+        self.n_items = split.n_items
+        self.active = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() > 0)  # (A,)
+        self.pos = np.full(split.n_items, -1, np.int64)  # item -> column of B, -1 if inactive
+        self.pos[self.active] = np.arange(len(self.active))
+        xa = x[:, self.active].tocsr()
+        g = (xa.T @ xa).toarray().astype(np.float32)  # (A, A)
+        g[np.diag_indices_from(g)] += lam
+        chol, info = scipy.linalg.lapack.spotrf(g, lower=1, overwrite_a=1)
+        if info != 0:
+            raise RuntimeError(f"EASE: Cholesky failed (info={info}); raise the EASE lambda")
+        p, info = scipy.linalg.lapack.spotri(chol, lower=1, overwrite_c=1)
+        if info != 0:
+            raise RuntimeError(f"EASE: inverse failed (info={info})")
+        p = np.tril(p) + np.tril(p, -1).T
+        b = -p / np.diag(p)[None, :]
+        b[np.diag_indices_from(b)] = 0.0
+        self.b = np.ascontiguousarray(b, dtype=np.float32)  # (A, A)
+        self.lam = lam
+
+    def __call__(self, hist_ids: torch.Tensor, hist_w: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each history row (binary: an entry counts when w > 0).  (B, I)"""
+        ids = hist_ids.numpy()
+        col = self.pos[ids]  # (B, L)
+        keep = (hist_w.numpy() > 0) & (col >= 0)
+        rows = np.nonzero(keep)[0]
+        x = sp.csr_matrix(
+            (np.ones(len(rows), np.float32), (rows, col[keep])),
+            shape=(ids.shape[0], len(self.active)),
+        )
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        out = np.zeros((ids.shape[0], self.n_items), dtype=np.float32)
+        out[:, self.active] = np.asarray(x @ self.b, dtype=np.float32)
+        return torch.from_numpy(out)
+
+
+def standardise(s: torch.Tensor) -> torch.Tensor:
+    """Each row to mean 0, std 1 over the candidates (constant rows become 0).  (B, N)"""
+    return (s - s.mean(dim=1, keepdim=True)) / s.std(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def blend(teacher: torch.Tensor, ease: torch.Tensor, w: float) -> torch.Tensor:
+    """Content KD target: z(teacher) + w z(EASE), rescaled to the teacher's row mean and std.
+
+    ``w = 0`` is the teacher, ``w = inf`` EASE alone. Matching the teacher's spread keeps the
+    temperature meaning the same whatever the mix.  (B, I), (B, I) -> (B, I)
+    """
+    if w == 0:
+        return teacher
+    mix = standardise(ease) if math.isinf(w) else standardise(teacher) + w * standardise(ease)
+    mu, sd = teacher.mean(dim=1, keepdim=True), teacher.std(dim=1, keepdim=True)
+    return mu + sd * standardise(mix)
+
+
+class BlendedTeacher(nn.Module):
+    """KD teacher: content logits = :func:`blend` of the two-tower's and EASE's; friends = the
+    two-tower's."""
+
+    def __init__(self, teacher: TwoTower, ease: EaseScorer, w: float) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.ease = ease
+        self.w = w
+
+    def forward(self, hist_ids, hist_w, friend_ids, friend_w) -> tuple[torch.Tensor, torch.Tensor]:
+        t_c, t_f = self.teacher(hist_ids, hist_w, friend_ids, friend_w)
+        return blend(t_c, self.ease(hist_ids, hist_w), self.w), t_f
+
+
 class DistillTask(nn.Module):
     """Ground truth + list-aware KD for both heads; ``forward(batch) -> loss`` like the teacher's task.
 
@@ -59,7 +149,7 @@ class DistillTask(nn.Module):
         self,
         model: TwoTower,
         friend_loss_weight: float,
-        teacher: TwoTower,
+        teacher: nn.Module,  # tower inputs -> (content logits (B, I), friend logits (B, U))
         cfg: DistillConfig,
     ) -> None:
         super().__init__()
@@ -102,7 +192,7 @@ class DistillTask(nn.Module):
 
 
 def distill(
-    teacher: TwoTower,
+    teacher: nn.Module,
     student: TwoTower,
     split: Split,
     train_cfg: TrainConfig,
@@ -110,11 +200,15 @@ def distill(
     cfg: DistillConfig = DistillConfig(),
     progress: bool = False,
     desc: str = "student",
+    val: Split | None = None,
 ) -> tuple[TwoTower, dict]:
     """Fine-tune ``student`` (a fresh small tower or a compressed copy of the teacher) by KD.
 
-    Each head is kept at its own epoch count from ``epochs`` (the teacher's selected counts:
-    there is no validation-free way to pick them, and the test part is never used).
+    Without ``val`` each head is kept at its own epoch count from ``epochs``. With ``val`` (a
+    validation split carved from ``split``'s train part; ``split`` is then that split too)
+    each head is kept at its best validation epoch up to ``max(epochs)``, with the teacher's
+    early stopping; the log's ``best`` holds the counts for a later run on the whole train
+    part. The test part is never used.
     """
 
     def make_task(model, friend_loss_weight, _item_log_q, _user_log_q) -> DistillTask:
@@ -124,7 +218,8 @@ def distill(
         split,
         train_cfg,
         max(epochs.values()),
-        snapshot_at=epochs,
+        val=val,
+        snapshot_at=None if val is not None else epochs,
         progress=progress,
         desc=desc,
         init=student,

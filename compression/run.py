@@ -1,19 +1,38 @@
 """`socialrec compress`: every compression technique on a trained run, scored through the served path.
 
-``run(CompressConfig) -> RUN_DIR/bundle``. Each variant is written as a full bundle under
-RUN_DIR/compress/NAME, scored with ONNX Runtime + FAISS (``served_eval``), timed single
-threaded, and the smallest bundle that keeps ``min_retention`` of the served teacher's
-content recall@20 AND friends recall@20 is copied to RUN_DIR/bundle. A task the split cannot
-score (no test positives, e.g. friends on a dataset without a friend graph) is absent: its
-metrics and retention are null, retention is taken over the tasks present, and the table and
-footer say so. The report goes to RUN_DIR/compression.json, compression.md and compression.png.
+``run(CompressConfig) -> RUN_DIR/bundle``. Selection never sees the test part:
+
+1. **Validation pass.** The validation split is carved from the train part
+   (``training.split.validation_split``, the one the teacher's epochs were chosen on). The
+   teacher's recipe is refit on its train part for the teacher's selected epochs, and every
+   variant is built from that teacher, KD students training on the same part only; each KD
+   fine-tune keeps each head at its best validation epoch (its schedule). Every variant is
+   written as a bundle and scored through ONNX Runtime + FAISS (``served_eval``) on the
+   validation pairs; the smallest that keeps ``min_retention`` of that teacher's content
+   recall@20 AND friends recall@20 is selected.
+2. **Test pass.** Every variant is rebuilt from the real teacher on the whole train part,
+   with the KD schedules chosen in step 1, written under RUN_DIR/compress/NAME, scored once
+   on the test part and timed single threaded; the selected one is copied to RUN_DIR/bundle.
+
+The KD target of the content head is chosen in step 1 too: the teacher, EASE, or the
+teacher's standardised scores plus w times EASE's, whichever has the best validation
+recall@20 (``kd_target``); students distilled from EASE and from the chosen mix compete in
+the selection like every other variant.
+
+A task the split cannot score (no held-out positives, e.g. friends on a dataset without a
+friend graph) is absent: its metrics and retention are null, retention is taken over the
+tasks present, and the table and footer say so. The report goes to
+RUN_DIR/compression.json, compression.md and compression.png, validation and test side by
+side.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -21,7 +40,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from socialrec.compression.distill import DistillConfig, distill
+from socialrec.compression.distill import (
+    BlendedTeacher,
+    DistillConfig,
+    EaseScorer,
+    blend,
+    distill,
+)
 from socialrec.compression.export import bundle_meta, choose_index, export_onnx, write_bundle
 from socialrec.compression.hashing import to_hashed
 from socialrec.compression.lowrank import factor_tables, factored_serving, to_lowrank
@@ -31,17 +56,20 @@ from socialrec.compression.served_eval import bundle_bytes, served_evaluate, us_
 from socialrec.compression.tables import INPUT_TABLES
 from socialrec.serving.bundle import MANIFEST
 from socialrec.serving.fresh import manifest_block
-from socialrec.training.metrics import TASKS, is_absent
+from socialrec.training.baselines import BaselineConfig
+from socialrec.training.features import Features
+from socialrec.training.metrics import TASKS, Graph, absent_reason, evaluate, is_absent
 from socialrec.training.model import TwoTower
 from socialrec.training.run import load_run
-from socialrec.training.train import TrainConfig, load_checkpoint, tower_config
+from socialrec.training.split import Split, validation_split
+from socialrec.training.train import Scorer, TrainConfig, fit, load_checkpoint, tower_config
 from torch import nn
 
 
 @dataclass(frozen=True)
 class CompressConfig:
     run_dir: str
-    min_retention: float = 0.97  # of the served teacher's recall@20, each task present
+    min_retention: float = 0.97  # of the served teacher's validation recall@20, each task present
     quick: bool = False  # few variants, few epochs (tests, smoke runs)
     student_dims: tuple[int, ...] = (64,)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -51,11 +79,17 @@ class CompressConfig:
     n_hashes: int = 2
     prune_sparsity: float = 0.5
     prune_keep_fraction: float = 0.5  # structured: fraction of embedding dims kept per head
-    epochs: int | None = None  # KD from scratch: epochs per head; None: the teacher's counts
-    # KD fine-tune of near-teacher conversions (low-rank, unstructured pruning): short, gentle.
-    # 54 epochs at the teacher's lr lowered the low-rank r=64 model from 0.278 to 0.260 R@20.
-    finetune_epochs: int = 5
+    epochs: int | None = None  # KD from scratch: most epochs per head; None: the teacher's counts
+    # KD fine-tune of near-teacher conversions (low-rank, unstructured pruning): at most this
+    # many epochs at a gentle lr; each head keeps its best validation epoch. (The lr was set
+    # before selection moved to validation; the epoch count is now chosen on validation.)
+    finetune_epochs: int = 20
     finetune_lr: float = 3e-4
+    # KD target of the content head: teacher + w * EASE (both standardised per user); w = 0
+    # (the teacher) and EASE alone are always candidates. Chosen on validation.
+    ensemble_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    ease_lambda: float | None = None  # None: the run's EASE lambda (report.json), else 100
+    only: tuple[str, ...] = ()  # build only these variants (the teacher always); (): all
     max_eval_users: int | None = None
     timing_queries: int = 300
     threads: int = 0  # torch threads for fine-tuning; 0: torch's default
@@ -76,14 +110,18 @@ class Variant:
     notes: dict = field(default_factory=dict)
 
 
-def _epochs(report: dict, cfg: CompressConfig) -> dict[str, int]:
-    """KD epochs per head: the teacher's selected counts (a head without validation pairs
-    has none and trains along to the end, as it did in the teacher's refit)."""
+def _teacher_epochs(report: dict) -> dict[str, int]:
+    """The teacher's selected epoch count per head (a head without validation pairs has none
+    and trains along to the end, as it did in the teacher's refit)."""
     refit = report["teacher"]["train_log"].get("refit", {}).get("epochs")
     best = {t: v["epoch"] for t, v in report["teacher"]["train_log"]["best"].items()}
     e = {t: max(int(v), 1) for t, v in (refit or best).items() if v is not None}
-    if not e:
-        e = {t: 1 for t in TASKS}
+    return e or {t: 1 for t in TASKS}
+
+
+def _epochs(report: dict, cfg: CompressConfig) -> dict[str, int]:
+    """Most KD epochs per head: the teacher's selected counts (or ``cfg.epochs``; quick: 3)."""
+    e = _teacher_epochs(report)
     if cfg.epochs is not None:
         e = {t: cfg.epochs for t in e}
     if cfg.quick:
@@ -104,18 +142,33 @@ def _once(fn: Callable[[], TwoTower]) -> Callable[[], TwoTower]:
 
 
 def variants(
-    teacher: TwoTower, split, tc: TrainConfig, cfg: CompressConfig, epochs
+    teacher: TwoTower,
+    split: Split,
+    tc: TrainConfig,
+    cfg: CompressConfig,
+    epochs: dict[str, int],
+    kd_plan: dict | None = None,
+    ease: EaseScorer | None = None,
+    schedule: dict[str, dict[str, int]] | None = None,
+    choose: bool = False,
 ) -> list[Variant]:
     """The teacher as served, every technique alone, then combinations with quantisation.
 
-    Cheap (training-free) variants come first; fine-tuned ones (KD) after.
+    Cheap (training-free) variants come first; fine-tuned ones (KD) after. ``split`` is what
+    the KD students train on. With ``choose`` it is the validation split and each KD run keeps
+    each head at its best validation epoch, recording the counts in ``schedule`` (by run
+    name); otherwise the counts recorded there are replayed. ``kd_plan`` (:func:`kd_target`) and
+    ``ease`` (fitted on ``split``) add students whose content head learns from EASE and, when
+    it won on validation, from the teacher + EASE mix.
     """
+    schedule = {} if schedule is None else schedule
 
-    def tune(student: TwoTower, desc: str, short: bool = True) -> TwoTower:
+    def tune(student: TwoTower, desc: str, short: bool = True, w: float = 0.0) -> TwoTower:
         """KD training. ``short``: a gentle fine-tune for conversions that keep the teacher's
         function nearly intact (low-rank, unstructured pruning; longer runs overfit the train
         part); otherwise the teacher's own schedule (fresh students, and conversions that
-        change the function a lot: hashed ids, dropped dimensions)."""
+        change the function a lot: hashed ids, dropped dimensions). ``w``: weight of EASE in
+        the content head's KD target (0: the teacher alone)."""
         if short:
             e = {t: cfg.finetune_epochs for t in epochs}
             t_cfg = replace(tc, lr=cfg.finetune_lr)
@@ -123,7 +176,17 @@ def variants(
             e, t_cfg = epochs, tc
         if cfg.quick:
             e = {t: min(v, 3) for t, v in e.items()}
-        model, _ = distill(teacher, student, split, t_cfg, e, cfg.distill, cfg.progress, desc)
+        source: nn.Module = teacher if w == 0 else BlendedTeacher(teacher, ease, w)
+        if choose:
+            model, log = distill(
+                source, student, split, t_cfg, e, cfg.distill, cfg.progress, desc, val=split
+            )
+            schedule[desc] = {
+                t: int(v["epoch"]) for t, v in log["best"].items() if v["epoch"] is not None
+            }
+        else:
+            e = schedule.get(desc) or e  # a head without validation pairs trains along
+            model, _ = distill(source, student, split, t_cfg, e, cfg.distill, cfg.progress, desc)
         return model.eval()
 
     def fresh(dim: int) -> TwoTower:
@@ -192,9 +255,18 @@ def variants(
                 serve=factored_serving,
             ),
         ]
+    sources = _kd_sources(kd_plan) if ease is not None and kd_plan is not None else []
     if cfg.quick:
         dim = cfg.student_dims[0]
         out.append(Variant(f"distill-d{dim}", ["KD"], lambda: tune(fresh(dim), "kd", False)))
+        for sfx, w, label in sources[:1]:
+            out.append(
+                Variant(
+                    f"distill-d{dim}-kd-{sfx}",
+                    [f"KD from {label}"],
+                    lambda sfx=sfx, w=w: tune(fresh(dim), f"kd-{sfx}", False, w),
+                )
+            )
         return out
     r = cfg.lowrank_kd_rank
     lr_kd = _once(lambda: tune(to_lowrank(teacher, r), f"lowrank-r{r}-kd"))
@@ -219,6 +291,30 @@ def variants(
             ),
             Variant(
                 f"distill-d{dim}-int4", [kd, "int4 rows", "faiss sq8"], quantized(student, 4), "sq8"
+            ),
+        ]
+    for sfx, w, label in sources:
+        for dim in cfg.student_dims:
+            name = f"distill-d{dim}-kd-{sfx}"
+            student = _once(lambda dim=dim, w=w, name=name: tune(fresh(dim), name, False, w))
+            kd = f"KD d={dim} T={cfg.distill.temperature:g} from {label}"
+            out += [
+                Variant(name, [kd], student),
+                Variant(
+                    f"{name}-int4", [kd, "int4 rows", "faiss sq8"], quantized(student, 4), "sq8"
+                ),
+            ]
+        name = f"lowrank-r{r}-kd-{sfx}"
+        lr_src = _once(lambda w=w, name=name: tune(to_lowrank(teacher, r), name, True, w))
+        kd_src = [f"low-rank r={r} (SVD init)", f"KD fine-tune from {label}"]
+        out += [
+            Variant(name, kd_src, lr_src, serve=factored_serving),
+            Variant(
+                f"{name}-int4",
+                [*kd_src, "int4 rows", "faiss sq8"],
+                quantized(lr_src, 4, a_tables),
+                "sq8",
+                serve=factored_serving,
             ),
         ]
     structured = _once(lambda: tune(prune_dims(teacher, keep), "prune-structured", False))
@@ -249,19 +345,124 @@ def variants(
     return out
 
 
-def run(cfg: CompressConfig) -> Path:
-    """Build, score and time every variant; select one; write the bundle and the report."""
-    run_dir = Path(cfg.run_dir)
-    teacher, ck = load_checkpoint(run_dir / "teacher.pt")
-    ds, split, report = load_run(run_dir)
-    tc = TrainConfig(**{**ck["train_config"], "threads": cfg.threads})
-    epochs = _epochs(report, cfg)
-    work = run_dir / "compress"
-    work.mkdir(parents=True, exist_ok=True)
+def _kd_sources(kd_plan: dict) -> list[tuple[str, float, str]]:
+    """(name suffix, EASE weight, label) of the non-teacher KD targets to distil from: the
+    validation winner when it is a teacher + EASE mix, and EASE alone always (it measures how
+    much of EASE a history-pooling tower can represent)."""
+    out = []
+    if kd_plan["chosen"] == "ensemble":
+        w = kd_plan["w"]
+        out.append(("ens", w, f"teacher + {w:g} EASE"))
+    out.append(("ease", math.inf, "EASE"))
+    return out
+
+
+EASE_LAMBDA_DEFAULT = 100.0  # when neither the config nor the run names one
+
+
+def _ease_lambda(report: dict, cfg: CompressConfig) -> float:
+    """EASE's lambda: the config's, else the one the training run chose or used, else 100."""
+    if cfg.ease_lambda is not None:
+        return float(cfg.ease_lambda)
+    ease = (report.get("baseline_params") or {}).get("EASE") or {}
+    for key in ("lambda", "chosen", "best", "ease_lambda"):
+        v = ease.get(key) if isinstance(ease, dict) else None
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return float(v)
+    v = (report.get("config", {}).get("baselines") or {}).get("ease_lambda")
+    return float(v) if isinstance(v, int | float) else EASE_LAMBDA_DEFAULT
+
+
+def content_scores(model: TwoTower, ease: EaseScorer | None, split: Split, tc: TrainConfig, w):
+    """``score_fn(users) -> (B, I)`` of :func:`blend` (teacher, EASE, w) on the split's tower
+    inputs; w = 0: the teacher alone."""
+    sc = Scorer(model, Features.from_split(split, tc.max_history, tc.max_friends))
+
+    @torch.no_grad()
+    def score(users):
+        x = sc.inputs(users)
+        model.eval()
+        t_c, _ = model(*x)
+        return (t_c if w == 0 else blend(t_c, ease(x[0], x[1]), w)).numpy()
+
+    return score
+
+
+def _content_recall(score_fn, split: Split, cfg: CompressConfig) -> float:
+    tr = Graph(split.n_users, split.train_user, split.train_item)
+    te = Graph(split.n_users, split.test_user, split.test_item)
+    return evaluate(score_fn, tr, te, max_users=cfg.max_eval_users)["recall@20"]
+
+
+def kd_target(
+    teacher: TwoTower, ease: EaseScorer, val: Split, tc: TrainConfig, cfg: CompressConfig
+) -> dict:
+    """The content head's KD target chosen on validation (torch scores, full ranking).
+
+    Candidates: the teacher (w = 0), teacher + w EASE for each ``cfg.ensemble_weights``, and
+    EASE alone (w = inf), all fitted on ``val``'s train part. The best validation recall@20
+    wins; a tie keeps the simpler target (the teacher first, EASE alone last).
+    """
+    grid = [0.0, *cfg.ensemble_weights, math.inf]
+    scores = [_content_recall(content_scores(teacher, ease, val, tc, w), val, cfg) for w in grid]
+    best = max(range(len(grid)), key=lambda k: (scores[k], -k))
+    w = grid[best]
+    chosen = "teacher" if w == 0 else ("EASE" if math.isinf(w) else "ensemble")
+    finite = [k for k in range(1, len(grid) - 1)]
+    best_mix = max(finite, key=lambda k: (scores[k], -k)) if finite else None
+    return {
+        "lambda": ease.lam,
+        "grid": [
+            {"w": _w(g), "val_recall@20": round(sc, 4)} for g, sc in zip(grid, scores, strict=True)
+        ],
+        "chosen": chosen,
+        "w": w if chosen == "ensemble" else None,
+        "best_mix_w": grid[best_mix] if best_mix is not None else None,
+        "val_recall@20": {
+            "teacher": round(scores[0], 4),
+            "EASE": round(scores[-1], 4),
+            "ensemble": round(scores[best_mix], 4) if best_mix is not None else None,
+        },
+        "protocol": "torch scores, full ranking, validation split carved from train; teacher "
+        "refit on its train part, EASE fitted there; EASE scores the tower's input history",
+    }
+
+
+def _w(w: float) -> float | str:
+    return "inf" if math.isinf(w) else w
+
+
+def _teacher_on(val: Split, tc: TrainConfig, report: dict, progress: bool) -> TwoTower:
+    """The teacher's recipe refit on the validation split's train part, each head at the
+    teacher's selected epoch count (the validation pairs stay unseen)."""
+    e = _teacher_epochs(report)
+    model, _ = fit(
+        val,
+        tc,
+        max(e.values()),
+        snapshot_at=e,
+        progress=progress,
+        desc="teacher (validation split's train part)",
+    )
+    return model.eval()
+
+
+def _build_and_score(
+    todo: list[Variant],
+    split: Split,
+    work: Path,
+    ds,
+    ck: dict,
+    report: dict,
+    cfg: CompressConfig,
+    label: str,
+    run_dir: Path,
+) -> list[dict]:
+    """Write each variant as a bundle under ``work`` and score it on ``split``'s held-out part."""
     rows: list[dict] = []
-    todo = variants(teacher, split, tc, cfg, epochs)
+    work.mkdir(parents=True, exist_ok=True)
     for k, v in enumerate(todo, start=1):
-        step = f"[compress] variant {k} of {len(todo)}: {v.name}"
+        step = f"[compress] {label}: variant {k} of {len(todo)}: {v.name}"
         if cfg.progress:
             print(f"{step} ({', '.join(v.techniques) or 'the teacher as trained'})", flush=True)
         t0 = time.time()
@@ -329,44 +530,140 @@ def run(cfg: CompressConfig) -> Path:
                 f"friends R@20 {_num(row['friends_recall@20'])} (built in {t_build:.0f}s)",
                 flush=True,
             )
+    return rows
+
+
+def _only(todo: list[Variant], cfg: CompressConfig) -> list[Variant]:
+    """The variants ``cfg.only`` names, the teacher first (the retention reference)."""
+    if not cfg.only:
+        return todo
+    known = {v.name for v in todo}
+    unknown = sorted(set(cfg.only) - known)
+    if unknown:  # e.g. a teacher + EASE student when the mix did not win on validation
+        print(
+            f"[compress] not built (not among this run's variants): {', '.join(unknown)}; "
+            f"this run builds: {', '.join(sorted(known))}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return [v for k, v in enumerate(todo) if k == 0 or v.name in cfg.only]
+
+
+def _absent(row: dict) -> dict[str, str]:
+    return {t: row["metrics"][t]["reason"] for t in TASKS if is_absent(row["metrics"][t])}
+
+
+VAL_KEYS = ("recall@20", "ndcg@20", "friends_recall@20", "friends_ndcg@20", "bytes", "metrics")
+
+
+def run(cfg: CompressConfig) -> Path:
+    """Select on validation, score on test; write the selected bundle and the report."""
+    run_dir = Path(cfg.run_dir)
+    teacher, ck = load_checkpoint(run_dir / "teacher.pt")
+    ds, split, report = load_run(run_dir)
+    tc = TrainConfig(**{**ck["train_config"], "threads": cfg.threads})
+    epochs = _epochs(report, cfg)
+    work = run_dir / "compress"
+    work.mkdir(parents=True, exist_ok=True)
+    val = validation_split(split)  # as training/run.py carves it for the teacher's selection
+
+    # 1. Validation pass: everything learns from val's train part and is scored on val.
+    if cfg.progress:
+        print("[compress] validation pass: the teacher refit on the validation train part")
+    teacher_v = _teacher_on(val, tc, report, cfg.progress)
+    lam = _ease_lambda(report, cfg)
+    ease_ok = split.n_items <= BaselineConfig().ease_max_items and not absent_reason(val, "content")
+    ease_v = EaseScorer(val, lam) if ease_ok else None
+    kd_plan = kd_target(teacher_v, ease_v, val, tc, cfg) if ease_v is not None else None
+    if kd_plan is None:
+        kd_plan_note = (
+            f"no EASE KD target: {split.n_items} items > ease_max_items"
+            if not ease_ok and not absent_reason(val, "content")
+            else "no EASE KD target: no validation content pairs"
+        )
+    schedule: dict[str, dict[str, int]] = {}
+    vdir = work / "validation"
+    todo = _only(variants(teacher_v, val, tc, cfg, epochs, kd_plan, ease_v, schedule, True), cfg)
+    val_rows = _build_and_score(todo, val, vdir, ds, ck, report, cfg, "validation", run_dir)
+    val_absent = _absent(val_rows[0])
+    add_retention(val_rows, [t for t in TASKS if t not in val_absent])
+    selected_name = select(val_rows, cfg.min_retention)["name"]
+    shutil.rmtree(vdir)  # the validation bundles were only scored; their numbers are kept
+    del teacher_v, ease_v
+
+    # 2. Test pass: the real teacher, the whole train part, the schedules chosen above.
+    ease_t = EaseScorer(split, lam) if kd_plan is not None else None
+    todo = _only(variants(teacher, split, tc, cfg, epochs, kd_plan, ease_t, schedule, False), cfg)
+    rows = _build_and_score(todo, split, work, ds, ck, report, cfg, "test", run_dir)
+    if [r["name"] for r in rows] != [r["name"] for r in val_rows]:
+        raise RuntimeError("the validation and test passes built different variants")
+    if kd_plan is not None:
+        kd_plan["test_recall@20"] = {
+            "teacher": round(
+                _content_recall(content_scores(teacher, ease_t, split, tc, 0), split, cfg), 4
+            ),
+            "EASE": round(
+                _content_recall(content_scores(teacher, ease_t, split, tc, math.inf), split, cfg), 4
+            ),
+            "ensemble": round(
+                _content_recall(
+                    content_scores(teacher, ease_t, split, tc, kd_plan["best_mix_w"]), split, cfg
+                ),
+                4,
+            )
+            if kd_plan["best_mix_w"]
+            else None,
+        }
+    del ease_t
     if cfg.progress:
         print(f"[compress] timing {len(rows)} bundles side by side", flush=True)
     us = us_per_query([r["bundle"] for r in rows], split, cfg.timing_queries)
     for r, t in zip(rows, us, strict=True):
         r["us_per_query"] = round(t, 1)
     teacher_row = rows[0]
-    absent_tasks = {
-        t: teacher_row["metrics"][t]["reason"]
-        for t in TASKS
-        if is_absent(teacher_row["metrics"][t])
-    }
-    add_retention(rows, [t for t in TASKS if t not in absent_tasks])
-    for r in rows:
+    absent_tasks = _absent(teacher_row)
+    add_retention(rows, [t for t in TASKS if t not in absent_tasks], out_prefix="test_")
+    for r, v in zip(rows, val_rows, strict=True):
         r["x_smaller"] = round(teacher_row["bytes"] / r["bytes"], 2)
-    selected = select(rows, cfg.min_retention)
+        for key in VAL_KEYS:
+            r[f"val_{key}"] = v[key]
+        for key in ("retention", "retention_content", "retention_friends"):
+            r[key] = v[key]  # the selection's (validation) retention
+    selected = next(r for r in rows if r["name"] == selected_name)
     bundle = run_dir / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)
     shutil.copytree(selected["bundle"], bundle)
+    _record_selection(bundle, selected, cfg.min_retention)
     out = {
         "teacher": {
             "bytes": teacher_row["bytes"],
             "recall@20": teacher_row["recall@20"],
             "ndcg@20": teacher_row["ndcg@20"],
             "friends_recall@20": teacher_row["friends_recall@20"],
+            "val_recall@20": teacher_row["val_recall@20"],
+            "val_friends_recall@20": teacher_row["val_friends_recall@20"],
             "us_per_query": teacher_row["us_per_query"],
             "torch": {t: report[t].get("teacher") for t in ("content", "friends")},
         },
-        "absent_tasks": absent_tasks,  # task -> why it has no metrics (not in the retention)
+        "absent_tasks": absent_tasks,  # task -> why it has no test metrics (not in the retention)
+        "absent_tasks_validation": val_absent,
         "variants": rows,
-        "selected": selected["name"],
+        "selected": selected_name,
+        "selected_on": "validation",
         "bundle": str(bundle),
         "min_retention": cfg.min_retention,
-        "kd_epochs_full_schedule": epochs,  # short schedule: config.finetune_epochs
+        "kd_epochs_full_schedule": epochs,  # the most epochs of a KD run from scratch
+        "kd_epochs_chosen_on_validation": schedule,  # per KD run and head, replayed on test
+        "kd_target": kd_plan if kd_plan is not None else {"note": kd_plan_note},
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
-        "protocol": "every variant scored through ONNX Runtime + FAISS (compression/served_eval.py);"
-        " us_per_query = median of batch-1 tower run + k=20 FAISS search, 1 thread, all variants"
-        " timed side by side (round robin, same queries)",
+        "protocol": "validation pass: the teacher's recipe refit on the validation split's train "
+        "part (carved from train), every variant built from it and KD-trained there, scored on "
+        "the validation pairs; selection = the smallest with retention >= min_retention there. "
+        "Test pass: every variant rebuilt from the teacher on the whole train part with the KD "
+        "epochs chosen on validation, scored once on test. Every score through ONNX Runtime + "
+        "FAISS (compression/served_eval.py); us_per_query = median of batch-1 tower run + k=20 "
+        "FAISS search, 1 thread, test-pass bundles timed side by side (round robin, same queries)",
     }
     (run_dir / "compression.json").write_text(json.dumps(out, indent=2) + "\n")
     (run_dir / "compression.md").write_text(format_table(out) + "\n")
@@ -388,11 +685,11 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
     return "absent" if x is None else format(x, fmt)
 
 
-def add_retention(rows: list[dict], tasks: list[str]) -> None:
+def add_retention(rows: list[dict], tasks: list[str], out_prefix: str = "") -> None:
     """Each row's recall@20 as a fraction of the first row's (the teacher), per task present.
 
-    ``retention`` is the minimum over ``tasks``; absent tasks get None, and with no task
-    present ``retention`` is None (nothing qualifies).
+    ``{out_prefix}retention`` is the minimum over ``tasks``; absent tasks get None, and with no
+    task present it is None (nothing qualifies).
     """
     teacher = rows[0]
     for r in rows:
@@ -400,9 +697,10 @@ def add_retention(rows: list[dict], tasks: list[str]) -> None:
             t: round(r[ROW_KEY[t]] / max(teacher[ROW_KEY[t]], 1e-12), 4) if t in tasks else None
             for t in TASKS
         }
-        r["retention_content"], r["retention_friends"] = per["content"], per["friends"]
+        r[f"{out_prefix}retention_content"] = per["content"]
+        r[f"{out_prefix}retention_friends"] = per["friends"]
         present = [v for v in per.values() if v is not None]
-        r["retention"] = min(present) if present else None
+        r[f"{out_prefix}retention"] = min(present) if present else None
 
 
 def select(rows: list[dict], min_retention: float) -> dict:
@@ -428,32 +726,64 @@ def _record_metrics(bundle_dir: Path, metrics: dict) -> None:
     tmp.replace(p)
 
 
+def _record_selection(bundle_dir: Path, row: dict, min_retention: float) -> None:
+    """Say in the served bundle's manifest how it was chosen: on validation, with which scores."""
+    p = bundle_dir / MANIFEST
+    m = json.loads(p.read_text())
+    m["metrics"]["selection"] = {
+        "split": "validation (carved from train)",
+        "min_retention": min_retention,
+        "retention": row["retention"],
+        "served": row["val_metrics"],
+    }
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(m, indent=2) + "\n")
+    tmp.replace(p)
+
+
 def format_table(out: dict) -> str:
-    """The variants as a markdown table, selected one marked."""
+    """The variants as a markdown table, validation (selection) and test side by side,
+    selected one marked."""
     lines = [
-        "| variant | techniques | MB | x smaller | R@20 | N@20 | friends R@20 | retention | us/query |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | techniques | MB | x smaller | val R@20 | val friends R@20 | val retention "
+        "| test R@20 | test N@20 | test friends R@20 | test retention | us/query |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in out["variants"]:
         name = f"**{r['name']}** (selected)" if r["name"] == out["selected"] else r["name"]
         lines.append(
             f"| {name} | {', '.join(r['techniques']) or 'fp32'} | {r['bytes'] / 1e6:.2f} | "
-            f"{r['x_smaller']:.1f} | {_num(r['recall@20'])} | {_num(r['ndcg@20'])} | "
-            f"{_num(r['friends_recall@20'])} | {_num(r['retention'], '.3f')} | "
-            f"{r['us_per_query']:.0f} |"
+            f"{r['x_smaller']:.1f} | {_num(r.get('val_recall@20'))} | "
+            f"{_num(r.get('val_friends_recall@20'))} | {_num(r['retention'], '.3f')} | "
+            f"{_num(r['recall@20'])} | {_num(r['ndcg@20'])} | {_num(r['friends_recall@20'])} | "
+            f"{_num(r.get('test_retention'), '.3f')} | {r['us_per_query']:.0f} |"
         )
     lines.append("")
     absent_tasks = out.get("absent_tasks", {})
     lines.append(
         f"min retention {out['min_retention']} (of the served teacher's "
-        f"{_retained_tasks(out)} recall@20); selected: {out['selected']}; "
-        "bytes = ONNX tower + items.faiss + users.faiss."
+        f"{_retained_tasks(out)} recall@20); selected: {out['selected']}, on validation "
+        "(carved from train; the teacher and every variant refit there); test scored once "
+        "after; bytes = ONNX tower + items.faiss + users.faiss."
     )
     for t, why in absent_tasks.items():
         lines.append(
             f"The {t} task is absent ({why}): it has no metrics and is not part of the "
             "retention or the selection."
         )
+    kd = out.get("kd_target")
+    if kd and "chosen" in kd:
+        val, test = kd["val_recall@20"], kd.get("test_recall@20", {})
+        mix = f"teacher + {kd['best_mix_w']:g} EASE" if kd.get("best_mix_w") else "no mix"
+        lines.append(
+            f"KD target of the content head (torch, full ranking; EASE lambda {kd['lambda']:g}): "
+            f"teacher val {_num(val['teacher'])} / test {_num(test.get('teacher'))}, EASE val "
+            f"{_num(val['EASE'])} / test {_num(test.get('EASE'))}, best mix ({mix}) val "
+            f"{_num(val['ensemble'])} / test {_num(test.get('ensemble'))}; chosen on validation: "
+            f"{kd['chosen']}."
+        )
+    elif kd:
+        lines.append(f"KD target of the content head: the teacher ({kd['note']}).")
     return "\n".join(lines)
 
 
@@ -508,18 +838,30 @@ def plot(out: dict, path: Path) -> Path:
         for r in rows:
             colour, marker = style[r["name"]]
             ax.scatter(r["bytes"] / 1e6, r[key], color=colour, marker=marker, s=45, zorder=3)
+            if r.get(f"val_{key}") is not None:  # the validation score selection used: hollow
+                ax.scatter(
+                    r["bytes"] / 1e6,
+                    r[f"val_{key}"],
+                    facecolors="none",
+                    edgecolors=colour,
+                    marker=marker,
+                    s=45,
+                    zorder=3,
+                )
         for name, (ring, _) in rings.items():
             r = next(v for v in rows if v["name"] == name)
             ax.scatter(
                 r["bytes"] / 1e6, r[key], s=260, facecolors="none", edgecolors=ring, lw=2, zorder=4
             )
         ax.axhline(t[key] * out["min_retention"], ls="--", c="grey", lw=0.8)
+        if t.get(f"val_{key}") is not None:
+            ax.axhline(t[f"val_{key}"] * out["min_retention"], ls=":", c="grey", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("served size, MB (ONNX tower + FAISS indexes)")
-        ax.set_ylabel(f"{label} (served path)")
+        ax.set_ylabel(f"{label} (served path; filled test, hollow validation)")
         ax.set_title(label)
         ax.grid(True, which="major", alpha=0.3)
     handles = [
@@ -530,13 +872,28 @@ def plot(out: dict, path: Path) -> Path:
         for ring, text in rings.values()
     ]
     handles.append(
-        Line2D([], [], ls="--", c="grey", lw=0.8, label=f"{out['min_retention']:.0%} of teacher")
+        Line2D(
+            [], [], ls="--", c="grey", lw=0.8, label=f"{out['min_retention']:.0%} of teacher, test"
+        )
     )
+    if any(r.get("val_recall@20") is not None for r in rows):
+        handles += [
+            Line2D(
+                [],
+                [],
+                ls=":",
+                c="grey",
+                lw=0.8,
+                label=f"{out['min_retention']:.0%} of teacher, validation (selects)",
+            ),
+            Line2D([], [], ls="", marker="o", color="grey", label="filled: test"),
+            Line2D([], [], ls="", marker="o", mfc="none", mec="grey", label="hollow: validation"),
+        ]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(
         f"compression: size vs quality, {len(rows)} variants; selected: {out['selected']} "
         f"(smallest with >= {out['min_retention']:.0%} of the teacher on "
-        f"{'both tasks' if not absent_tasks else _retained_tasks(out)})",
+        f"{'both tasks' if not absent_tasks else _retained_tasks(out)}, on validation)",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 0.8, 1))

@@ -131,6 +131,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         min_retention=a.min_retention,
         quick=a.quick,
         threads=a.compress_threads,
+        only=tuple(v for v in (a.variants or "").split(",") if v),
         progress=not a.no_progress,
     )
     path = run(cfg)
@@ -532,7 +533,7 @@ def _add_compress_args(c: argparse.ArgumentParser) -> None:
         type=float,
         default=default(CompressConfig, "min_retention"),
         help="keep the smallest bundle whose content and friends recall@20 are both at least "
-        "this fraction of the teacher's",
+        "this fraction of the teacher's, on the validation split carved from train",
     )
     g.add_argument("--quick", action="store_true", help="few variants and epochs (smoke test)")
     g.add_argument(
@@ -557,6 +558,11 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
 def _compress_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("--run", required=True, help="run directory written by `socialrec train`")
     _add_compress_args(c)
+    c.add_argument(
+        "--variants",
+        help="comma-separated variant names to build (the teacher always; default: all), e.g. "
+        "lowrank-r32-int4,distill-d64-kd-ease",
+    )
     _no_progress(c)
     c.set_defaults(fn=cmd_compress)
 

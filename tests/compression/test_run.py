@@ -5,26 +5,64 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from socialrec.compression.run import CompressConfig, run
 from socialrec.serving.bundle import open_bundle
+from socialrec.training.run import load_run
+from socialrec.training.split import Split, validation_split
 
 from socialrec.cli import build_parser
 
 pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
 
 
-def test_compress_quick_writes_report_and_bundle(run_dir: Path, capsys) -> None:
+def _pairs(u: np.ndarray, i: np.ndarray) -> set[tuple[int, int]]:
+    return set(zip(u.tolist(), i.tolist(), strict=True))
+
+
+def test_compress_quick_writes_report_and_bundle(run_dir: Path, capsys, monkeypatch) -> None:
+    from socialrec.compression import run as run_mod
+
+    trained_on: list[tuple[str, Split]] = []  # every split a model learns from, in order
+    real_fit, real_distill = run_mod.fit, run_mod.distill
+    monkeypatch.setattr(
+        run_mod, "fit", lambda s, *a, **k: trained_on.append(("fit", s)) or real_fit(s, *a, **k)
+    )
+    monkeypatch.setattr(
+        run_mod,
+        "distill",
+        lambda t, st, s, *a, **k: trained_on.append(("kd", s)) or real_distill(t, st, s, *a, **k),
+    )
     bundle = run(
         CompressConfig(
             run_dir=str(run_dir), quick=True, threads=1, progress=True, timing_queries=20
         )
     )
+    # Nothing learns from a pair it is scored on: the validation pass (the teacher refit, then
+    # each KD run) trains on the validation split's train part, the test pass on train only.
+    _, split, _ = load_run(run_dir)
+    val = validation_split(split)
+    held_val = _pairs(val.test_user, val.test_item)
+    held_test = _pairs(split.test_user, split.test_item)
+    n_kd = sum(kind == "kd" for kind, _ in trained_on) // 2
+    assert n_kd >= 2 and trained_on[0][0] == "fit"
+    for k, (_, s) in enumerate(trained_on):
+        pairs = _pairs(s.train_user, s.train_item)
+        assert not pairs & held_test
+        if k <= n_kd:  # validation pass
+            assert not pairs & held_val
+            assert not _pairs(s.friends_train[:, 0], s.friends_train[:, 1]) & _pairs(
+                val.friends_test[:, 0], val.friends_test[:, 1]
+            )
+        else:
+            assert pairs == _pairs(split.train_user, split.train_item)
     rep = json.loads((run_dir / "compression.json").read_text())
     out = capsys.readouterr().out
     n = len(rep["variants"])
     for k, v in enumerate(rep["variants"], start=1):  # where a long job is, variant by variant
-        assert f"[compress] variant {k} of {n}: {v['name']}" in out
+        for label in ("validation", "test"):
+            assert f"[compress] {label}: variant {k} of {n}: {v['name']}" in out
     assert set(rep["teacher"]) >= {"bytes", "recall@20", "ndcg@20", "friends_recall@20"}
     names = [v["name"] for v in rep["variants"]]
     assert names[0] == "teacher-fp32" and "teacher-torch-dynamic-int8" in names
@@ -37,24 +75,50 @@ def test_compress_quick_writes_report_and_bundle(run_dir: Path, capsys) -> None:
             "ndcg@20",
             "friends_recall@20",
             "retention",
+            "test_retention",
+            "val_recall@20",
+            "val_friends_recall@20",
             "us_per_query",
         }
+    # Selected on validation: the smallest validation bundle that keeps 97% there.
+    assert rep["selected_on"] == "validation"
     sel = next(v for v in rep["variants"] if v["name"] == rep["selected"])
     assert sel["retention"] >= 0.97 or rep["selected"] == "teacher-fp32"
     ok = [v for v in rep["variants"] if v["retention"] >= 0.97]
-    assert sel["bytes"] == min(v["bytes"] for v in ok)  # the smallest that keeps quality
+    assert sel["val_bytes"] == min(v["val_bytes"] for v in ok)
+    for v in rep["variants"]:  # retention is validation's, test_retention the test's
+        t = rep["variants"][0]
+        assert v["retention_content"] == round(v["val_recall@20"] / t["val_recall@20"], 4)
+        assert v["test_retention_content"] == round(v["recall@20"] / t["recall@20"], 4)
+    assert not (run_dir / "compress" / "validation").exists()  # scored, then removed
     assert open_bundle(bundle).manifest["variant"]["name"] == rep["selected"]
     assert (
         open_bundle(bundle).manifest["metrics"]["served"]["content"]["recall@20"]
         == sel["recall@20"]
     )
+    selection = open_bundle(bundle).manifest["metrics"]["selection"]
+    assert (
+        selection["split"].startswith("validation") and selection["retention"] == sel["retention"]
+    )
+    assert selection["served"]["content"]["recall@20"] == sel["val_recall@20"]
+    # The KD target of the content head was chosen on validation among teacher, mixes and EASE.
+    kd = rep["kd_target"]
+    assert kd["chosen"] in ("teacher", "ensemble", "EASE")
+    assert [g["w"] for g in kd["grid"]][0] == 0.0 and kd["grid"][-1]["w"] == "inf"
+    best = max(g["val_recall@20"] for g in kd["grid"])
+    assert kd["val_recall@20"][kd["chosen"]] == best
+    assert set(kd["test_recall@20"]) == {"teacher", "EASE", "ensemble"}
+    assert any(n.startswith("distill-d64-kd-") for n in names)  # a student taught by EASE (+ mix)
     assert (run_dir / "compression.png").stat().st_size > 0
-    assert "| variant |" in (run_dir / "compression.md").read_text()
+    md = (run_dir / "compression.md").read_text()
+    assert "| val R@20 |" in md and "| test R@20 |" in md and "chosen on validation" in md
 
 
 def test_cli_parses_compress_and_pipeline() -> None:
     a = build_parser().parse_args(["compress", "--run", "r", "--min-retention", "0.9", "--quick"])
     assert a.run == "r" and a.min_retention == 0.9 and a.quick
+    a = build_parser().parse_args(["compress", "--run", "r", "--variants", "x,y"])
+    assert a.variants == "x,y"
     a = build_parser().parse_args(
         ["pipeline", "--dataset", "synthetic", "--epochs", "3", "--quick"]
     )
