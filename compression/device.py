@@ -155,9 +155,9 @@ class ItemTable:
 def table_from_index(index, bits: int = 8) -> ItemTable:
     """The item table of a bundle's FAISS index.
 
-    bits 8 and an index holding SQ8 codes (``sq8``, ``hnsw_sq8``: FAISS's 8-bit per-dimension
-    scalar quantiser, maybe behind the zero-padding transform of compression/export.py): the
-    index's own codes and ranges, padding dropped. Otherwise the stored vectors are read back
+    bits 8 and an index holding SQ8 codes (``sq8``, ``hnsw_sq8``, the re-ranking codes of
+    ``ivfpq_fs``: FAISS's 8-bit per-dimension scalar quantiser, maybe behind the zero-padding
+    transform of compression/export.py): the index's own codes and ranges, padding dropped. Otherwise the stored vectors are read back
     and quantised per row to ``bits`` with compression/quantize.py's ``quantize_rows``.
     """
     if bits not in (4, 8):
@@ -204,6 +204,8 @@ def _sq8_table(index) -> ItemTable | None:
         index = faiss.downcast_index(index.index)
     if isinstance(index, faiss.IndexHNSW):
         index = faiss.downcast_index(index.storage)
+    elif isinstance(index, faiss.IndexRefine):  # ivfpq_fs: its SQ8 re-ranking codes
+        index = faiss.downcast_index(index.refine_index)
     if not isinstance(index, faiss.IndexScalarQuantizer):
         return None
     sq = index.sq

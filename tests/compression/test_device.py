@@ -24,6 +24,7 @@ from socialrec.compression.device import (
     run,
     table_from_index,
 )
+from socialrec.compression.export import INDEX_KINDS, build_index
 from socialrec.compression.served_eval import ServedModel, tower_inputs
 from socialrec.serving.bundle import open_bundle
 from socialrec.serving.engine import Engine
@@ -108,9 +109,28 @@ def test_scores_from_codes_equal_dequantised_product() -> None:
 
 
 def _sq8(x: np.ndarray) -> ItemTable:
-    from socialrec.compression.export import build_index
-
     return table_from_index(build_index(x, "sq8"), 8)
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_table_of_every_index_kind(kind: str) -> None:
+    """SQ8-coded kinds (sq8, hnsw_sq8, ivfpq_fs's re-ranking codes) give their own codes back
+    exactly; fp32 kinds are quantised per row to int8."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 33)).astype(np.float32)
+    index = build_index(x, kind)
+    table = table_from_index(index, 8)
+    stored = index.reconstruct_n(0, index.ntotal)  # what the server scores against
+    err = np.abs(table.dequantize() - stored).max(axis=1)  # (N,)
+    if kind in ("flat", "hnsw"):
+        assert table.scheme == "row8"
+        # Half an int8 step of each row's range (codes are chosen against the fp16 scale and
+        # offset), plus the clamping of values outside the fp16-rounded range: a fraction of
+        # an fp16 ulp of the row's extremes (ulp 2^-8 for |x| < 4 with these normals).
+        assert (err <= table.scale.astype(np.float32) * 0.51 + 2e-3).all()
+    else:
+        assert table.scheme == "sq8"
+        assert err.max() <= 1e-5  # float32 rounding of the same affine decode
 
 
 def test_bad_table_shapes_refused() -> None:
