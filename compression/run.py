@@ -575,6 +575,13 @@ def run(cfg: CompressConfig) -> Path:
     ease_ok = split.n_items <= BaselineConfig().ease_max_items and not absent_reason(val, "content")
     ease_v = EaseScorer(val, lam) if ease_ok else None
     kd_plan = kd_target(teacher_v, ease_v, val, tc, cfg) if ease_v is not None else None
+    if kd_plan is not None and cfg.progress:
+        grid = ", ".join(f"w={g['w']}: {g['val_recall@20']:.4f}" for g in kd_plan["grid"])
+        print(
+            f"[compress] KD target on validation (teacher + w EASE): {grid}; "
+            f"chosen: {kd_plan['chosen']}",
+            flush=True,
+        )
     if kd_plan is None:
         kd_plan_note = (
             f"no EASE KD target: {split.n_items} items > ease_max_items"
