@@ -6,7 +6,7 @@ PYTHON ?= python
 # torch first, pinned (the same pin as the train extra), so nothing else picks the build.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,peer]"
 
 # The fast tier: unit tests and the in-process server over a real Redis (a few minutes).
 test:
