@@ -360,7 +360,7 @@ def _kd_sources(kd_plan: dict) -> list[tuple[str, float, str]]:
 EASE_LAMBDA_DEFAULT = 100.0  # when neither the config nor the run names one
 
 
-def _ease_lambda(report: dict, cfg: CompressConfig) -> float:
+def ease_lambda_for(report: dict, cfg: CompressConfig) -> float:
     """EASE's lambda: the config's, else the one the training run chose or used, else 100."""
     if cfg.ease_lambda is not None:
         return float(cfg.ease_lambda)
@@ -388,7 +388,7 @@ def content_scores(model: TwoTower, ease: EaseScorer | None, split: Split, tc: T
     return score
 
 
-def _content_recall(score_fn, split: Split, cfg: CompressConfig) -> float:
+def content_recall(score_fn, split: Split, cfg: CompressConfig) -> float:
     tr = Graph(split.n_users, split.train_user, split.train_item)
     te = Graph(split.n_users, split.test_user, split.test_item)
     return evaluate(score_fn, tr, te, max_users=cfg.max_eval_users)["recall@20"]
@@ -404,7 +404,7 @@ def kd_target(
     wins; a tie keeps the simpler target (the teacher first, EASE alone last).
     """
     grid = [0.0, *cfg.ensemble_weights, math.inf]
-    scores = [_content_recall(content_scores(teacher, ease, val, tc, w), val, cfg) for w in grid]
+    scores = [content_recall(content_scores(teacher, ease, val, tc, w), val, cfg) for w in grid]
     best = max(range(len(grid)), key=lambda k: (scores[k], -k))
     w = grid[best]
     chosen = "teacher" if w == 0 else ("EASE" if math.isinf(w) else "ensemble")
@@ -571,7 +571,7 @@ def run(cfg: CompressConfig) -> Path:
     if cfg.progress:
         print("[compress] validation pass: the teacher refit on the validation train part")
     teacher_v = _teacher_on(val, tc, report, cfg.progress)
-    lam = _ease_lambda(report, cfg)
+    lam = ease_lambda_for(report, cfg)
     ease_ok = split.n_items <= BaselineConfig().ease_max_items and not absent_reason(val, "content")
     ease_v = EaseScorer(val, lam) if ease_ok else None
     kd_plan = kd_target(teacher_v, ease_v, val, tc, cfg) if ease_v is not None else None
@@ -607,13 +607,13 @@ def run(cfg: CompressConfig) -> Path:
     if kd_plan is not None:
         kd_plan["test_recall@20"] = {
             "teacher": round(
-                _content_recall(content_scores(teacher, ease_t, split, tc, 0), split, cfg), 4
+                content_recall(content_scores(teacher, ease_t, split, tc, 0), split, cfg), 4
             ),
             "EASE": round(
-                _content_recall(content_scores(teacher, ease_t, split, tc, math.inf), split, cfg), 4
+                content_recall(content_scores(teacher, ease_t, split, tc, math.inf), split, cfg), 4
             ),
             "ensemble": round(
-                _content_recall(
+                content_recall(
                     content_scores(teacher, ease_t, split, tc, kd_plan["best_mix_w"]), split, cfg
                 ),
                 4,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from socialrec.compression.distill import BlendedTeacher, EaseScorer, blend, standardise
-from socialrec.compression.run import CompressConfig, _ease_lambda, content_scores, kd_target
+from socialrec.compression.run import CompressConfig, content_scores, ease_lambda_for, kd_target
 from socialrec.training.baselines import ease
 from socialrec.training.features import Features
 from socialrec.training.split import validation_split
@@ -81,19 +81,19 @@ def test_kd_target_is_chosen_on_validation_and_recorded(loaded) -> None:
     best = int(np.argmax(scores))
     assert kd["chosen"] == ("teacher", "ensemble", "EASE")[best]
     assert kd["w"] == (1.0 if kd["chosen"] == "ensemble" else None)
-    from socialrec.compression.run import _content_recall
+    from socialrec.compression.run import content_recall
 
-    ref = _content_recall(content_scores(teacher, es, val, tc, math.inf), val, cfg)
+    ref = content_recall(content_scores(teacher, es, val, tc, math.inf), val, cfg)
     assert kd["val_recall@20"]["EASE"] == pytest.approx(ref, abs=5e-5)
 
 
 def test_ease_lambda_comes_from_config_then_run_then_default() -> None:
     cfg = CompressConfig(run_dir="r")
-    assert _ease_lambda({}, cfg) == 100.0
-    assert _ease_lambda({"config": {"baselines": {"ease_lambda": 250.0}}}, cfg) == 250.0
-    assert _ease_lambda({"baseline_params": {"EASE": {"lambda": 400.0}}}, cfg) == 400.0
+    assert ease_lambda_for({}, cfg) == 100.0
+    assert ease_lambda_for({"config": {"baselines": {"ease_lambda": 250.0}}}, cfg) == 250.0
+    assert ease_lambda_for({"baseline_params": {"EASE": {"lambda": 400.0}}}, cfg) == 400.0
     assert (
-        _ease_lambda(
+        ease_lambda_for(
             {"baseline_params": {"EASE": {"lambda": 400.0}}}, CompressConfig("r", ease_lambda=30.0)
         )
         == 30.0
