@@ -118,8 +118,9 @@ def tune(
     """Run the study on ``val``; returns (the best trial's config, the study's record).
 
     With ``budget_min == 0`` nothing runs and ``base`` comes back unchanged. A trial still
-    running when the budget ends stops there and counts with its best validation score so
-    far (a lower bound of what it would have reached).
+    running when the budget ends stops at its next validation evaluation (the study can run
+    past the budget by one ``eval_every`` interval) and counts with its best validation score
+    so far (a lower bound of what it would have reached).
     """
     if cfg.budget_min == 0:
         return base, {"budget_min": 0, "note": "no search: the given config trains as is"}
