@@ -53,7 +53,7 @@ def run_dir(tmp_path_factory) -> Path:
     r = _socialrec(
         "train", "--synthetic-users", "400", "--synthetic-items", "250",
         "--synthetic-interactions", "8000", "--epochs", "3", "--dim", "16", "--threads", "1",
-        "--no-progress", "--out", str(out), timeout=120,
+        "--tune-budget", "0", "--no-progress", "--out", str(out), timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     from socialrec.loadtest.run import ensure_bundle
