@@ -18,10 +18,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 import torch
-from socialrec.training.baselines import interaction_matrix
+from socialrec.training.baselines import ease_weights
 from socialrec.training.model import TwoTower, multinomial_nll
 from socialrec.training.split import Split
 from socialrec.training.train import TrainConfig, fit
@@ -68,24 +67,10 @@ class EaseScorer:
     """
 
     def __init__(self, split: Split, lam: float) -> None:
-        x = interaction_matrix(split)
         self.n_items = split.n_items
-        self.active = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() > 0)  # (A,)
+        self.active, self.b = ease_weights(split, lam)  # (A,), (A, A)
         self.pos = np.full(split.n_items, -1, np.int64)  # item -> column of B, -1 if inactive
         self.pos[self.active] = np.arange(len(self.active))
-        xa = x[:, self.active].tocsr()
-        g = (xa.T @ xa).toarray().astype(np.float32)  # (A, A)
-        g[np.diag_indices_from(g)] += lam
-        chol, info = scipy.linalg.lapack.spotrf(g, lower=1, overwrite_a=1)
-        if info != 0:
-            raise RuntimeError(f"EASE: Cholesky failed (info={info}); raise the EASE lambda")
-        p, info = scipy.linalg.lapack.spotri(chol, lower=1, overwrite_c=1)
-        if info != 0:
-            raise RuntimeError(f"EASE: inverse failed (info={info})")
-        p = np.tril(p) + np.tril(p, -1).T
-        b = -p / np.diag(p)[None, :]
-        b[np.diag_indices_from(b)] = 0.0
-        self.b = np.ascontiguousarray(b, dtype=np.float32)  # (A, A)
         self.lam = lam
 
     def __call__(self, hist_ids: torch.Tensor, hist_w: torch.Tensor) -> torch.Tensor:

@@ -93,25 +93,33 @@ def item_knn(split: Split) -> TieBroken:
     return TieBroken(score, item_popularity(split))
 
 
-def ease(split: Split, lam: float) -> ScoreFn:
-    """EASE: B = I - P / diag(P), P = (X^T X + lam I)^-1, diag(B) = 0 (Steck 2019)."""
+def ease_weights(split: Split, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """EASE's item-item weights on the items with a training user: (active item indices (A,),
+    B (A, A) float32), B = I - P / diag(P), P = (X^T X + lam I)^-1, diag(B) = 0 (Steck 2019).
+
+    Items without a training user have a zero row and column in X^T X, so their block of P is
+    diagonal and their column of B is 0: solving on the active items alone is exact."""
     x = interaction_matrix(split)
-    # Items without a training user have a zero row and column in X^T X, so their block of
-    # P is diagonal and their column of B is 0: solving on the active items alone is exact.
     active = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() > 0)
     xa = x[:, active].tocsr()
     g = (xa.T @ xa).toarray().astype(np.float32)  # (A, A) Gram matrix, SPD after + lam I
     g[np.diag_indices_from(g)] += lam
     chol, info = scipy.linalg.lapack.spotrf(g, lower=1, overwrite_a=1)
     if info != 0:
-        raise RuntimeError(f"EASE: Cholesky failed (info={info}); raise ease_lambda")
+        raise RuntimeError(f"EASE: Cholesky failed (info={info}); raise the EASE lambda")
     p, info = scipy.linalg.lapack.spotri(chol, lower=1, overwrite_c=1)
     if info != 0:
         raise RuntimeError(f"EASE: inverse failed (info={info})")
     p = np.tril(p) + np.tril(p, -1).T  # spotri fills one triangle
     b = -p / np.diag(p)[None, :]
     b[np.diag_indices_from(b)] = 0.0
-    del g, p, chol
+    return active, np.ascontiguousarray(b, dtype=np.float32)
+
+
+def ease(split: Split, lam: float) -> ScoreFn:
+    """EASE scores of every item for a batch of users (:func:`ease_weights`)."""
+    active, b = ease_weights(split, lam)
+    xa = interaction_matrix(split)[:, active].tocsr()
     n_items = split.n_items
 
     def score(users: np.ndarray) -> np.ndarray:
