@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "RecommendContent (a user with the fans' history) that returns it",
         "config": {k: v for k, v in vars(a).items() if k != "out"},
         "export_s": round(export_s, 1),
+        "fold_in_settings": json.loads((bundle / "manifest.json").read_text()).get("fresh"),
         "latency": summary,
         "server_fresh_lag_seconds": lag,
         "wall_s": round(time.time() - t_start, 1),
