@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import socialrec_cli, train_tiny_run
 
 pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
 
@@ -25,7 +25,6 @@ for _mod in ("locust", "ray"):
         pytest.skip(f"{_mod} not installed: pip install -e '.[dev,peer]' (.ci/run does)",
                     allow_module_level=True)  # fmt: skip
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token"
 # The bundle of an uncompressed run is the teacher's tower in fp32 ONNX over flat (exact)
 # indexes; the naive peer runs the same tower in eager torch. The two float paths differ by
@@ -34,28 +33,13 @@ TOKEN = "test-token"
 SCORE_TOL = 1e-4
 
 
-def _socialrec(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "socialrec.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """The same tiny synthetic run as test_run.py's, with its bundle exported."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
     out = tmp_path_factory.mktemp("ray") / "run"
-    r = _socialrec(
-        "train", "--synthetic-users", "400", "--synthetic-items", "250",
-        "--synthetic-interactions", "8000", "--epochs", "3", "--dim", "16", "--threads", "1",
-        "--tune-budget", "0", "--no-progress", "--out", str(out), timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    train_tiny_run(out)
     from socialrec.loadtest.run import ensure_bundle
 
     ensure_bundle(out)
@@ -159,7 +143,7 @@ def test_ray_peer_that_cannot_start_is_a_clear_error(tmp_path, redis_server) -> 
 
 def test_loadtest_with_naive_and_ray_peers(run_dir, tmp_path) -> None:
     out = tmp_path / "lt"
-    r = _socialrec(
+    r = socialrec_cli(
         "loadtest", "--run", str(run_dir), "--duration", "10", "--users", "4",
         "--peers", "naive,ray", "--out", str(out), timeout=400,
     )  # fmt: skip
@@ -179,6 +163,6 @@ def test_loadtest_with_naive_and_ray_peers(run_dir, tmp_path) -> None:
     for name in ("rps_vs_peer", "cpu_per_request_peer_over_ours", "p99_peer_over_ours"):
         assert s["ratios_by_peer"]["ray"][name] is not None, name
     assert (out / "ray_stats.csv").stat().st_size > 0
-    bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "5", "--peers",
+    bad = socialrec_cli("loadtest", "--run", str(run_dir), "--duration", "5", "--peers",
                      "naive,bogus", "--out", str(tmp_path / "bad"), timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "unknown peer 'bogus'" in bad.stderr

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import socialrec_cli, train_tiny_run
 
 pytestmark = pytest.mark.slow  # the slow tier (make test-slow)
 
@@ -21,21 +21,10 @@ if importlib.util.find_spec("locust") is None:  # found, not imported: importing
     pytest.skip("locust not installed", allow_module_level=True)  # gevent-patch pytest
 
 
-ROOT = Path(__file__).resolve().parents[2]
 KEYS = {
     "rps", "p50_ms", "p95_ms", "p99_ms", "failures", "requests", "server_cpu_us_per_request",
     "stages", "peer", "ratios", "config",
 }  # fmt: skip
-
-
-def _socialrec(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "socialrec.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +32,13 @@ def run_dir(tmp_path_factory) -> Path:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
     out = tmp_path_factory.mktemp("lt") / "run"
-    r = _socialrec(
-        "train", "--synthetic-users", "400", "--synthetic-items", "250",
-        "--synthetic-interactions", "8000", "--epochs", "3", "--dim", "16", "--threads", "1",
-        "--tune-budget", "0", "--no-progress", "--out", str(out), timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    train_tiny_run(out)
     return out
 
 
 def test_loadtest_with_peer_writes_complete_summary(run_dir, tmp_path) -> None:
     out = tmp_path / "lt"
-    r = _socialrec(
+    r = socialrec_cli(
         "loadtest", "--run", str(run_dir), "--duration", "8", "--users", "4",
         "--out", str(out), timeout=180,
     )  # fmt: skip
@@ -78,7 +62,7 @@ def test_loadtest_with_peer_writes_complete_summary(run_dir, tmp_path) -> None:
 
 def test_swap_bundle_under_load_loses_nothing(run_dir, tmp_path) -> None:
     out = tmp_path / "swap"
-    r = _socialrec(
+    r = socialrec_cli(
         "loadtest", "--run", str(run_dir), "--duration", "8", "--users", "4",
         "--fault", "swap-bundle", "--no-peer", "--out", str(out), timeout=180,
     )  # fmt: skip
@@ -94,7 +78,7 @@ def test_swap_bundle_under_load_loses_nothing(run_dir, tmp_path) -> None:
 
 def test_steps_shape_with_explicit_steps(run_dir, tmp_path) -> None:
     out = tmp_path / "steps"
-    r = _socialrec(
+    r = socialrec_cli(
         "loadtest", "--run", str(run_dir), "--duration", "8", "--users", "3", "--shape", "steps",
         "--steps", "1,3", "--no-peer", "--out", str(out), timeout=180,
     )  # fmt: skip
@@ -103,10 +87,10 @@ def test_steps_shape_with_explicit_steps(run_dir, tmp_path) -> None:
     assert [step["users"] for step in s["steps"]] == [1, 3]
     assert all(step["requests"] > 0 for step in s["steps"])
     assert s["capacity"] is None or s["capacity"]["users"] in (1, 3)
-    bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
+    bad = socialrec_cli("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
                      "--steps", "4,2", "--no-peer", "--out", str(tmp_path / "bad"), timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "steps must be increasing" in bad.stderr
-    bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
+    bad = socialrec_cli("loadtest", "--run", str(run_dir), "--duration", "8", "--shape", "steps",
                      "--steps", "1,x", "--no-peer", timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "--steps takes integers" in bad.stderr
 
@@ -117,7 +101,7 @@ def test_two_replicas_behind_haproxy_survive_a_killed_replica(run_dir, tmp_path)
     if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
         pytest.fail("haproxy is not installed (.ci/run installs it)")
     out = tmp_path / "replicas"
-    r = _socialrec(
+    r = socialrec_cli(
         "loadtest", "--run", str(run_dir), "--duration", "12", "--users", "4", "--workers", "1",
         "--replicas", "2", "--fault", "kill-server", "--server-down-s", "2", "--no-peer",
         "--out", str(out), timeout=240,
@@ -141,7 +125,7 @@ def test_cluster_primary_killed_under_load(run_dir, tmp_path) -> None:
     replica is promoted, the old primary rejoins as a replica; with --ack-replicas 1 no
     acknowledged write is lost and none is counted twice."""
     out = tmp_path / "cluster"
-    r = _socialrec(
+    r = socialrec_cli(
         "loadtest", "--run", str(run_dir), "--duration", "14", "--users", "4", "--workers", "1",
         "--redis-cluster", "--ack-replicas", "1", "--fault", "kill-primary", "--no-peer",
         "--out", str(out), timeout=300,
@@ -164,6 +148,6 @@ def test_fault_needs_the_right_topology(run_dir, tmp_path) -> None:
         (["--fault", "kill-server"], "kill-server needs replicas >= 2"),
         (["--redis-cluster", "--fault", "restart-redis"], "restart-redis is for one"),
     ):
-        bad = _socialrec("loadtest", "--run", str(run_dir), "--duration", "5", "--no-peer",
+        bad = socialrec_cli("loadtest", "--run", str(run_dir), "--duration", "5", "--no-peer",
                          "--out", str(tmp_path / "bad"), *flags, timeout=60)  # fmt: skip
         assert bad.returncode != 0 and msg in bad.stderr, (flags, bad.stderr[-500:])
