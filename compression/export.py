@@ -20,6 +20,7 @@ import torch
 from socialrec.serving.bundle import TOWER_INPUTS, TOWER_OUTPUTS, write_ids, write_manifest
 from socialrec.serving.engine import FRESH_PRIOR
 from socialrec.serving.fresh import FoldInPrior, manifest_block
+from socialrec.training.fof_blend import manifest_block as fof_manifest_block
 from socialrec.training.model import TwoTower, UserTower, with_bias_slot
 from socialrec.training.split import Split
 from torch import nn
@@ -284,9 +285,13 @@ def write_bundle(
     return out
 
 
-def bundle_meta(ds, split: Split, train_config: dict, variant: dict, metrics: dict) -> dict:
-    """The manifest fields every bundle of a run shares (provenance, feature caps, metrics)."""
+def bundle_meta(
+    ds, split: Split, train_config: dict, variant: dict, metrics: dict, report: dict | None = None
+) -> dict:
+    """The manifest fields every bundle of a run shares (provenance, feature caps, metrics,
+    the friend blend weight chosen on the run's validation split, from its ``report``)."""
     return {
+        "friends": fof_manifest_block(report),
         "variant": variant,
         "dataset": {**ds.summary(), "fingerprint": ds.fingerprint()},
         "split": {"seed": split.seed, "sha256": split.sha256()},
@@ -327,7 +332,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         }
     }
     variant = {"name": "teacher-fp32", "techniques": []}
-    meta = bundle_meta(ds, split, ck["train_config"], variant, metrics)
+    meta = bundle_meta(ds, split, ck["train_config"], variant, metrics, report)
     return write_bundle(
         model,
         split,

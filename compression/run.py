@@ -491,6 +491,7 @@ def _build_and_score(
             ck["train_config"],
             {"name": v.name, "techniques": v.techniques, "notes": v.notes},
             {"teacher_torch": {t: report[t].get("teacher") for t in ("content", "friends")}},
+            report,
         )
         write_bundle(
             bundle_model,

@@ -177,7 +177,9 @@ class EngineConfig:
 
     max_history: int = 256  # most recent history entries fed to the tower
     max_friends: int = 256  # friends fed to the tower
-    fof_weight: float = 1.0  # friend score = inner product + fof_weight * log1p(mutual)
+    # friend score = inner product + fof_weight * log1p(mutual); None: the weight the bundle
+    # carries (manifest friends.fof_weight, chosen on the run's validation split)
+    fof_weight: float | None = None
     overfetch: int = 4  # extra FAISS candidates beyond k + excluded (margin for filtering)
     max_fof: int = 1000  # friend-of-friend candidates kept (most mutual friends first)
     # Friend scoring reads candidate vectors back from the users index. Up to this many bytes
@@ -185,6 +187,24 @@ class EngineConfig:
     # index returns, ~0.01 us per row to read) instead of per request through the index
     # (~0.8 us per row for a padded SQ8 index); above it the index stays compressed in memory.
     decoded_users_max_bytes: int = 256 << 20
+
+
+DEFAULT_FOF_WEIGHT = 1.0  # a bundle that carries no valid weight (built before runs chose one)
+
+
+def bundle_fof_weight(manifest: dict) -> tuple[float, str | None]:
+    """(the friend blend weight a bundle carries, None or what was wrong with its block)."""
+    block = manifest.get("friends")
+    if block is None:
+        return DEFAULT_FOF_WEIGHT, None
+    w = block.get("fof_weight") if isinstance(block, dict) else None
+    ok = not isinstance(w, bool) and isinstance(w, int | float) and math.isfinite(w) and w >= 0
+    if not ok:
+        return (
+            DEFAULT_FOF_WEIGHT,
+            f"manifest.json: friends.fof_weight must be a number >= 0, got {block!r}",
+        )
+    return float(w), None
 
 
 # Tower input rows are zero-padded to a multiple of PAD (one AVX-512 vector of float32), alone
@@ -339,6 +359,11 @@ class Engine:
         if 0 < users.ntotal * users.d * 4 <= config.decoded_users_max_bytes:
             self.user_vectors = users.reconstruct_n(0, users.ntotal)
         self.fresh_prior = self._fresh_prior()
+        self.fof_weight, bad = bundle_fof_weight(bundle.manifest)
+        if bad:
+            log.warning("%s: %s; using the default %s", bundle.root, bad, DEFAULT_FOF_WEIGHT)
+        if config.fof_weight is not None:
+            self.fof_weight = config.fof_weight
         self._items_exhaustive = exhaustive(items)
         self._users_exhaustive = exhaustive(users)
 
@@ -697,7 +722,8 @@ class Engine:
         never the user, a friend, nor anyone in ``exclude`` (blocked either way, dismissed,
         excluded by the request).
 
-        score = u_f . [w, b] + fof_weight * log1p(mutual friends). Candidates are the
+        score = u_f . [w, b] + fof_weight * log1p(mutual friends) (the bundle's weight unless
+        the config sets one). Candidates are the
         k + |excluded| + overfetch nearest users plus every known friend-of-friend (at most
         ``max_fof``, most mutual first); the union holds the exact blended top-k of a flat
         index because the fof bonus is never negative. Every candidate's inner product is
@@ -770,7 +796,7 @@ class Engine:
                 vecs = self.user_vectors[idx]  # (C, D + 1)
             else:
                 vecs = self.users.reconstruct_batch(idx)  # (C, D + 1)
-            score = vecs @ U[b] + self.config.fof_weight * np.log1p(mutual)  # (C,)
+            score = vecs @ U[b] + self.fof_weight * np.log1p(mutual)  # (C,)
             order = np.argsort(-score, kind="stable")[:k]
             items = []
             for c, s, m in zip(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -196,6 +197,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from socialrec.serving.config import ServerConfig
+    from socialrec.serving.engine import EngineConfig
     from socialrec.serving.fresh import FoldInConfig
     from socialrec.serving.supervisor import serve
 
@@ -249,12 +251,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
         fresh_items=not a.no_fresh_items,
         fresh_poll_s=a.fresh_poll_s,
         fresh=None if a.fresh_method is None else replace(FoldInConfig(), method=a.fresh_method),
+        engine=EngineConfig(fof_weight=a.fof_weight),
     )
     try:
         return serve(cfg)
     finally:
         if local is not None:
             local.stop()
+
+
+def _non_negative(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
 
 
 def _int_list(flag: str, text: str) -> tuple[int, ...]:
@@ -795,6 +809,13 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         default=None,
         help="fold-in estimator of fresh items' vectors, at its default settings (default: the "
         "settings the bundle carries: its run's `coldstart-eval` choice, else the defaults)",
+    )
+    v.add_argument(
+        "--fof-weight",
+        type=_non_negative,
+        default=None,
+        help="friend score = inner product + W * log1p(mutual friends) (default: the weight the "
+        "bundle carries, chosen on its run's validation split; 1.0 for older bundles)",
     )
     v.set_defaults(fn=cmd_serve)
 

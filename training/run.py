@@ -23,6 +23,8 @@ from socialrec.training.baselines import (
 )
 from socialrec.training.data import DataConfig, load_dataset
 from socialrec.training.dataset import Dataset
+from socialrec.training.features import Features
+from socialrec.training.fof_blend import blended
 from socialrec.training.metrics import TASKS, Graph, absent, absent_reason, evaluate, is_absent
 from socialrec.training.split import (
     Split,
@@ -32,6 +34,7 @@ from socialrec.training.split import (
     validation_split,
 )
 from socialrec.training.train import (
+    Scorer,
     TrainConfig,
     evaluate_model,
     init_distributed,
@@ -165,6 +168,9 @@ def run(cfg: RunConfig) -> Path:
     for table, task in ((content, "content"), (friends, "friends")):
         if not is_absent(table):
             table["teacher"] = teacher[task]
+    fof_w = log["fof_weight"].get("chosen")
+    if not is_absent(friends) and fof_w is not None:
+        friends[SERVED_FRIENDS] = served_friends(model, split, fof_w, cfg.max_eval_users)
     t_eval = time.time() - t0
     report = {
         "dataset": ds.summary(),
@@ -213,6 +219,21 @@ def run(cfg: RunConfig) -> Path:
 
 def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
+
+
+SERVED_FRIENDS = "teacher+fof"  # the friend ranking the server serves (training.fof_blend)
+
+
+def served_friends(model, split: Split, weight: float, max_users: int | None) -> dict[str, float]:
+    """Test metrics of the teacher's friend scores plus the served mutual-friends bonus."""
+    sc = Scorer(model, Features.from_split(split))
+    return evaluate(
+        blended(sc.friends, split, weight),
+        Graph.undirected(split.n_users, split.friends_train),
+        Graph.undirected(split.n_users, split.friends_test),
+        exclude_self=True,
+        max_users=max_users,
+    )
 
 
 def format_table(report: dict) -> str:

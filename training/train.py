@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from socialrec.training.features import Features
+from socialrec.training.fof_blend import choose_fof_weight
 from socialrec.training.metrics import Graph, absent, absent_reason, evaluate, is_absent
 from socialrec.training.model import TowerConfig, TwoTower, TwoTowerTrainTask
 from socialrec.training.split import Split
@@ -184,6 +185,19 @@ def train_teacher(
     """
     t0 = time.time()
     model, log = fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
+    # The server's mutual-friends bonus, weighted on validation by the model that never saw
+    # validation's held-out pairs (training.fof_blend).
+    selected = Scorer(model, Features.from_split(val, cfg.max_history, cfg.max_friends))
+    log["fof_weight"] = choice = choose_fof_weight(
+        selected.friends, val, max_users=cfg.max_eval_users
+    )
+    if progress and _dist()[0] == 0 and choice["chosen"] is not None:
+        grid = choice["val_recall@20"]
+        alone = f"; tower alone {grid['0.0']:.4f}" if "0.0" in grid else ""
+        print(
+            f"friend blend: fof_weight {choice['chosen']:g} chosen on validation (recall@20 "
+            f"{grid[str(choice['chosen'])]:.4f}{alone})"
+        )
     if cfg.refit:
         # Heads without validation pairs have no selected epoch: they train along to the end.
         epochs = {

@@ -184,7 +184,7 @@ def test_run_writes_report_and_split(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     keys = {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
     assert set(report["content"]) == {"MostPopular", "ItemKNN", "EASE", "teacher"}
-    assert set(report["friends"]) == {"CommonNeighbors", "AdamicAdar", "teacher"}
+    assert set(report["friends"]) == {"CommonNeighbors", "AdamicAdar", "teacher", "teacher+fof"}
     for task in ("content", "friends"):
         for m in report[task].values():
             assert set(m) == keys and all(0.0 <= v <= 1.0 for v in m.values())
