@@ -22,6 +22,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from socialrec.training.metrics import Graph, TieBroken, evaluate
 from socialrec.training.split import Split
+from tqdm import tqdm
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 
@@ -155,13 +156,14 @@ def _fixed(lam: float | None) -> float:
 
 
 def choose_ease_lambda(
-    val: Split, lambdas: tuple[float, ...], max_users: int | None = None
+    val: Split, lambdas: tuple[float, ...], max_users: int | None = None, progress: bool = False
 ) -> dict[str, object]:
     """EASE fitted on ``val``'s train part for each lambda and scored on its held-out part;
     the highest validation recall@20 wins (ties: the smaller lambda)."""
     tr = Graph(val.n_users, val.train_user, val.train_item)
     te = Graph(val.n_users, val.test_user, val.test_item)
-    scores = [evaluate(ease(val, lam), tr, te, max_users=max_users)["recall@20"] for lam in lambdas]
+    bar = tqdm(lambdas, desc="EASE lambda (validation)", disable=not progress)
+    scores = [evaluate(ease(val, lam), tr, te, max_users=max_users)["recall@20"] for lam in bar]
     best = int(np.argmax(scores))  # first maximum: lambdas are tried in the given order
     return {
         "grid": [float(lam) for lam in lambdas],

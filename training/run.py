@@ -118,7 +118,9 @@ def select_ease(split: Split, val: Split, cfg: RunConfig) -> dict:
             "lambda": EASE_FALLBACK_LAMBDA,
             "selection": f"validation has no content pairs ({why}): fallback lambda",
         }
-    sel = choose_ease_lambda(val, b.ease_lambdas, max_users=cfg.max_eval_users)
+    sel = choose_ease_lambda(
+        val, b.ease_lambdas, max_users=cfg.max_eval_users, progress=cfg.progress
+    )
     return {**params, "lambda": sel["chosen"], "selection": "validation recall@20", **sel}
 
 
