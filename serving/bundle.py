@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,27 @@ OPTIONAL_FILES = ("fresh_prior.npz",)
 
 class BundleError(RuntimeError):
     """A bundle that must not be served: the message says which file and why."""
+
+
+# The friend blend weight (engine: inner product + fof_weight * log1p(mutual friends)) of a
+# bundle that carries none (built before runs chose one on validation) or a malformed one.
+DEFAULT_FOF_WEIGHT = 1.0
+
+
+def bundle_fof_weight(manifest: dict) -> tuple[float, str | None]:
+    """(the friend blend weight a bundle carries in ``friends.fof_weight``, None or what was
+    wrong with that block)."""
+    block = manifest.get("friends")
+    if block is None:
+        return DEFAULT_FOF_WEIGHT, None
+    w = block.get("fof_weight") if isinstance(block, dict) else None
+    ok = not isinstance(w, bool) and isinstance(w, int | float) and math.isfinite(w) and w >= 0
+    if not ok:
+        return (
+            DEFAULT_FOF_WEIGHT,
+            f"manifest.json: friends.fof_weight must be a number >= 0, got {block!r}",
+        )
+    return float(w), None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

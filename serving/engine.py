@@ -28,10 +28,12 @@ import numpy as np
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from socialrec.serving.bundle import (
+    DEFAULT_FOF_WEIGHT,
     TOWER_INPUTS,
     TOWER_OUTPUTS,
     BundleError,
     BundleFiles,
+    bundle_fof_weight,
     open_bundle,
 )
 from socialrec.serving.fresh import FoldInPrior
@@ -187,24 +189,6 @@ class EngineConfig:
     # index returns, ~0.01 us per row to read) instead of per request through the index
     # (~0.8 us per row for a padded SQ8 index); above it the index stays compressed in memory.
     decoded_users_max_bytes: int = 256 << 20
-
-
-DEFAULT_FOF_WEIGHT = 1.0  # a bundle that carries no valid weight (built before runs chose one)
-
-
-def bundle_fof_weight(manifest: dict) -> tuple[float, str | None]:
-    """(the friend blend weight a bundle carries, None or what was wrong with its block)."""
-    block = manifest.get("friends")
-    if block is None:
-        return DEFAULT_FOF_WEIGHT, None
-    w = block.get("fof_weight") if isinstance(block, dict) else None
-    ok = not isinstance(w, bool) and isinstance(w, int | float) and math.isfinite(w) and w >= 0
-    if not ok:
-        return (
-            DEFAULT_FOF_WEIGHT,
-            f"manifest.json: friends.fof_weight must be a number >= 0, got {block!r}",
-        )
-    return float(w), None
 
 
 # Tower input rows are zero-padded to a multiple of PAD (one AVX-512 vector of float32), alone

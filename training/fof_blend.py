@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from socialrec.serving.engine import DEFAULT_FOF_WEIGHT
+from socialrec.serving.bundle import DEFAULT_FOF_WEIGHT
 from socialrec.training.baselines import friend_matrix
 from socialrec.training.metrics import Graph, absent_reason, evaluate
 from socialrec.training.split import Split

@@ -97,7 +97,7 @@ def test_manifest_block_carries_the_choice_or_says_it_is_the_default() -> None:
     ],
 )
 def test_engine_refuses_a_malformed_weight_for_the_default(block) -> None:
-    from socialrec.serving.engine import DEFAULT_FOF_WEIGHT, bundle_fof_weight
+    from socialrec.serving.bundle import DEFAULT_FOF_WEIGHT, bundle_fof_weight
 
     w, bad = bundle_fof_weight({"friends": block})
     assert w == DEFAULT_FOF_WEIGHT and bad and "friends.fof_weight" in bad
