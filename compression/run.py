@@ -40,13 +40,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from socialrec.compression.distill import (
-    BlendedTeacher,
-    DistillConfig,
-    EaseScorer,
-    blend,
-    distill,
-)
 from socialrec.compression.export import bundle_meta, choose_index, export_onnx, write_bundle
 from socialrec.compression.hashing import to_hashed
 from socialrec.compression.lowrank import factor_tables, factored_serving, to_lowrank
@@ -57,12 +50,21 @@ from socialrec.compression.tables import INPUT_TABLES
 from socialrec.serving.bundle import MANIFEST
 from socialrec.serving.fresh import manifest_block
 from socialrec.training.baselines import BaselineConfig
-from socialrec.training.features import Features
-from socialrec.training.metrics import TASKS, Graph, absent_reason, evaluate, is_absent
+from socialrec.training.distill import (
+    ENSEMBLE_WEIGHTS,
+    BlendedTeacher,
+    DistillConfig,
+    EaseScorer,
+    content_recall,
+    content_scores,
+    distill,
+    kd_target,
+)
+from socialrec.training.metrics import TASKS, absent_reason, is_absent
 from socialrec.training.model import TwoTower
 from socialrec.training.run import load_run
 from socialrec.training.split import Split, validation_split
-from socialrec.training.train import Scorer, TrainConfig, fit, load_checkpoint, tower_config
+from socialrec.training.train import TrainConfig, fit, load_checkpoint, tower_config
 from torch import nn
 
 
@@ -87,7 +89,7 @@ class CompressConfig:
     finetune_lr: float = 3e-4
     # KD target of the content head: teacher + w * EASE (both standardised per user); w = 0
     # (the teacher) and EASE alone are always candidates. Chosen on validation.
-    ensemble_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    ensemble_weights: tuple[float, ...] = ENSEMBLE_WEIGHTS
     ease_lambda: float | None = None  # None: the run's EASE lambda (report.json), else 100
     only: tuple[str, ...] = ()  # build only these variants (the teacher always); (): all
     max_eval_users: int | None = None
@@ -373,65 +375,6 @@ def ease_lambda_for(report: dict, cfg: CompressConfig) -> float:
     return float(v) if isinstance(v, int | float) else EASE_LAMBDA_DEFAULT
 
 
-def content_scores(model: TwoTower, ease: EaseScorer | None, split: Split, tc: TrainConfig, w):
-    """``score_fn(users) -> (B, I)`` of :func:`blend` (teacher, EASE, w) on the split's tower
-    inputs; w = 0: the teacher alone."""
-    sc = Scorer(model, Features.from_split(split, tc.max_history, tc.max_friends))
-
-    @torch.no_grad()
-    def score(users):
-        x = sc.inputs(users)
-        model.eval()
-        t_c, _ = model(*x)
-        return (t_c if w == 0 else blend(t_c, ease(x[0], x[1]), w)).numpy()
-
-    return score
-
-
-def content_recall(score_fn, split: Split, cfg: CompressConfig) -> float:
-    tr = Graph(split.n_users, split.train_user, split.train_item)
-    te = Graph(split.n_users, split.test_user, split.test_item)
-    return evaluate(score_fn, tr, te, max_users=cfg.max_eval_users)["recall@20"]
-
-
-def kd_target(
-    teacher: TwoTower, ease: EaseScorer, val: Split, tc: TrainConfig, cfg: CompressConfig
-) -> dict:
-    """The content head's KD target chosen on validation (torch scores, full ranking).
-
-    Candidates: the teacher (w = 0), teacher + w EASE for each ``cfg.ensemble_weights``, and
-    EASE alone (w = inf), all fitted on ``val``'s train part. The best validation recall@20
-    wins; a tie keeps the simpler target (the teacher first, EASE alone last).
-    """
-    grid = [0.0, *cfg.ensemble_weights, math.inf]
-    scores = [content_recall(content_scores(teacher, ease, val, tc, w), val, cfg) for w in grid]
-    best = max(range(len(grid)), key=lambda k: (scores[k], -k))
-    w = grid[best]
-    chosen = "teacher" if w == 0 else ("EASE" if math.isinf(w) else "ensemble")
-    finite = [k for k in range(1, len(grid) - 1)]
-    best_mix = max(finite, key=lambda k: (scores[k], -k)) if finite else None
-    return {
-        "lambda": ease.lam,
-        "grid": [
-            {"w": _w(g), "val_recall@20": round(sc, 4)} for g, sc in zip(grid, scores, strict=True)
-        ],
-        "chosen": chosen,
-        "w": w if chosen == "ensemble" else None,
-        "best_mix_w": grid[best_mix] if best_mix is not None else None,
-        "val_recall@20": {
-            "teacher": round(scores[0], 4),
-            "EASE": round(scores[-1], 4),
-            "ensemble": round(scores[best_mix], 4) if best_mix is not None else None,
-        },
-        "protocol": "torch scores, full ranking, validation split carved from train; teacher "
-        "refit on its train part, EASE fitted there; EASE scores the tower's input history",
-    }
-
-
-def _w(w: float) -> float | str:
-    return "inf" if math.isinf(w) else w
-
-
 def _teacher_on(val: Split, tc: TrainConfig, report: dict, progress: bool) -> TwoTower:
     """The teacher's recipe refit on the validation split's train part, each head at the
     teacher's selected epoch count (the validation pairs stay unseen)."""
@@ -575,7 +518,11 @@ def run(cfg: CompressConfig) -> Path:
     lam = ease_lambda_for(report, cfg)
     ease_ok = split.n_items <= BaselineConfig().ease_max_items and not absent_reason(val, "content")
     ease_v = EaseScorer(val, lam) if ease_ok else None
-    kd_plan = kd_target(teacher_v, ease_v, val, tc, cfg) if ease_v is not None else None
+    kd_plan = (
+        kd_target(teacher_v, ease_v, val, tc, cfg.ensemble_weights, cfg.max_eval_users)
+        if ease_v is not None
+        else None
+    )
     if kd_plan is not None and cfg.progress:
         grid = ", ".join(f"w={g['w']}: {g['val_recall@20']:.4f}" for g in kd_plan["grid"])
         print(
@@ -608,14 +555,22 @@ def run(cfg: CompressConfig) -> Path:
     if kd_plan is not None:
         kd_plan["test_recall@20"] = {
             "teacher": round(
-                content_recall(content_scores(teacher, ease_t, split, tc, 0), split, cfg), 4
+                content_recall(
+                    content_scores(teacher, ease_t, split, tc, 0), split, cfg.max_eval_users
+                ),
+                4,
             ),
             "EASE": round(
-                content_recall(content_scores(teacher, ease_t, split, tc, math.inf), split, cfg), 4
+                content_recall(
+                    content_scores(teacher, ease_t, split, tc, math.inf), split, cfg.max_eval_users
+                ),
+                4,
             ),
             "ensemble": round(
                 content_recall(
-                    content_scores(teacher, ease_t, split, tc, kd_plan["best_mix_w"]), split, cfg
+                    content_scores(teacher, ease_t, split, tc, kd_plan["best_mix_w"]),
+                    split,
+                    cfg.max_eval_users,
                 ),
                 4,
             )

@@ -317,8 +317,8 @@ def compress_config(compression: dict | None, run_dir: Path, mode: str, threads:
     Only fields this version still has are kept (the JSON may come from an older run), lists
     become tuples again, the nested distill config is rebuilt; ``mode="quick"`` forces quick.
     """
-    from socialrec.compression.distill import DistillConfig
     from socialrec.compression.run import CompressConfig
+    from socialrec.training.distill import DistillConfig
 
     names = {f.name for f in fields(CompressConfig)} - {"run_dir"}
     c = {

@@ -150,8 +150,8 @@ def test_loadtest_tuple_defaults_round_trip() -> None:
 
 
 def test_default_reads_plain_and_factory_defaults_and_names_a_bad_field() -> None:
-    from socialrec.compression.distill import DistillConfig
     from socialrec.compression.run import CompressConfig
+    from socialrec.training.distill import DistillConfig
 
     assert default(CompressConfig, "min_retention") == CompressConfig(run_dir="r").min_retention
     assert default(CompressConfig, "distill") == DistillConfig()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from socialrec.compression.distill import DistillConfig, distill
 from socialrec.compression.export import bundle_meta, write_bundle
 from socialrec.compression.quantize import quantize_tables
 from socialrec.training.data import DataConfig
+from socialrec.training.distill import DistillConfig, distill
 from socialrec.training.model import TwoTower
 from socialrec.training.run import RunConfig, load_run, run
 from socialrec.training.train import TrainConfig, load_checkpoint, tower_config

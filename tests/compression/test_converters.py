@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from socialrec.compression.distill import distill_loss
 from socialrec.compression.hashing import HashEmbedding, hash_ids, hashed_from
 from socialrec.compression.lowrank import LowRankEmbedding, svd_factors, to_lowrank
 from socialrec.compression.prune import MaskedEmbedding, magnitude_mask, prune_dims
@@ -15,6 +14,7 @@ from socialrec.compression.quantize import (
     unpack_int4,
 )
 from socialrec.compression.tables import INPUT_TABLES, get_table
+from socialrec.training.distill import distill_loss
 from socialrec.training.model import TowerConfig, TwoTower
 
 

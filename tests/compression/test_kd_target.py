@@ -7,9 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from socialrec.compression.distill import BlendedTeacher, EaseScorer, blend, standardise
-from socialrec.compression.run import CompressConfig, content_scores, ease_lambda_for, kd_target
+from socialrec.compression.run import CompressConfig, ease_lambda_for
 from socialrec.training.baselines import ease
+from socialrec.training.distill import (
+    BlendedTeacher,
+    EaseScorer,
+    blend,
+    content_scores,
+    kd_target,
+    standardise,
+)
 from socialrec.training.features import Features
 from socialrec.training.split import validation_split
 from socialrec.training.train import TrainConfig
@@ -75,15 +82,15 @@ def test_kd_target_is_chosen_on_validation_and_recorded(loaded) -> None:
     val = validation_split(split)
     cfg = CompressConfig(run_dir="unused", ensemble_weights=(1.0,))
     es = EaseScorer(val, 100.0)
-    kd = kd_target(teacher, es, val, tc, cfg)
+    kd = kd_target(teacher, es, val, tc, cfg.ensemble_weights, cfg.max_eval_users)
     assert [g["w"] for g in kd["grid"]] == [0.0, 1.0, "inf"]
     scores = [g["val_recall@20"] for g in kd["grid"]]
     best = int(np.argmax(scores))
     assert kd["chosen"] == ("teacher", "ensemble", "EASE")[best]
     assert kd["w"] == (1.0 if kd["chosen"] == "ensemble" else None)
-    from socialrec.compression.run import content_recall
+    from socialrec.training.distill import content_recall
 
-    ref = content_recall(content_scores(teacher, es, val, tc, math.inf), val, cfg)
+    ref = content_recall(content_scores(teacher, es, val, tc, math.inf), val, cfg.max_eval_users)
     assert kd["val_recall@20"]["EASE"] == pytest.approx(ref, abs=5e-5)
 
 

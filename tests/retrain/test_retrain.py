@@ -130,7 +130,7 @@ def test_worse_model_is_refused_and_current_stays(base_run, root, store_config) 
 
 
 def test_compress_config_rebuilt_from_the_base_runs_json(tmp_path: Path) -> None:
-    from socialrec.compression.distill import DistillConfig
+    from socialrec.training.distill import DistillConfig
 
     from socialrec.retrain import compress_config
 

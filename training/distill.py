@@ -21,9 +21,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from socialrec.training.baselines import ease_weights
+from socialrec.training.features import Features
+from socialrec.training.metrics import Graph, evaluate
 from socialrec.training.model import TwoTower, multinomial_nll
 from socialrec.training.split import Split
-from socialrec.training.train import TrainConfig, fit
+from socialrec.training.train import Scorer, TrainConfig, fit
 from torch import nn
 
 
@@ -210,3 +212,73 @@ def distill(
         init=student,
         make_task=make_task,
     )
+
+
+ENSEMBLE_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)  # teacher + w EASE candidates of kd_target
+
+
+def content_scores(model: TwoTower, ease: EaseScorer | None, split: Split, tc: TrainConfig, w):
+    """``score_fn(users) -> (B, I)`` of :func:`blend` (teacher, EASE, w) on the split's tower
+    inputs; w = 0: the teacher alone."""
+    sc = Scorer(model, Features.from_split(split, tc.max_history, tc.max_friends))
+
+    @torch.no_grad()
+    def score(users):
+        x = sc.inputs(users)
+        model.eval()
+        t_c, _ = model(*x)
+        return (t_c if w == 0 else blend(t_c, ease(x[0], x[1]), w)).numpy()
+
+    return score
+
+
+def content_recall(score_fn, split: Split, max_users: int | None = None) -> float:
+    """Content recall@20 of ``score_fn`` on the split's held-out part."""
+    tr = Graph(split.n_users, split.train_user, split.train_item)
+    te = Graph(split.n_users, split.test_user, split.test_item)
+    return evaluate(score_fn, tr, te, max_users=max_users)["recall@20"]
+
+
+def kd_target(
+    teacher: TwoTower,
+    ease: EaseScorer,
+    val: Split,
+    tc: TrainConfig,
+    weights: tuple[float, ...] = ENSEMBLE_WEIGHTS,
+    max_users: int | None = None,
+) -> dict:
+    """The content head's KD target chosen on validation (torch scores, full ranking).
+
+    Candidates: the teacher (w = 0), teacher + w EASE for each of ``weights``, and
+    EASE alone (w = inf), all fitted on ``val``'s train part. The best validation recall@20
+    wins; a tie keeps the simpler target (the teacher first, EASE alone last).
+    """
+    grid = [0.0, *weights, math.inf]
+    scores = [
+        content_recall(content_scores(teacher, ease, val, tc, w), val, max_users) for w in grid
+    ]
+    best = max(range(len(grid)), key=lambda k: (scores[k], -k))
+    w = grid[best]
+    chosen = "teacher" if w == 0 else ("EASE" if math.isinf(w) else "ensemble")
+    finite = [k for k in range(1, len(grid) - 1)]
+    best_mix = max(finite, key=lambda k: (scores[k], -k)) if finite else None
+    return {
+        "lambda": ease.lam,
+        "grid": [
+            {"w": _w(g), "val_recall@20": round(sc, 4)} for g, sc in zip(grid, scores, strict=True)
+        ],
+        "chosen": chosen,
+        "w": w if chosen == "ensemble" else None,
+        "best_mix_w": grid[best_mix] if best_mix is not None else None,
+        "val_recall@20": {
+            "teacher": round(scores[0], 4),
+            "EASE": round(scores[-1], 4),
+            "ensemble": round(scores[best_mix], 4) if best_mix is not None else None,
+        },
+        "protocol": "torch scores, full ranking, validation split carved from train; teacher "
+        "refit on its train part, EASE fitted there; EASE scores the tower's input history",
+    }
+
+
+def _w(w: float) -> float | str:
+    return "inf" if math.isinf(w) else w
