@@ -96,6 +96,7 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from socialrec.training.baselines import BaselineConfig
+    from socialrec.training.refine import RefineConfig
     from socialrec.training.run import RunConfig, run
     from socialrec.training.split import SplitConfig
     from socialrec.training.train import TrainConfig
@@ -116,6 +117,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         train=tc,
         baselines=BaselineConfig(ease_lambda=a.ease_lambda),
         tune=TuneConfig(budget_min=a.tune_budget, trials=a.tune_trials),
+        refine=RefineConfig(enabled=not a.no_refine, epochs=a.refine_epochs),
         max_eval_users=a.max_eval_users,
         progress=not a.no_progress,
     )
@@ -471,6 +473,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(t: argparse.ArgumentParser) -> None:
     from socialrec.training.baselines import BaselineConfig
+    from socialrec.training.refine import RefineConfig
     from socialrec.training.run import RunConfig
     from socialrec.training.train import TrainConfig
     from socialrec.training.tune import TuneConfig
@@ -522,6 +525,18 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         metavar="MINUTES",
         help="minutes of hyperparameter search (Optuna, on the validation split) before the "
         "final teacher trains; 0: no search, the options as given",
+    )
+    g.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="keep the teacher as trained: no distillation of a same-size two-tower from the best "
+        "validation scorer (the teacher, or teacher + w EASE) after training",
+    )
+    g.add_argument(
+        "--refine-epochs",
+        type=int,
+        default=default(RefineConfig, "epochs"),
+        help="most epochs of that distillation (early stopping per head on validation)",
     )
     g.add_argument(
         "--tune-trials",

@@ -288,6 +288,7 @@ def _base_settings(run_dir: Path) -> tuple[dict, dict | None]:
 def _train(cfg: RetrainConfig, base: dict, data: DataConfig, out: Path) -> Path:
     """Train from scratch on ``data`` with the base run's settings (every torchrun rank)."""
     from socialrec.training.baselines import BaselineConfig
+    from socialrec.training.refine import config_from_dict as refine_config_from_dict
     from socialrec.training.run import RunConfig
     from socialrec.training.run import run as train_run
     from socialrec.training.split import SplitConfig
@@ -305,6 +306,7 @@ def _train(cfg: RetrainConfig, base: dict, data: DataConfig, out: Path) -> Path:
             split=SplitConfig(**base["split"]),
             train=tc,
             baselines=BaselineConfig(**base["baselines"]),
+            refine=refine_config_from_dict(base.get("refine")),
             max_eval_users=base.get("max_eval_users"),
             progress=cfg.progress,
         )

@@ -125,6 +125,40 @@ class BlendedTeacher(nn.Module):
         return blend(t_c, self.ease(hist_ids, hist_w), self.w), t_f
 
 
+class CachedTeacher(nn.Module):
+    """A KD teacher's outputs for every user of a split, computed once.
+
+    The teacher scores each user's clean, fixed tower inputs (no input dropout), so its
+    targets are the same every epoch; :class:`DistillTask` reads a batch's rows from here
+    (by the batch's ``users``) instead of running the teacher, and for EASE its sparse-dense
+    product, again. ``feats`` must be the features ``fit`` builds for the split.
+    """
+
+    def __init__(self, teacher: nn.Module, feats: Features, batch_size: int = 256) -> None:
+        super().__init__()
+        content, friends = [], []
+        teacher.eval()
+        with torch.no_grad():
+            for start in range(0, feats.n_users, batch_size):
+                users = np.arange(start, min(feats.n_users, start + batch_size))
+                hi, hw = feats.history(users)
+                fi, fw = feats.friends(users)
+                x = (torch.from_numpy(a) for a in (hi, hw, fi, fw))
+                c, f = teacher(*x)  # (B, I), (B, U)
+                content.append(c)
+                friends.append(f)
+        self.content = torch.cat(content)  # (U, I)
+        self.friends = torch.cat(friends)  # (U, U)
+
+    @staticmethod
+    def fits(n_users: int, n_items: int, max_bytes: int) -> bool:
+        """Whether the cache of a split this size stays within ``max_bytes`` (float32)."""
+        return 4 * n_users * (n_items + n_users) <= max_bytes
+
+    def rows(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.content[users], self.friends[users]
+
+
 class DistillTask(nn.Module):
     """Ground truth + list-aware KD for both heads; ``forward(batch) -> loss`` like the teacher's task.
 
@@ -159,7 +193,10 @@ class DistillTask(nn.Module):
         m, c = self.model, self.cfg
         u_c, u_f = m.user_tower(*x)  # (B, D) each
         with torch.no_grad():
-            t_c, t_f = self.teacher(*x)  # (B, I), (B, U)
+            if isinstance(self.teacher, CachedTeacher):
+                t_c, t_f = self.teacher.rows(batch["users"])  # (B, I), (B, U)
+            else:
+                t_c, t_f = self.teacher(*x)  # (B, I), (B, U)
         s_c = m.content_logits(u_c)  # (B, I)
         loss_c = (1 - c.kd_weight) * multinomial_nll(s_c, batch["content_target"])
         loss_c = loss_c + c.kd_weight * distill_loss(

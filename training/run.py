@@ -26,6 +26,7 @@ from socialrec.training.dataset import Dataset
 from socialrec.training.features import Features
 from socialrec.training.fof_blend import blended
 from socialrec.training.metrics import TASKS, Graph, absent, absent_reason, evaluate, is_absent
+from socialrec.training.refine import RefineConfig, refine_teacher
 from socialrec.training.split import (
     Split,
     SplitConfig,
@@ -52,6 +53,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     tune: TuneConfig | None = None  # None: no search (the `train` CLI passes its default budget)
+    # Distil the teacher (refine.py); off here, on in the `train` CLI (like the search).
+    refine: RefineConfig = field(default_factory=lambda: RefineConfig(enabled=False))
     max_eval_users: int | None = None  # None: every user with a test positive
     progress: bool = True
 
@@ -148,7 +151,8 @@ def run(cfg: RunConfig) -> Path:
             tc, study = tune(val, cfg.train, cfg.tune, progress=cfg.progress and rank == 0)
     t_tune = time.time() - t0
     t0 = time.time()
-    model, log = train_teacher(split, val, tc, progress=cfg.progress)
+    kept: dict = {}
+    model, log = train_teacher(split, val, tc, progress=cfg.progress, keep=kept)
     t_train = time.time() - t0
     if distributed:
         import torch.distributed as dist
@@ -161,14 +165,31 @@ def run(cfg: RunConfig) -> Path:
     ease_params = select_ease(split, val, cfg)
     t_ease = time.time() - t0
     t0 = time.time()
+    base = model
+    model, refined = refine_teacher(
+        split, val, model, kept.pop("selection"), log, tc, ease_params["lambda"], cfg.refine,
+        progress=cfg.progress,
+    )  # fmt: skip
+    if "fof_weight" in refined:  # the friend head changed: its weight was chosen again
+        log["fof_weight_before_refine"] = log["fof_weight"]
+        log["fof_weight"] = refined["fof_weight"]
+    t_refine = time.time() - t0
+    t0 = time.time()
     content, friends, notes = score_baselines(
         split, replace(cfg, baselines=replace(cfg.baselines, ease_lambda=ease_params["lambda"]))
     )
     teacher = evaluate_model(
         model, split, max_users=cfg.max_eval_users, desc="teacher" if cfg.progress else None
     )
+    before = None
+    if model is not base:
+        before = evaluate_model(
+            base, split, max_users=cfg.max_eval_users, desc=PRE_KD if cfg.progress else None
+        )
     for table, task in ((content, "content"), (friends, "friends")):
         if not is_absent(table):
+            if before is not None:
+                table[PRE_KD] = before[task]
             table["teacher"] = teacher[task]
     fof_w = log["fof_weight"].get("chosen")
     if not is_absent(friends) and fof_w is not None:
@@ -187,6 +208,7 @@ def run(cfg: RunConfig) -> Path:
             "tune": round(t_tune, 2),
             "train": round(t_train, 2),
             "ease_selection": round(t_ease, 2),
+            "refine": round(t_refine, 2),
             "evaluate": round(t_eval, 2),
         },
         "baseline_params": {
@@ -194,7 +216,12 @@ def run(cfg: RunConfig) -> Path:
             "ItemKNN": {"similarity": "cosine", "input": "binary", "neighbours": "all"},
         },
         "notes": notes,
-        "teacher": {"train_log": log, "train_config": asdict(tc), "tuning": study},
+        "teacher": {
+            "train_log": log,
+            "train_config": asdict(tc),
+            "tuning": study,
+            "refine": refined,
+        },
         "data_report": ds.report.as_dict(),
         "data_fingerprint": ds.fingerprint(),
         "evaluated_users": "all"
@@ -223,6 +250,7 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
 
+PRE_KD = "teacher pre-KD"  # the two-tower before refine.py distilled it (when that won)
 SERVED_FRIENDS = "teacher+fof"  # the friend ranking the server serves (training.fof_blend)
 
 

@@ -173,7 +173,11 @@ def _log_q(counts: np.ndarray, power: float = 0.75) -> tuple[torch.Tensor, torch
 
 
 def train_teacher(
-    split: Split, val: Split, cfg: TrainConfig, progress: bool = True
+    split: Split,
+    val: Split,
+    cfg: TrainConfig,
+    progress: bool = True,
+    keep: dict | None = None,
 ) -> tuple[TwoTower, dict]:
     """Select each head's epoch count on ``val`` (carved from train), then refit on all of train.
 
@@ -181,10 +185,13 @@ def train_teacher(
     ``eval_every`` epochs (early stopping per head). With ``cfg.refit`` phase 2 trains a
     fresh model on ``split``'s whole train part and keeps each head at its selected epoch.
     Under torchrun every rank trains its shard of users with DDP; all ranks evaluate
-    identically so the early-stopping decision agrees.
+    identically so the early-stopping decision agrees. ``keep["selection"]`` receives the
+    phase-1 model (it never saw validation's held-out pairs) when ``keep`` is given.
     """
     t0 = time.time()
     model, log = fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
+    if keep is not None:
+        keep["selection"] = model
     # The server's mutual-friends bonus, weighted on validation by the model that never saw
     # validation's held-out pairs (training.fof_blend).
     selected = Scorer(model, Features.from_split(val, cfg.max_history, cfg.max_friends))
@@ -379,6 +386,7 @@ def _batch(
         k: torch.from_numpy(v)
         for k, v in (("hist_ids", hi), ("hist_w", hw), ("friend_ids", fi), ("friend_w", fw))
     }
+    out["users"] = torch.from_numpy(b.astype(np.int64))  # (B,) rows of the split
     out["friend_rows"] = torch.from_numpy(np.diff(feats.fr_indptr)[b] > 0)
     if full_items:
         out["content_target"] = _targets(feats.hist_indptr, feats.hist_items, b, feats.n_items)
