@@ -90,6 +90,7 @@ DEFAULTS = [
     ("train", "threads", "socialrec.training.train:TrainConfig", "threads"),
     ("train", "ease_lambda", "socialrec.training.baselines:BaselineConfig", "ease_lambda"),
     ("train", "max_eval_users", "socialrec.training.run:RunConfig", "max_eval_users"),
+    ("train", "refine_epochs", "socialrec.training.refine:RefineConfig", "epochs"),
     ("compress", "min_retention", "socialrec.compression.run:CompressConfig", "min_retention"),
     ("compress", "quick", "socialrec.compression.run:CompressConfig", "quick"),
     ("compress", "compress_threads", "socialrec.compression.run:CompressConfig", "threads"),
