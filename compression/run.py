@@ -62,6 +62,8 @@ from socialrec.training.distill import (
 )
 from socialrec.training.metrics import TASKS, absent_reason, is_absent
 from socialrec.training.model import TwoTower
+from socialrec.training.refine import config_from_dict as refine_config_from_dict
+from socialrec.training.refine import replay
 from socialrec.training.run import load_run
 from socialrec.training.split import Split, validation_split
 from socialrec.training.train import TrainConfig, fit, load_checkpoint, tower_config
@@ -375,9 +377,12 @@ def ease_lambda_for(report: dict, cfg: CompressConfig) -> float:
     return float(v) if isinstance(v, int | float) else EASE_LAMBDA_DEFAULT
 
 
-def _teacher_on(val: Split, tc: TrainConfig, report: dict, progress: bool) -> TwoTower:
+def teacher_on_validation(
+    val: Split, tc: TrainConfig, report: dict, run_cfg: dict, progress: bool
+) -> TwoTower:
     """The teacher's recipe refit on the validation split's train part, each head at the
-    teacher's selected epoch count (the validation pairs stay unseen)."""
+    teacher's selected epoch count, then the run's refinement by distillation replayed there
+    (training.refine.replay; the validation pairs stay unseen)."""
     e = _teacher_epochs(report)
     model, _ = fit(
         val,
@@ -387,7 +392,10 @@ def _teacher_on(val: Split, tc: TrainConfig, report: dict, progress: bool) -> Tw
         progress=progress,
         desc="teacher (validation split's train part)",
     )
-    return model.eval()
+    lam = ((report.get("baseline_params") or {}).get("EASE") or {}).get("lambda")
+    refine_cfg = refine_config_from_dict(run_cfg.get("refine"))
+    refine_log = (report.get("teacher") or {}).get("refine")
+    return replay(val, model.eval(), refine_log, tc, lam, refine_cfg)
 
 
 def _build_and_score(
@@ -514,7 +522,8 @@ def run(cfg: CompressConfig) -> Path:
     # 1. Validation pass: everything learns from val's train part and is scored on val.
     if cfg.progress:
         print("[compress] validation pass: the teacher refit on the validation train part")
-    teacher_v = _teacher_on(val, tc, report, cfg.progress)
+    run_cfg = json.loads((run_dir / "run.json").read_text())
+    teacher_v = teacher_on_validation(val, tc, report, run_cfg, cfg.progress)
     lam = ease_lambda_for(report, cfg)
     ease_ok = split.n_items <= BaselineConfig().ease_max_items and not absent_reason(val, "content")
     ease_v = EaseScorer(val, lam) if ease_ok else None

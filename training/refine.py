@@ -20,9 +20,11 @@ The teacher's targets are fixed per user (clean inputs), so they are computed on
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 
+import torch
 from socialrec.training.distill import (
     ENSEMBLE_WEIGHTS,
     BlendedTeacher,
@@ -100,13 +102,14 @@ def refine_teacher(
         plan = kd_target(
             teacher_v, ease_v, val, tc, cfg.ensemble_weights, max_users=tc.max_eval_users
         )
-        w = {"teacher": 0.0, "EASE": float("inf")}.get(plan["chosen"], plan["w"])
+        w = target_w(plan)
     else:
         plan = {"chosen": "teacher", "note": "no EASE on this run: the teacher alone teaches"}
         w = 0.0
     log["kd_target"] = plan
     student_cfg = replace(tc, seed=tc.seed + 1)  # a different initialisation from the teacher
-    student_v = TwoTower(tower_config(tc, val.n_users, val.n_items))
+    # (distil_heads uses the same seed for the refit)
+    student_v = _student(student_cfg, val)
     student_v, slog = distill(
         _kd_teacher(teacher_v, ease_v, w, val, tc, cfg),
         student_v,
@@ -144,25 +147,7 @@ def refine_teacher(
     if not keep:
         log["seconds"] = round(time.time() - t0, 1)
         return teacher, log
-    ease_t = EaseScorer(split, ease_lambda) if w != 0 else None
-    student = TwoTower(tower_config(tc, split.n_users, split.n_items))
-    student, flog = distill(
-        _kd_teacher(teacher, ease_t, w, split, tc, cfg),
-        student,
-        split,
-        student_cfg,
-        keep,
-        cfg.kd,
-        progress=progress,
-        desc="teacher (distil, refit)",
-    )
-    state = teacher.state_dict()
-    for name, value in student.state_dict().items():
-        if ("content" if is_content_param(name) else "friends") in keep:
-            state[name] = value
-    final = TwoTower(teacher.cfg)
-    final.load_state_dict(state)
-    final.eval()
+    final = distil_heads(split, teacher, w, keep, tc, ease_lambda, cfg, progress)
     if "friends" in keep:
         # The served friend blend's weight, chosen again for the head now served.
         scorer = Scorer(student_v, Features.from_split(val, tc.max_history, tc.max_friends))
@@ -170,6 +155,63 @@ def refine_teacher(
     log["refit_epochs"] = keep
     log["seconds"] = round(time.time() - t0, 1)
     return final, log
+
+
+def distil_heads(
+    split: Split,
+    teacher: TwoTower,
+    w: float,
+    epochs: dict[str, int],
+    tc: TrainConfig,
+    ease_lambda: float | None,
+    cfg: RefineConfig,
+    progress: bool = False,
+    desc: str = "teacher (distil, refit)",
+) -> TwoTower:
+    """``teacher`` with the heads in ``epochs`` replaced by a fresh student's, distilled on
+    ``split``'s train part from teacher + w EASE (EASE fitted there) for that many epochs."""
+    ease = EaseScorer(split, ease_lambda) if w != 0 and ease_lambda is not None else None
+    student = _student(replace(tc, seed=tc.seed + 1), split)
+    student, _ = distill(
+        _kd_teacher(teacher, ease, w, split, tc, cfg),
+        student,
+        split,
+        replace(tc, seed=tc.seed + 1),
+        epochs,
+        cfg.kd,
+        progress=progress,
+        desc=desc,
+    )
+    state = teacher.state_dict()
+    for name, value in student.state_dict().items():
+        if ("content" if is_content_param(name) else "friends") in epochs:
+            state[name] = value
+    final = TwoTower(teacher.cfg)
+    final.load_state_dict(state)
+    return final.eval()
+
+
+def replay(split: Split, teacher: TwoTower, refine_log: dict | None, tc, ease_lambda, cfg):
+    """The refinement a run recorded (its target and epoch counts) replayed on another split's
+    train part, e.g. compression's validation pass; the teacher as is if it kept no student."""
+    keep = (refine_log or {}).get("refit_epochs")
+    if not keep:
+        return teacher
+    w = target_w(refine_log.get("kd_target") or {})
+    return distil_heads(split, teacher, w, keep, tc, ease_lambda, cfg, desc="teacher (distil)")
+
+
+def _student(cfg: TrainConfig, split: Split) -> TwoTower:
+    """A fresh two-tower of the teacher's shape, initialised from ``cfg.seed`` alone (so a
+    replay builds the same student)."""
+    torch.manual_seed(cfg.seed)
+    return TwoTower(tower_config(cfg, split.n_users, split.n_items))
+
+
+def target_w(plan: dict) -> float:
+    """The w of the KD target teacher + w EASE that a kd_target plan chose (0: the teacher
+    alone, inf: EASE alone)."""
+    return {"teacher": 0.0, "EASE": math.inf}.get(plan.get("chosen"), plan.get("w") or 0.0)
 
 
 def _fmt(x: float | None) -> str:

@@ -100,3 +100,22 @@ def test_config_round_trips_through_run_json_and_old_runs_did_not_refine() -> No
     cfg = RefineConfig(epochs=7, ensemble_weights=(0.5, 1.0))
     assert config_from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
     assert config_from_dict(None).enabled is False
+
+
+def test_compression_replays_the_refinement_on_its_validation_pass(refined) -> None:
+    """compress's validation-pass teacher is the run's refined teacher rebuilt on the
+    validation split's train part: its content head scores exactly what the student scored
+    there when the run chose it."""
+    from socialrec.compression.run import teacher_on_validation
+    from socialrec.training.train import evaluate_model
+
+    out, report = refined
+    _, split = prepare(RunConfig(out=str(out), data=DATA))
+    val = validation_split(split)
+    _, ck = load_checkpoint(out / "teacher.pt")
+    tc = TrainConfig(**ck["train_config"])
+    run_cfg = json.loads((out / "run.json").read_text())
+    teacher_v = teacher_on_validation(val, tc, report, run_cfg, progress=False)
+    got = evaluate_model(teacher_v, val)["content"]["recall@20"]
+    want = report["teacher"]["refine"]["heads"]["content"]["student_val_recall@20"]
+    assert got == pytest.approx(want, abs=1e-9)
