@@ -107,6 +107,9 @@ def refine_teacher(
         plan = {"chosen": "teacher", "note": "no EASE on this run: the teacher alone teaches"}
         w = 0.0
     log["kd_target"] = plan
+    if progress:
+        what = {0.0: "the teacher alone", math.inf: "EASE alone"}.get(w, f"teacher + {w:g} EASE")
+        print(f"teacher (distil): target {what}, the best content scorer on validation")
     student_cfg = replace(tc, seed=tc.seed + 1)  # a different initialisation from the teacher
     # (distil_heads uses the same seed for the refit)
     student_v = _student(student_cfg, val)
