@@ -3,13 +3,10 @@ bundle, and used by the engine exactly as training scored it."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-from socialrec.training.baselines import friend_matrix
 from socialrec.training.fof_blend import (
     FOF_WEIGHTS,
     blended,
@@ -103,80 +100,3 @@ def test_engine_refuses_a_malformed_weight_for_the_default(block) -> None:
     assert w == DEFAULT_FOF_WEIGHT and bad and "friends.fof_weight" in bad
     assert bundle_fof_weight({}) == (DEFAULT_FOF_WEIGHT, None)
     assert bundle_fof_weight({"friends": {"fof_weight": 0}}) == (0.0, None)
-
-
-@pytest.fixture(scope="module")
-def friend_run(tmp_path_factory) -> Path:
-    from socialrec.compression.export import export_run
-    from socialrec.training.data import DataConfig
-    from socialrec.training.run import RunConfig, run
-    from socialrec.training.train import TrainConfig
-
-    out = tmp_path_factory.mktemp("fofrun")
-    data = DataConfig(synthetic_users=300, synthetic_items=200, synthetic_interactions=6000, seed=3)
-    cfg = RunConfig(
-        out=str(out),
-        data=data,
-        train=TrainConfig(dim=16, epochs=6, eval_every=2, threads=1, refit=False),
-        progress=False,
-    )
-    run(cfg)
-    export_run(out)
-    return out
-
-
-def test_run_reports_the_served_blend_and_the_bundle_carries_its_weight(friend_run) -> None:
-    from socialrec.serving.engine import Engine, EngineConfig
-    from socialrec.training.run import SERVED_FRIENDS, format_table
-
-    report = json.loads((friend_run / "report.json").read_text())
-    choice = report["teacher"]["train_log"]["fof_weight"]
-    assert choice["chosen"] in FOF_WEIGHTS
-    assert choice["val_recall@20"][str(choice["chosen"])] == max(choice["val_recall@20"].values())
-    served = report["friends"][SERVED_FRIENDS]
-    assert 0.0 <= served["recall@20"] <= 1.0
-    assert SERVED_FRIENDS in format_table(report)
-
-    manifest = json.loads((friend_run / "bundle" / "manifest.json").read_text())
-    assert manifest["friends"]["fof_weight"] == choice["chosen"]
-    engine = Engine.load(friend_run / "bundle")
-    assert engine.fof_weight == choice["chosen"]
-    assert Engine.load(friend_run / "bundle", config=EngineConfig(fof_weight=3.5)).fof_weight == 3.5
-
-
-def test_engine_ranks_friends_as_training_scored_the_blend(friend_run) -> None:
-    """The served top 10 (tower + ANN + friends-of-friends, flat index) is the top 10 of the
-    blend training scored, for users with friends: the report's row is what the server does."""
-    from socialrec.serving.engine import Engine, EngineConfig
-    from socialrec.training.features import Features
-    from socialrec.training.run import load_run
-    from socialrec.training.train import Scorer, load_checkpoint
-
-    ds, split, _ = load_run(friend_run)
-    model, _ = load_checkpoint(friend_run / "teacher.pt")
-    w = 1.5
-    engine = Engine.load(friend_run / "bundle", config=EngineConfig(fof_weight=w))
-    score = blended(Scorer(model, Features.from_split(split)).friends, split, w)
-    a = friend_matrix(split).tocsr()
-    names = [str(x) for x in ds.user_ids]
-    items = [str(x) for x in ds.item_ids]
-    users = [u for u in range(split.n_users) if a[u].nnz][:25]
-    agree = []
-    for u in users:
-        s = score(np.array([u]))[0]
-        friends = a[u].indices.tolist()
-        s[[u, *friends]] = -np.inf
-        want = [names[j] for j in np.argsort(-s, kind="stable")[:10]]
-        mutual = np.asarray((a[u] @ a).todense()).ravel()
-        fof = {
-            names[j]: int(m) for j, m in enumerate(mutual) if m > 0 and j != u and j not in friends
-        }
-        mine = split.train_user == u
-        history = [
-            (items[i], float(x))
-            for i, x in zip(split.train_item[mine], split.train_weight[mine], strict=True)
-        ]
-        got = engine.recommend_friends(names[u], history, [names[f] for f in friends], fof, 10)
-        agree.append(len(set(want) & {r.id for r in got.items}) / 10)
-    # ONNX Runtime and torch differ in the last bits: a near-tie may swap at the 10th place.
-    assert np.mean(agree) >= 0.97, agree
