@@ -117,7 +117,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         train=tc,
         baselines=BaselineConfig(ease_lambda=a.ease_lambda),
         tune=TuneConfig(budget_min=a.tune_budget, trials=a.tune_trials),
-        refine=RefineConfig(enabled=not a.no_refine, epochs=a.refine_epochs),
+        refine=RefineConfig(
+            enabled=not a.no_refine, epochs=a.refine_epochs, budget_min=a.refine_budget
+        ),
         max_eval_users=a.max_eval_users,
         progress=not a.no_progress,
     )
@@ -531,6 +533,14 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the teacher as trained: no distillation of a same-size two-tower from the best "
         "validation scorer (the teacher, or teacher + w EASE) after training",
+    )
+    g.add_argument(
+        "--refine-budget",
+        type=_non_negative,
+        default=default(RefineConfig, "budget_min"),
+        metavar="MINUTES",
+        help="wall-clock minutes for that distillation on the validation split (it stops at its "
+        "next evaluation after them, keeping its best; the refit on train takes about as long)",
     )
     g.add_argument(
         "--refine-epochs",

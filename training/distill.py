@@ -15,6 +15,7 @@ better on validation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,6 +226,7 @@ def distill(
     progress: bool = False,
     desc: str = "student",
     val: Split | None = None,
+    on_eval: Callable[[int, dict[str, float]], bool | None] | None = None,
 ) -> tuple[TwoTower, dict]:
     """Fine-tune ``student`` (a fresh small tower or a compressed copy of the teacher) by KD.
 
@@ -248,6 +250,7 @@ def distill(
         desc=desc,
         init=student,
         make_task=make_task,
+        on_eval=on_eval,
     )
 
 

@@ -53,6 +53,9 @@ HEADS = ("content", "friends")
 class RefineConfig:
     enabled: bool = True
     epochs: int = 150  # most distillation epochs (early stopping per head on validation)
+    # Wall-clock minutes for the distillation on validation: it stops at its next evaluation
+    # after this, each head at its best so far (the refit on train then takes about as long).
+    budget_min: float = 3.0
     ensemble_weights: tuple[float, ...] = ENSEMBLE_WEIGHTS  # teacher + w EASE candidates
     kd: DistillConfig = field(default_factory=DistillConfig)
     cache_max_bytes: int = 1 << 30  # teacher targets cached per user up to this size
@@ -93,7 +96,9 @@ def refine_teacher(
     (fitted on ``val``'s train part), ``teacher_log`` its :func:`train_teacher` log, whose
     ``best`` holds each head's validation recall@20; ``ease_lambda`` None: no EASE candidate."""
     t0 = time.time()
-    log: dict = {"config": {"epochs": cfg.epochs, "kd": cfg.kd.__dict__}}
+    log: dict = {
+        "config": {"epochs": cfg.epochs, "budget_min": cfg.budget_min, "kd": cfg.kd.__dict__}
+    }
     if not cfg.enabled:
         return teacher, {**log, "kept": {t: "teacher" for t in HEADS}, "note": "disabled"}
     ease_v = None
@@ -113,6 +118,7 @@ def refine_teacher(
     student_cfg = replace(tc, seed=tc.seed + 1)  # a different initialisation from the teacher
     # (distil_heads uses the same seed for the refit)
     student_v = _student(student_cfg, val)
+    deadline = time.time() + 60 * cfg.budget_min
     student_v, slog = distill(
         _kd_teacher(teacher_v, ease_v, w, val, tc, cfg),
         student_v,
@@ -123,7 +129,10 @@ def refine_teacher(
         progress=progress,
         desc="teacher (distil, select)",
         val=val,
+        on_eval=lambda _epoch, _scores: time.time() > deadline,
     )
+    if "stopped_by_caller" in slog:
+        log["cut_by_budget"] = {"epoch": slog["stopped_by_caller"], "budget_min": cfg.budget_min}
     del ease_v
     heads: dict = {}
     for t in HEADS:

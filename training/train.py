@@ -243,7 +243,8 @@ def fit(
     """Train on ``split``'s train part; keep each head at its best ``val`` epoch or at ``snapshot_at``.
 
     ``on_eval(epoch, {task: val recall@20})`` is called after every validation evaluation
-    (a hyperparameter search prunes a trial from it by raising).
+    (a hyperparameter search prunes a trial from it by raising); a true return stops the fit
+    there, each head kept at its best epoch so far (a wall-clock budget).
 
     ``init`` starts from a given model (a compressed student) instead of a fresh teacher;
     ``make_task(model, friend_loss_weight, item_log_q, user_log_q)`` builds the module whose
@@ -309,8 +310,9 @@ def fit(
             for t in scored:
                 if m[t]["recall@20"] > best[t][0]:
                     best[t] = (m[t]["recall@20"], _head_state(model, t), epoch)
-            if on_eval is not None:
-                on_eval(epoch, {t: m[t]["recall@20"] for t in scored})
+            if on_eval is not None and on_eval(epoch, {t: m[t]["recall@20"] for t in scored}):
+                log["stopped_by_caller"] = epoch  # e.g. a wall-clock budget ran out
+                break
             bar.set_postfix(
                 loss=f"{entry['loss']:.3f}", **{t[0]: f"{m[t]['recall@20']:.4f}" for t in scored}
             )

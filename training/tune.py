@@ -21,7 +21,7 @@ from socialrec.training.train import TrainConfig, fit
 
 @dataclass(frozen=True)
 class TuneConfig:
-    budget_min: float = 5.0  # wall-clock minutes for the study; 0: no search, the config as given
+    budget_min: float = 2.0  # wall-clock minutes for the study; 0: no search, the config as given
     trials: int = 20  # most trials (the budget usually ends the study first)
     seed: int = 0  # sampler seed
     warmup_epochs: int = 10  # no trial is pruned before this epoch

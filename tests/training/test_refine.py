@@ -119,3 +119,11 @@ def test_compression_replays_the_refinement_on_its_validation_pass(refined) -> N
     got = evaluate_model(teacher_v, val)["content"]["recall@20"]
     want = report["teacher"]["refine"]["heads"]["content"]["student_val_recall@20"]
     assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_the_budget_stops_the_distillation_at_its_next_evaluation(tmp_path: Path) -> None:
+    report = _run(tmp_path, RefineConfig(epochs=30, budget_min=0.0))
+    log = report["teacher"]["refine"]
+    assert log["cut_by_budget"] == {"epoch": TEACHER.eval_every, "budget_min": 0.0}
+    for h in log["heads"].values():
+        assert h["student_epoch"] in (None, TEACHER.eval_every)
