@@ -576,6 +576,11 @@ def _add_compress_args(c: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--quick", action="store_true", help="few variants and epochs (smoke test)")
     g.add_argument(
+        "--variants",
+        help="comma-separated variant names to build (the teacher always; default: all), e.g. "
+        "lowrank-r32-int4,distill-d64-kd-ease",
+    )
+    g.add_argument(
         "--compress-threads",
         type=int,
         default=default(CompressConfig, "threads"),
@@ -597,11 +602,6 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
 def _compress_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("--run", required=True, help="run directory written by `socialrec train`")
     _add_compress_args(c)
-    c.add_argument(
-        "--variants",
-        help="comma-separated variant names to build (the teacher always; default: all), e.g. "
-        "lowrank-r32-int4,distill-d64-kd-ease",
-    )
     _no_progress(c)
     c.set_defaults(fn=cmd_compress)
 

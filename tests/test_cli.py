@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -200,3 +201,21 @@ def test_only_the_running_subcommand_imports_its_stage() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_pipeline_trains_then_compresses_in_one_command(tmp_path) -> None:
+    """`socialrec pipeline` takes every train and compress option and runs both stages (it
+    once crashed at the compress step on an option only `compress` declared)."""
+    out = tmp_path / "run"
+    r = _cli(
+        "pipeline", "--synthetic-users", "300", "--synthetic-items", "200",
+        "--synthetic-interactions", "6000", "--epochs", "4", "--dim", "16", "--threads", "1",
+        "--tune-budget", "0", "--refine-epochs", "4", "--quick", "--variants", "teacher-int8",
+        "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "refine" in report["teacher"]
+    built = [v["name"] for v in json.loads((out / "compression.json").read_text())["variants"]]
+    assert built == ["teacher-fp32", "teacher-int8"]
+    assert (out / "bundle" / "manifest.json").is_file()
