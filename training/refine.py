@@ -40,6 +40,7 @@ from socialrec.training.metrics import absent_reason
 from socialrec.training.model import TwoTower
 from socialrec.training.split import Split
 from socialrec.training.train import (
+    FULL_SOFTMAX_MAX,
     Scorer,
     TrainConfig,
     is_content_param,
@@ -101,6 +102,10 @@ def refine_teacher(
     }
     if not cfg.enabled:
         return teacher, {**log, "kept": {t: "teacher" for t in HEADS}, "note": "disabled"}
+    if max(split.n_items, split.n_users) > FULL_SOFTMAX_MAX:
+        # Distillation compares full softmaxes (DistillTask); sampled-softmax catalogues skip it.
+        note = f"skipped: more than {FULL_SOFTMAX_MAX} items or users (no full softmax)"
+        return teacher, {**log, "kept": {t: "teacher" for t in HEADS}, "note": note}
     ease_v = None
     if ease_lambda is not None and not absent_reason(val, "content"):
         ease_v = EaseScorer(val, ease_lambda)

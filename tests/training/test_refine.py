@@ -127,3 +127,16 @@ def test_the_budget_stops_the_distillation_at_its_next_evaluation(tmp_path: Path
     assert log["cut_by_budget"] == {"epoch": TEACHER.eval_every, "budget_min": 0.0}
     for h in log["heads"].values():
         assert h["student_epoch"] in (None, TEACHER.eval_every)
+
+
+def test_catalogues_too_large_for_a_full_softmax_skip_the_distillation(monkeypatch) -> None:
+    import socialrec.training.refine as refine_mod
+
+    _, split = prepare(RunConfig(data=DATA))
+    monkeypatch.setattr(refine_mod, "FULL_SOFTMAX_MAX", 100)  # the small data counts as large
+    teacher = TwoTower(tower_config(TEACHER, split.n_users, split.n_items))
+    model, log = refine_mod.refine_teacher(
+        split, validation_split(split), teacher, teacher, {}, TEACHER, 100.0, progress=False
+    )
+    assert model is teacher
+    assert log["note"].startswith("skipped: more than 100 items or users")
