@@ -1,12 +1,32 @@
-"""Shared fixtures: a real `redis-server` on a free loopback port, one namespace per test."""
+"""Shared fixtures: a real `redis-server` on a free loopback port, one namespace per test;
+and the `socialrec` command as a subprocess (``socialrec_cli``)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def socialrec_cli(
+    *args: str, timeout: float, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m socialrec.cli ARGS`` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "socialrec.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def pytest_report_header() -> str:

@@ -14,17 +14,13 @@ import pytest
 
 from socialrec.cli import COMMANDS, build_parser, default
 
+from .conftest import socialrec_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "socialrec.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return socialrec_cli(*args, timeout=timeout)
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

@@ -30,7 +30,11 @@ def blended(
     friend_scores: Callable[[np.ndarray], np.ndarray], split: Split, weight: float
 ) -> Callable[[np.ndarray], np.ndarray]:
     """users -> (B, U) tower friend scores + weight * log1p(common training friends)."""
-    a = friend_matrix(split)
+    return _blend(friend_scores, friend_matrix(split), weight)
+
+
+def _blend(friend_scores, a, weight: float) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`blended` over a prepared friend matrix ``a`` (U, U) of the split."""
 
     def score(users: np.ndarray) -> np.ndarray:
         s = friend_scores(users)
@@ -55,11 +59,10 @@ def choose_fof_weight(
         return {"chosen": None, "reason": why}
     ftr = Graph.undirected(val.n_users, val.friends_train)
     fte = Graph.undirected(val.n_users, val.friends_test)
+    a = friend_matrix(val)  # built once for the whole grid
     grid = {}
     for w in weights:
-        m = evaluate(
-            blended(friend_scores, val, w), ftr, fte, exclude_self=True, max_users=max_users
-        )
+        m = evaluate(_blend(friend_scores, a, w), ftr, fte, exclude_self=True, max_users=max_users)
         grid[str(w)] = m["recall@20"]
     best = max(weights, key=lambda w: (grid[str(w)], -w))
     return {"chosen": best, "selection": "validation recall@20", "val_recall@20": grid}

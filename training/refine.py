@@ -120,8 +120,7 @@ def refine_teacher(
     if progress:
         what = {0.0: "the teacher alone", math.inf: "EASE alone"}.get(w, f"teacher + {w:g} EASE")
         print(f"teacher (distil): target {what}, the best content scorer on validation")
-    student_cfg = replace(tc, seed=tc.seed + 1)  # a different initialisation from the teacher
-    # (distil_heads uses the same seed for the refit)
+    student_cfg = _student_cfg(tc)
     student_v = _student(student_cfg, val)
     deadline = time.time() + 60 * cfg.budget_min
     student_v, slog = distill(
@@ -188,12 +187,13 @@ def distil_heads(
     """``teacher`` with the heads in ``epochs`` replaced by a fresh student's, distilled on
     ``split``'s train part from teacher + w EASE (EASE fitted there) for that many epochs."""
     ease = EaseScorer(split, ease_lambda) if w != 0 and ease_lambda is not None else None
-    student = _student(replace(tc, seed=tc.seed + 1), split)
+    student_cfg = _student_cfg(tc)
+    student = _student(student_cfg, split)
     student, _ = distill(
         _kd_teacher(teacher, ease, w, split, tc, cfg),
         student,
         split,
-        replace(tc, seed=tc.seed + 1),
+        student_cfg,
         epochs,
         cfg.kd,
         progress=progress,
@@ -216,6 +216,12 @@ def replay(split: Split, teacher: TwoTower, refine_log: dict | None, tc, ease_la
         return teacher
     w = target_w(refine_log.get("kd_target") or {})
     return distil_heads(split, teacher, w, keep, tc, ease_lambda, cfg, desc="teacher (distil)")
+
+
+def _student_cfg(tc: TrainConfig) -> TrainConfig:
+    """The student's training config: the teacher's, another seed (a different initialisation;
+    the validation run and the refit or a replay use the same one)."""
+    return replace(tc, seed=tc.seed + 1)
 
 
 def _student(cfg: TrainConfig, split: Split) -> TwoTower:

@@ -1,23 +1,11 @@
-"""Shared by the load-test files: the `socialrec` command as a subprocess, and the tiny
-synthetic run they serve."""
+"""Shared by the load-test files: the tiny synthetic run they serve (and, re-exported,
+the `socialrec` command as a subprocess)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def socialrec_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "socialrec.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from ..conftest import socialrec_cli
 
 
 def train_tiny_run(out: Path) -> Path:

@@ -33,6 +33,8 @@ from socialrec.training.train import (
     train_teacher,
 )
 
+from ..conftest import socialrec_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = DataConfig(
     dataset="synthetic",
@@ -194,14 +196,7 @@ def test_run_writes_report_and_split(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "socialrec.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return socialrec_cli(*args, timeout=timeout, env=env)
 
 
 def test_cli_split_matches_train_split(tmp_path: Path) -> None:
