@@ -78,7 +78,44 @@ def export_onnx(tower: UserTower, path: str | Path, opset: int = 18) -> Path:
             external_data=False,
         )
     onnx_log.setLevel(level)
+    store_fp16_exact(path)
     return path
+
+
+FP16_MIN_SIZE = 256  # numbers: smaller initializers are not worth a Cast node
+
+
+def store_fp16_exact(path: str | Path, min_size: int = FP16_MIN_SIZE) -> int:
+    """Rewrite ``path`` storing each fp32 initializer whose every value is exactly an fp16
+    number in fp16, followed by a Cast back to fp32 (lossless: the graph computes the same).
+
+    The exporter folds a ``.float()`` of an fp16 weight into an fp32 constant; this undoes
+    that for weights kept in fp16 on purpose (``lowrank.half_factors``). An ordinary fp32
+    weight is almost never fp16-exact in every value, so it stays as is. Returns the bytes
+    saved. ONNX Runtime folds the Casts once when it loads the session.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    casts, saved = [], 0
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        a = numpy_helper.to_array(init)
+        if a.size < min_size or not np.array_equal(a.astype(np.float16).astype(np.float32), a):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(a.astype(np.float16), f"{name}__fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT))
+        saved += 2 * a.size
+    if casts:
+        nodes = casts + list(graph.node)  # the Casts first: the graph stays topologically sorted
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return saved
 
 
 INDEX_KINDS = ("flat", "sq8", "hnsw", "hnsw_sq8", "ivfpq_fs")

@@ -32,16 +32,16 @@ class LowRankEmbedding(nn.Module):
         self.b = nn.Parameter(b.clone())  # (r, D)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.a(ids) @ self.b  # (..., D)
+        return self.a(ids) @ self.b.float()  # (..., D); b may be stored in fp16
 
     def pool(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Pool in the rank-r space, then expand once: (w A[ids]) B, not w (A[ids] B).
         ids, w: (B, L) -> (B, D); L x r x D fewer multiply-adds per query."""
-        return pool(self.a, ids, w) @ self.b
+        return pool(self.a, ids, w) @ self.b.float()
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.a.weight @ self.b  # (N, D)
+        return self.a.weight @ self.b.float()  # (N, D)
 
 
 def to_lowrank(
@@ -49,6 +49,18 @@ def to_lowrank(
 ) -> TwoTower:
     """Copy of ``model`` whose named tables are rank-``rank`` SVD factorisations of the originals."""
     return replace_tables(model, names, lambda t: LowRankEmbedding(*svd_factors(t.weight, rank)))
+
+
+def half_factors(model: TwoTower) -> TwoTower:
+    """``model`` (changed in place, returned) with every low-rank table's small factor B
+    stored in fp16: the ONNX graph keeps it as an fp16 initializer and casts it once per run.
+    Meant for the quantised variants, where A is int8/int4 and the fp32 B factors would
+    otherwise be a large part of the tower (4 r D bytes per table). Not for training."""
+    for m in model.modules():
+        if isinstance(m, LowRankEmbedding):
+            m.b.requires_grad_(False)
+            m.b.data = m.b.data.half()
+    return model
 
 
 def factor_tables(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -67,7 +79,7 @@ class ProjectedTower(nn.Module):
 
     def forward(self, hist_ids, hist_w, friend_ids, friend_w) -> tuple[torch.Tensor, torch.Tensor]:
         u_c, u_f = self.tower(hist_ids, hist_w, friend_ids, friend_w)  # (B, D) each
-        return u_c @ self.b_c.T, u_f @ self.b_f.T  # (B, r) each
+        return u_c @ self.b_c.float().T, u_f @ self.b_f.float().T  # (B, r) each
 
 
 def factored_serving(model: TwoTower) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

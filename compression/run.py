@@ -10,9 +10,16 @@
    written as a bundle and scored through ONNX Runtime + FAISS (``served_eval``) on the
    validation pairs; the smallest that keeps ``min_retention`` of that teacher's content
    recall@20 AND friends recall@20 is selected.
-2. **Test pass.** Every variant is rebuilt from the real teacher on the whole train part,
-   with the KD schedules chosen in step 1, written under RUN_DIR/compress/NAME, scored once
-   on the test part and timed single threaded; the selected one is copied to RUN_DIR/bundle.
+2. **Test pass.** The teacher and the selected variant (every variant with ``test_all``)
+   are rebuilt from the real teacher on the whole train part, with the KD schedules chosen
+   in step 1, written under RUN_DIR/compress/NAME, scored once on the test part and timed
+   single threaded; the selected one is copied to RUN_DIR/bundle. A variant not rebuilt
+   keeps its validation numbers in the report, with empty test columns.
+
+The grid (``grid``): "standard" builds the candidates; "full" adds study variants that
+measure a technique but have not reached the size/quality frontier on any dataset measured
+(docs/benchmarks.md): hashed ids, magnitude pruning (stored dense), torch.ao dynamic
+quantisation (a no-op on this tower), students trained from scratch on EASE or the mix.
 
 The KD target of the content head is chosen in step 1 too: the teacher, EASE, or the
 teacher's standardised scores plus w times EASE's, whichever has the best validation
@@ -42,7 +49,12 @@ from pathlib import Path
 import torch
 from socialrec.compression.export import bundle_meta, choose_index, export_onnx, write_bundle
 from socialrec.compression.hashing import to_hashed
-from socialrec.compression.lowrank import factor_tables, factored_serving, to_lowrank
+from socialrec.compression.lowrank import (
+    factor_tables,
+    factored_serving,
+    half_factors,
+    to_lowrank,
+)
 from socialrec.compression.prune import finalize_masked, prune_dims, prune_unstructured, sparsity
 from socialrec.compression.quantize import ort_dynamic, quantize_tables
 from socialrec.compression.served_eval import bundle_bytes, served_evaluate, us_per_query
@@ -64,7 +76,7 @@ from socialrec.training.metrics import TASKS, absent_reason, is_absent
 from socialrec.training.model import TwoTower
 from socialrec.training.refine import config_from_dict as refine_config_from_dict
 from socialrec.training.refine import replay
-from socialrec.training.run import load_run
+from socialrec.training.run import VALIDATION_TWIN, load_run
 from socialrec.training.split import Split, validation_split
 from socialrec.training.train import TrainConfig, fit, load_checkpoint, tower_config
 from torch import nn
@@ -93,7 +105,15 @@ class CompressConfig:
     # (the teacher) and EASE alone are always candidates. Chosen on validation.
     ensemble_weights: tuple[float, ...] = ENSEMBLE_WEIGHTS
     ease_lambda: float | None = None  # None: the run's EASE lambda (report.json), else 100
-    only: tuple[str, ...] = ()  # build only these variants (the teacher always); (): all
+    only: tuple[str, ...] = ()  # build only these variants (the teacher always); (): the grid
+    # "standard": the candidates (every technique that has reached the size/quality frontier
+    # on some dataset, plus KD from scratch); "full": also the study variants kept to measure a
+    # technique (hashed ids, magnitude pruning stored dense, torch.ao dynamic quantisation,
+    # students trained from scratch on EASE or the teacher + EASE mix).
+    grid: str = "standard"
+    # Score every variant on test (the full table), not only the teacher and the selected one.
+    # Selection never looks at test either way; scoring all roughly doubles the run.
+    test_all: bool = False
     max_eval_users: int | None = None
     timing_queries: int = 300
     threads: int = 0  # torch threads for fine-tuning; 0: torch's default
@@ -112,6 +132,10 @@ class Variant:
     # (tower to export, item vectors, user vectors) when they are not the model's own
     serve: Callable[[TwoTower], tuple[nn.Module, torch.Tensor, torch.Tensor]] | None = None
     notes: dict = field(default_factory=dict)
+    study: bool = False  # built with ``grid="full"`` (or when named in ``only``), not by default
+
+
+GRIDS = ("standard", "full")
 
 
 def _teacher_epochs(report: dict) -> dict[str, int]:
@@ -207,6 +231,10 @@ def variants(
     def quantized(get: Callable[[], TwoTower], bits: int, names=INPUT_TABLES):
         return lambda: quantize_tables(get(), bits, names)
 
+    def quantized_factors(get: Callable[[], TwoTower], bits: int):
+        """Low-rank: the A factors quantised row-wise, the B factors in fp16."""
+        return lambda: half_factors(quantize_tables(get(), bits, a_tables))
+
     d = teacher.cfg.dim
     keep = max(int(d * cfg.prune_keep_fraction), 1)
     pruned_notes: dict = {}
@@ -227,6 +255,7 @@ def variants(
                 "why": "quantize_dynamic only replaces nn.Linear; the tower is embeddings + "
                 "pooling + tanh with no nn.Linear, so nothing is quantised",
             },
+            study=True,
         ),
         Variant(
             "teacher-ort-dynamic-int8",
@@ -246,15 +275,15 @@ def variants(
             Variant(f"lowrank-r{r}", [lr], svd, serve=factored_serving),
             Variant(
                 f"lowrank-r{r}-int8",
-                [lr, "int8 rows", "faiss sq8"],
-                quantized(svd, 8, a_tables),
+                [lr, "int8 rows", "fp16 factors", "faiss sq8"],
+                quantized_factors(svd, 8),
                 "sq8",
                 serve=factored_serving,
             ),
             Variant(
                 f"lowrank-r{r}-int4",
-                [lr, "int4 rows", "faiss sq8"],
-                quantized(svd, 4, a_tables),
+                [lr, "int4 rows", "fp16 factors", "faiss sq8"],
+                quantized_factors(svd, 4),
                 "sq8",
                 serve=factored_serving,
             ),
@@ -279,8 +308,8 @@ def variants(
         Variant(f"lowrank-r{r}-kd", kd_lr, lr_kd, serve=factored_serving),
         Variant(
             f"lowrank-r{r}-kd-int4",
-            [*kd_lr, "int4 rows", "faiss sq8"],
-            quantized(lr_kd, 4, a_tables),
+            [*kd_lr, "int4 rows", "fp16 factors", "faiss sq8"],
+            quantized_factors(lr_kd, 4),
             "sq8",
             serve=factored_serving,
         ),
@@ -302,10 +331,14 @@ def variants(
             name = f"distill-d{dim}-kd-{sfx}"
             student = _once(lambda dim=dim, w=w, name=name: tune(fresh(dim), name, False, w))
             kd = f"KD d={dim} T={cfg.distill.temperature:g} from {label}"
-            out += [
-                Variant(name, [kd], student),
+            out += [  # from scratch on EASE (or the mix): how much of EASE a tower can learn
+                Variant(name, [kd], student, study=True),
                 Variant(
-                    f"{name}-int4", [kd, "int4 rows", "faiss sq8"], quantized(student, 4), "sq8"
+                    f"{name}-int4",
+                    [kd, "int4 rows", "faiss sq8"],
+                    quantized(student, 4),
+                    "sq8",
+                    study=True,
                 ),
             ]
         name = f"lowrank-r{r}-kd-{sfx}"
@@ -315,8 +348,8 @@ def variants(
             Variant(name, kd_src, lr_src, serve=factored_serving),
             Variant(
                 f"{name}-int4",
-                [*kd_src, "int4 rows", "faiss sq8"],
-                quantized(lr_src, 4, a_tables),
+                [*kd_src, "int4 rows", "fp16 factors", "faiss sq8"],
+                quantized_factors(lr_src, 4),
                 "sq8",
                 serve=factored_serving,
             ),
@@ -331,12 +364,14 @@ def variants(
             lambda: tune(
                 to_hashed(teacher, cfg.hash_bucket_fraction, cfg.n_hashes), "hashed", False
             ),
+            study=True,
         ),
         Variant(
             f"prune-unstructured-{cfg.prune_sparsity:g}",
             [f"magnitude prune {cfg.prune_sparsity:.0%}", "KD fine-tune"],
             unstructured,
             notes=pruned_notes,
+            study=True,  # stored dense: no smaller until a sparse format serves it
         ),
         Variant(f"prune-structured-d{keep}", sp, structured),
         Variant(
@@ -378,11 +413,28 @@ def ease_lambda_for(report: dict, cfg: CompressConfig) -> float:
 
 
 def teacher_on_validation(
-    val: Split, tc: TrainConfig, report: dict, run_cfg: dict, progress: bool
+    val: Split,
+    tc: TrainConfig,
+    report: dict,
+    run_cfg: dict,
+    progress: bool,
+    run_dir: Path | None = None,
 ) -> TwoTower:
-    """The teacher's recipe refit on the validation split's train part, each head at the
-    teacher's selected epoch count, then the run's refinement by distillation replayed there
-    (training.refine.replay; the validation pairs stay unseen)."""
+    """The teacher's recipe on the validation split's train part: the run's saved twin
+    (RUN_DIR/teacher.validation.pt, written by `socialrec train`) when there is one for this
+    split, else refit here, each head at the teacher's selected epoch count, then the run's
+    refinement by distillation replayed (training.refine.replay). Either way the validation
+    pairs stay unseen."""
+    twin = None if run_dir is None else Path(run_dir) / VALIDATION_TWIN
+    if twin is not None and twin.exists():
+        model, ck = load_checkpoint(twin)
+        if ck["extra"].get("split_sha256") == report["split"]["sha256"]:
+            if progress:
+                print(f"[compress] validation pass: the teacher's validation twin ({twin})")
+            return model
+        print(f"[compress] {twin}: another split; refitting instead", file=sys.stderr)
+    if progress:
+        print("[compress] validation pass: the teacher refit on the validation train part")
     e = _teacher_epochs(report)
     model, _ = fit(
         val,
@@ -485,10 +537,13 @@ def _build_and_score(
     return rows
 
 
-def _only(todo: list[Variant], cfg: CompressConfig) -> list[Variant]:
-    """The variants ``cfg.only`` names, the teacher first (the retention reference)."""
+def _pick(todo: list[Variant], cfg: CompressConfig) -> list[Variant]:
+    """The variants to build, the teacher first (the retention reference): those ``cfg.only``
+    names (from the full grid), else the grid's (``"standard"`` leaves out study variants)."""
+    if cfg.grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {cfg.grid!r}")
     if not cfg.only:
-        return todo
+        return [v for v in todo if cfg.grid == "full" or not v.study]
     known = {v.name for v in todo}
     unknown = sorted(set(cfg.only) - known)
     if unknown:  # e.g. a teacher + EASE student when the mix did not win on validation
@@ -499,6 +554,18 @@ def _only(todo: list[Variant], cfg: CompressConfig) -> list[Variant]:
             flush=True,
         )
     return [v for k, v in enumerate(todo) if k == 0 or v.name in cfg.only]
+
+
+TEST_KEYS = ("recall@20", "ndcg@20", "friends_recall@20", "friends_ndcg@20", "us_per_query")
+
+
+def _untested(val_row: dict) -> dict:
+    """A variant the test pass did not build (``test_all`` off): its validation row with the
+    test numbers empty; bytes are validation's (same catalogue, same tables)."""
+    row = {k: v for k, v in val_row.items() if k not in ("metrics", "bundle")}
+    row.update({k: None for k in TEST_KEYS}, tested=False)
+    row.update(test_retention=None, test_retention_content=None, test_retention_friends=None)
+    return row
 
 
 def _absent(row: dict) -> dict[str, str]:
@@ -520,10 +587,8 @@ def run(cfg: CompressConfig) -> Path:
     val = validation_split(split)  # as training/run.py carves it for the teacher's selection
 
     # 1. Validation pass: everything learns from val's train part and is scored on val.
-    if cfg.progress:
-        print("[compress] validation pass: the teacher refit on the validation train part")
     run_cfg = json.loads((run_dir / "run.json").read_text())
-    teacher_v = teacher_on_validation(val, tc, report, run_cfg, cfg.progress)
+    teacher_v = teacher_on_validation(val, tc, report, run_cfg, cfg.progress, run_dir)
     lam = ease_lambda_for(report, cfg)
     ease_ok = split.n_items <= BaselineConfig().ease_max_items and not absent_reason(val, "content")
     ease_v = EaseScorer(val, lam) if ease_ok else None
@@ -547,7 +612,7 @@ def run(cfg: CompressConfig) -> Path:
         )
     schedule: dict[str, dict[str, int]] = {}
     vdir = work / "validation"
-    todo = _only(variants(teacher_v, val, tc, cfg, epochs, kd_plan, ease_v, schedule, True), cfg)
+    todo = _pick(variants(teacher_v, val, tc, cfg, epochs, kd_plan, ease_v, schedule, True), cfg)
     val_rows = _build_and_score(todo, val, vdir, ds, ck, report, cfg, "validation", run_dir)
     val_absent = _absent(val_rows[0])
     add_retention(val_rows, [t for t in TASKS if t not in val_absent])
@@ -557,10 +622,12 @@ def run(cfg: CompressConfig) -> Path:
 
     # 2. Test pass: the real teacher, the whole train part, the schedules chosen above.
     ease_t = EaseScorer(split, lam) if kd_plan is not None else None
-    todo = _only(variants(teacher, split, tc, cfg, epochs, kd_plan, ease_t, schedule, False), cfg)
-    rows = _build_and_score(todo, split, work, ds, ck, report, cfg, "test", run_dir)
-    if [r["name"] for r in rows] != [r["name"] for r in val_rows]:
-        raise RuntimeError("the validation and test passes built different variants")
+    todo = _pick(variants(teacher, split, tc, cfg, epochs, kd_plan, ease_t, schedule, False), cfg)
+    if [v.name for v in todo] != [r["name"] for r in val_rows]:
+        raise RuntimeError("the validation and test passes list different variants")
+    if not cfg.test_all:  # the reference and the one served; the rest keep validation's numbers
+        todo = [v for k, v in enumerate(todo) if k == 0 or v.name == selected_name]
+    tested = _build_and_score(todo, split, work, ds, ck, report, cfg, "test", run_dir)
     if kd_plan is not None:
         kd_plan["test_recall@20"] = {
             "teacher": round(
@@ -588,15 +655,21 @@ def run(cfg: CompressConfig) -> Path:
         }
     del ease_t
     if cfg.progress:
-        print(f"[compress] timing {len(rows)} bundles side by side", flush=True)
-    us = us_per_query([r["bundle"] for r in rows], split, cfg.timing_queries)
-    for r, t in zip(rows, us, strict=True):
+        print(f"[compress] timing {len(tested)} bundles side by side", flush=True)
+    us = us_per_query([r["bundle"] for r in tested], split, cfg.timing_queries)
+    for r, t in zip(tested, us, strict=True):
         r["us_per_query"] = round(t, 1)
-    teacher_row = rows[0]
+    teacher_row = tested[0]
     absent_tasks = _absent(teacher_row)
-    add_retention(rows, [t for t in TASKS if t not in absent_tasks], out_prefix="test_")
+    add_retention(tested, [t for t in TASKS if t not in absent_tasks], out_prefix="test_")
+    by_name = {r["name"]: r for r in tested}
+    for v in val_rows:
+        if v["name"] not in by_name:  # a bundle an earlier run left there would look current
+            shutil.rmtree(work / v["name"], ignore_errors=True)
+    rows = [by_name.get(v["name"]) or _untested(v) for v in val_rows]
     for r, v in zip(rows, val_rows, strict=True):
-        r["x_smaller"] = round(teacher_row["bytes"] / r["bytes"], 2)
+        ref = teacher_row if r.setdefault("tested", True) else val_rows[0]
+        r["x_smaller"] = round(ref["bytes"] / r["bytes"], 2)
         for key in VAL_KEYS:
             r[f"val_{key}"] = v[key]
         for key in ("retention", "retention_content", "retention_friends"):
@@ -632,10 +705,12 @@ def run(cfg: CompressConfig) -> Path:
         "protocol": "validation pass: the teacher's recipe refit on the validation split's train "
         "part (carved from train), every variant built from it and KD-trained there, scored on "
         "the validation pairs; selection = the smallest with retention >= min_retention there. "
-        "Test pass: every variant rebuilt from the teacher on the whole train part with the KD "
-        "epochs chosen on validation, scored once on test. Every score through ONNX Runtime + "
-        "FAISS (compression/served_eval.py); us_per_query = median of batch-1 tower run + k=20 "
-        "FAISS search, 1 thread, test-pass bundles timed side by side (round robin, same queries)",
+        "Test pass: the teacher and the selected variant (every variant with test_all) rebuilt "
+        "from the teacher on the whole train part with the KD epochs chosen on validation, "
+        "scored once on test; a variant not rebuilt keeps its validation numbers and null test "
+        "ones. Every score through ONNX Runtime + FAISS (compression/served_eval.py); "
+        "us_per_query = median of batch-1 tower run + k=20 FAISS search, 1 thread, test-pass "
+        "bundles timed side by side (round robin, same queries)",
     }
     (run_dir / "compression.json").write_text(json.dumps(out, indent=2) + "\n")
     (run_dir / "compression.md").write_text(format_table(out) + "\n")
@@ -723,14 +798,26 @@ def format_table(out: dict) -> str:
     ]
     for r in out["variants"]:
         name = f"**{r['name']}** (selected)" if r["name"] == out["selected"] else r["name"]
+        if r.get("tested", True):
+            test = (
+                f"{_num(r['recall@20'])} | {_num(r['ndcg@20'])} | "
+                f"{_num(r['friends_recall@20'])} | {_num(r.get('test_retention'), '.3f')} | "
+                f"{r['us_per_query']:.0f}"
+            )
+        else:
+            test = " | ".join(["-"] * 5)
         lines.append(
             f"| {name} | {', '.join(r['techniques']) or 'fp32'} | {r['bytes'] / 1e6:.2f} | "
             f"{r['x_smaller']:.1f} | {_num(r.get('val_recall@20'))} | "
-            f"{_num(r.get('val_friends_recall@20'))} | {_num(r['retention'], '.3f')} | "
-            f"{_num(r['recall@20'])} | {_num(r['ndcg@20'])} | {_num(r['friends_recall@20'])} | "
-            f"{_num(r.get('test_retention'), '.3f')} | {r['us_per_query']:.0f} |"
+            f"{_num(r.get('val_friends_recall@20'))} | {_num(r['retention'], '.3f')} | {test} |"
         )
     lines.append("")
+    untested = [r["name"] for r in out["variants"] if not r.get("tested", True)]
+    if untested:
+        lines.append(
+            f"-: not scored on test ({len(untested)} variants; `socialrec compress --test-all` "
+            "scores every variant); their sizes are the validation bundles'."
+        )
     absent_tasks = out.get("absent_tasks", {})
     lines.append(
         f"min retention {out['min_retention']} (of the served teacher's "
@@ -809,7 +896,8 @@ def plot(out: dict, path: Path) -> Path:
             continue
         for r in rows:
             colour, marker = style[r["name"]]
-            ax.scatter(r["bytes"] / 1e6, r[key], color=colour, marker=marker, s=45, zorder=3)
+            if r[key] is not None:  # None: not scored on test (validation only)
+                ax.scatter(r["bytes"] / 1e6, r[key], color=colour, marker=marker, s=45, zorder=3)
             if r.get(f"val_{key}") is not None:  # the validation score selection used: hollow
                 ax.scatter(
                     r["bytes"] / 1e6,

@@ -137,6 +137,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         quick=a.quick,
         threads=a.compress_threads,
         only=tuple(v for v in (a.variants or "").split(",") if v),
+        grid=a.grid,
+        test_all=a.test_all,
         progress=not a.no_progress,
     )
     path = run(cfg)
@@ -564,7 +566,7 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
 
 
 def _add_compress_args(c: argparse.ArgumentParser) -> None:
-    from socialrec.compression.run import CompressConfig
+    from socialrec.compression.run import GRIDS, CompressConfig
 
     g = c.add_argument_group("compress")
     g.add_argument(
@@ -577,8 +579,21 @@ def _add_compress_args(c: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true", help="few variants and epochs (smoke test)")
     g.add_argument(
         "--variants",
-        help="comma-separated variant names to build (the teacher always; default: all), e.g. "
-        "lowrank-r32-int4,distill-d64-kd-ease",
+        help="comma-separated variant names to build (the teacher always; any of the full "
+        "grid; default: the --grid's), e.g. lowrank-r32-int4,distill-d64-kd-ease",
+    )
+    g.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default=default(CompressConfig, "grid"),
+        help="standard: the candidate variants; full: also the study variants (hashed ids, "
+        "magnitude pruning, torch.ao dynamic int8, students from scratch on EASE)",
+    )
+    g.add_argument(
+        "--test-all",
+        action="store_true",
+        help="score every variant on test, not only the teacher and the selected one "
+        "(selection stays on validation; about twice the time)",
     )
     g.add_argument(
         "--compress-threads",

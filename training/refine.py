@@ -92,11 +92,19 @@ def refine_teacher(
     ease_lambda: float | None,
     cfg: RefineConfig = RefineConfig(),
     progress: bool = True,
+    keep_twin: dict | None = None,
 ) -> tuple[TwoTower, dict]:
     """(the model to keep, the log). ``teacher_v`` is the teacher's selection-phase model
     (fitted on ``val``'s train part), ``teacher_log`` its :func:`train_teacher` log, whose
-    ``best`` holds each head's validation recall@20; ``ease_lambda`` None: no EASE candidate."""
+    ``best`` holds each head's validation recall@20; ``ease_lambda`` None: no EASE candidate.
+
+    ``keep_twin["validation"]`` receives the kept model's validation twin: what the same
+    recipe gives on ``val``'s train part (``teacher_v``, its heads replaced where the student
+    won), the model compression's validation pass starts from (:func:`replay` rebuilds it).
+    """
     t0 = time.time()
+    twin = keep_twin if keep_twin is not None else {}
+    twin["validation"] = teacher_v
     log: dict = {
         "config": {"epochs": cfg.epochs, "budget_min": cfg.budget_min, "kd": cfg.kd.__dict__}
     }
@@ -163,6 +171,7 @@ def refine_teacher(
     if not keep:
         log["seconds"] = round(time.time() - t0, 1)
         return teacher, log
+    twin["validation"] = combine(teacher_v, student_v, keep)
     final = distil_heads(split, teacher, w, keep, tc, ease_lambda, cfg, progress)
     if "friends" in keep:
         # The served friend blend's weight, chosen again for the head now served.
@@ -199,9 +208,15 @@ def distil_heads(
         progress=progress,
         desc=desc,
     )
+    return combine(teacher, student, epochs)
+
+
+def combine(teacher: TwoTower, student: TwoTower, heads) -> TwoTower:
+    """A copy of ``teacher`` whose ``heads`` (names; they share no parameters) are the
+    student's."""
     state = teacher.state_dict()
     for name, value in student.state_dict().items():
-        if ("content" if is_content_param(name) else "friends") in epochs:
+        if ("content" if is_content_param(name) else "friends") in heads:
             state[name] = value
     final = TwoTower(teacher.cfg)
     final.load_state_dict(state)

@@ -144,15 +144,21 @@ def run(cfg: RunConfig) -> Path:
     val = validation_split(split)
     t0 = time.time()
     tc, study = cfg.train, None
+    searched: dict = {}  # the search's chosen trial: the teacher's selection phase, not rerun
     if cfg.tune is not None and cfg.tune.budget_min > 0:
         if distributed:
             study = {"note": "no search under torchrun: the given config trains as is"}
         else:
-            tc, study = tune(val, cfg.train, cfg.tune, progress=cfg.progress and rank == 0)
+            tc, study = tune(
+                val, cfg.train, cfg.tune, progress=cfg.progress and rank == 0, keep=searched
+            )
     t_tune = time.time() - t0
     t0 = time.time()
     kept: dict = {}
-    model, log = train_teacher(split, val, tc, progress=cfg.progress, keep=kept)
+    model, log = train_teacher(
+        split, val, tc, progress=cfg.progress, keep=kept, selection=searched.get("selection")
+    )
+    searched.clear()  # the selection model lives on in ``kept``
     t_train = time.time() - t0
     if distributed:
         import torch.distributed as dist
@@ -168,7 +174,7 @@ def run(cfg: RunConfig) -> Path:
     base = model
     model, refined = refine_teacher(
         split, val, model, kept.pop("selection"), log, tc, ease_params["lambda"], cfg.refine,
-        progress=cfg.progress,
+        progress=cfg.progress, keep_twin=kept,
     )  # fmt: skip
     if "fof_weight" in refined:  # the friend head changed: its weight was chosen again
         log["fof_weight_before_refine"] = log["fof_weight"]
@@ -234,6 +240,16 @@ def run(cfg: RunConfig) -> Path:
         out / "teacher.pt",
         extra={"dataset": ds.summary(), "split_sha256": split.sha256()},
     )
+    save_checkpoint(  # compression's validation pass starts from it (no refit there)
+        kept.pop("validation"),
+        tc,
+        out / VALIDATION_TWIN,
+        extra={
+            "dataset": ds.summary(),
+            "split_sha256": split.sha256(),
+            "fitted_on": "the validation split's train part (training.split.validation_split)",
+        },
+    )
     np.save(out / "user_ids.npy", ds.user_ids.astype(str), allow_pickle=False)
     np.save(out / "item_ids.npy", ds.item_ids.astype(str), allow_pickle=False)
     # run.json names the config that trained the teacher (the study's choice, if any), so a
@@ -250,6 +266,9 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
 
+# The served teacher's recipe on the validation split's train part: the selection-phase
+# teacher, refined as the served one was (training.refine), never shown validation pairs.
+VALIDATION_TWIN = "teacher.validation.pt"
 PRE_KD = "teacher pre-KD"  # the two-tower before refine.py distilled it (when that won)
 SERVED_FRIENDS = "teacher+fof"  # the friend ranking the server serves (training.fof_blend)
 

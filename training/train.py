@@ -178,6 +178,7 @@ def train_teacher(
     cfg: TrainConfig,
     progress: bool = True,
     keep: dict | None = None,
+    selection: tuple[TwoTower, dict] | None = None,
 ) -> tuple[TwoTower, dict]:
     """Select each head's epoch count on ``val`` (carved from train), then refit on all of train.
 
@@ -187,9 +188,16 @@ def train_teacher(
     Under torchrun every rank trains its shard of users with DDP; all ranks evaluate
     identically so the early-stopping decision agrees. ``keep["selection"]`` receives the
     phase-1 model (it never saw validation's held-out pairs) when ``keep`` is given.
+    ``selection``: phase 1's (model, log) already run for ``cfg`` (the search's chosen trial,
+    ``training.tune``); phase 1 is then not run again.
     """
     t0 = time.time()
-    model, log = fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
+    if selection is not None:
+        model, log = selection
+        if progress and _dist()[0] == 0:
+            print("teacher (select): the search's chosen trial (same config and seed), not rerun")
+    else:
+        model, log = fit(val, cfg, cfg.epochs, val=val, progress=progress, desc="teacher (select)")
     if keep is not None:
         keep["selection"] = model
     # The server's mutual-friends bonus, weighted on validation by the model that never saw

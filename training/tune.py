@@ -113,9 +113,13 @@ class _OutOfTime(Exception):
 
 
 def tune(
-    val: Split, base: TrainConfig, cfg: TuneConfig, progress: bool = True
+    val: Split, base: TrainConfig, cfg: TuneConfig, progress: bool = True, keep: dict | None = None
 ) -> tuple[TrainConfig, dict]:
     """Run the study on ``val``; returns (the best trial's config, the study's record).
+
+    With ``keep``, ``keep["selection"]`` receives ``(model, log)`` of the best trial that ran
+    to its end (neither pruned nor cut by the budget) when that trial is the chosen one: it is
+    exactly the selection phase ``train_teacher`` would run again for the chosen config.
 
     With ``budget_min == 0`` nothing runs and ``base`` comes back unchanged. A trial still
     running when the budget ends stops at its next validation evaluation (the study can run
@@ -131,6 +135,7 @@ def tune(
     t0 = time.time()
     deadline = t0 + 60 * cfg.budget_min
     records: list[dict] = []
+    finished: dict = {}  # the best trial that ran to its end: value, number, (model, log)
 
     def objective(trial) -> float:
         tc = _suggest(trial, space, base)
@@ -150,7 +155,7 @@ def tune(
         t1 = time.time()
         rec = {"number": trial.number, "params": dict(trial.params)}
         try:
-            _, log = fit(val, tc, tc.epochs, val=val, progress=False, on_eval=on_eval)
+            model, log = fit(val, tc, tc.epochs, val=val, progress=False, on_eval=on_eval)
             best = {
                 t: b["val_recall@20"]
                 for t, b in log["best"].items()
@@ -172,6 +177,8 @@ def tune(
         )
         if cut:
             rec["cut_by_budget"] = True
+        elif keep is not None and value > finished.get("value", -1.0):
+            finished.update(value=value, number=trial.number, selection=(model, log))
         records.append(rec)
         if progress:
             print(f"[tune] trial {trial.number}: {value:.4f} {dict(trial.params)}")
@@ -190,6 +197,9 @@ def tune(
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_trial = max(done, key=lambda t: t.value)  # trial 0 always completes or is cut
     chosen = _suggest(optuna.trial.FixedTrial(best_trial.params), space, base)
+    reused = keep is not None and finished.get("number") == best_trial.number
+    if reused:
+        keep["selection"] = finished["selection"]
     record = {
         "budget_min": cfg.budget_min,
         "max_trials": cfg.trials,
@@ -205,6 +215,8 @@ def tune(
             "default_value": records[0].get("value") if records else None,
         },
         "chosen_config": asdict(chosen),
+        # the chosen trial's model and log serve as the teacher's selection phase (not rerun)
+        "selection_reused": reused,
     }
     if progress:
         print(

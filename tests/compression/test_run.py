@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from socialrec.compression.run import CompressConfig, run
 from socialrec.serving.bundle import open_bundle
 from socialrec.training.run import load_run
@@ -36,21 +37,28 @@ def test_compress_quick_writes_report_and_bundle(run_dir: Path, capsys, monkeypa
     )
     bundle = run(
         CompressConfig(
-            run_dir=str(run_dir), quick=True, threads=1, progress=True, timing_queries=20
+            run_dir=str(run_dir),
+            quick=True,
+            threads=1,
+            progress=True,
+            timing_queries=20,
+            grid="full",
+            test_all=True,
         )
     )
-    # Nothing learns from a pair it is scored on: the validation pass (the teacher refit, then
-    # each KD run) trains on the validation split's train part, the test pass on train only.
+    # Nothing learns from a pair it is scored on: the validation pass (each KD run; the
+    # teacher there is the run's saved validation twin) trains on the validation split's train
+    # part, the test pass on train only.
     _, split, _ = load_run(run_dir)
     val = validation_split(split)
     held_val = _pairs(val.test_user, val.test_item)
     held_test = _pairs(split.test_user, split.test_item)
     n_kd = sum(kind == "kd" for kind, _ in trained_on) // 2
-    assert n_kd >= 2 and trained_on[0][0] == "fit"
+    assert n_kd >= 2 and all(kind == "kd" for kind, _ in trained_on)  # the twin: no refit
     for k, (_, s) in enumerate(trained_on):
         pairs = _pairs(s.train_user, s.train_item)
         assert not pairs & held_test
-        if k <= n_kd:  # validation pass
+        if k < n_kd:  # validation pass
             assert not pairs & held_val
             assert not _pairs(s.friends_train[:, 0], s.friends_train[:, 1]) & _pairs(
                 val.friends_test[:, 0], val.friends_test[:, 1]
@@ -114,11 +122,61 @@ def test_compress_quick_writes_report_and_bundle(run_dir: Path, capsys, monkeypa
     assert "| val R@20 |" in md and "| test R@20 |" in md and "chosen on validation" in md
 
 
+def test_the_saved_validation_twin_is_the_refit_teacher(run_dir: Path) -> None:
+    """Without refinement the twin `train` saves is its selection-phase teacher: the same
+    weights compress's fallback refit on the validation train part gives."""
+    from socialrec.compression.run import teacher_on_validation
+    from socialrec.training.train import TrainConfig, load_checkpoint
+
+    _, split, report = load_run(run_dir)
+    val = validation_split(split)
+    _, ck = load_checkpoint(run_dir / "teacher.pt")
+    tc = TrainConfig(**{**ck["train_config"], "threads": 1})
+    run_cfg = json.loads((run_dir / "run.json").read_text())
+    saved = teacher_on_validation(val, tc, report, run_cfg, False, run_dir)
+    refit = teacher_on_validation(val, tc, report, run_cfg, False)
+    for name, value in refit.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], value, msg=name)
+
+
+def test_default_scores_only_the_teacher_and_the_selected_variant_on_test(
+    run_dir: Path, capsys
+) -> None:
+    """By default the study variants are not built and the test pass rebuilds only the
+    reference and the one served; the others keep their validation numbers, marked."""
+    stale = run_dir / "compress" / "lowrank-r64"  # as an earlier --test-all run leaves it
+    stale.mkdir(parents=True, exist_ok=True)
+    run(CompressConfig(run_dir=str(run_dir), quick=True, threads=1, timing_queries=20))
+    rep = json.loads((run_dir / "compression.json").read_text())
+    out = capsys.readouterr().out
+    names = [v["name"] for v in rep["variants"]]
+    assert "teacher-torch-dynamic-int8" not in names  # a study variant (grid "full")
+    assert len(names) >= 4 and names[0] == "teacher-fp32"
+    tested = [v["name"] for v in rep["variants"] if v["tested"]]
+    assert tested == list(dict.fromkeys(["teacher-fp32", rep["selected"]]))
+    assert "[compress] test: variant 2 of" in out or rep["selected"] == "teacher-fp32"
+    assert f"[compress] test: variant 1 of {len(tested)}: teacher-fp32" in out
+    for v in rep["variants"]:
+        assert v["val_recall@20"] is not None and v["retention"] is not None
+        if v["tested"]:
+            assert v["recall@20"] is not None and v["us_per_query"] > 0
+            assert (run_dir / "compress" / v["name"]).is_dir()
+        else:
+            assert v["recall@20"] is None and v["test_retention"] is None
+            assert v["us_per_query"] is None and not (run_dir / "compress" / v["name"]).exists()
+            assert v["x_smaller"] == round(rep["variants"][0]["val_bytes"] / v["bytes"], 2)
+    md = (run_dir / "compression.md").read_text()
+    assert "not scored on test" in md and "--test-all" in md
+    assert (run_dir / "compression.png").stat().st_size > 0
+
+
 def test_cli_parses_compress_and_pipeline() -> None:
     a = build_parser().parse_args(["compress", "--run", "r", "--min-retention", "0.9", "--quick"])
     assert a.run == "r" and a.min_retention == 0.9 and a.quick
     a = build_parser().parse_args(["compress", "--run", "r", "--variants", "x,y"])
-    assert a.variants == "x,y"
+    assert a.variants == "x,y" and a.grid == "standard" and not a.test_all
+    a = build_parser().parse_args(["compress", "--run", "r", "--grid", "full", "--test-all"])
+    assert a.grid == "full" and a.test_all
     a = build_parser().parse_args(
         ["pipeline", "--dataset", "synthetic", "--epochs", "3", "--quick"]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -191,3 +192,55 @@ def test_server_engine_loads_compressed_bundles(bundles, name: str) -> None:
     assert len(res.items) == 5 and not res.cold_start
     fr = eng.recommend_friends(b.user_ids[0], history, [b.user_ids[1]], {b.user_ids[2]: 1}, k=5)
     assert len(fr.items) == 5
+
+
+def test_fp16_factors_stay_fp16_in_the_graph_and_keep_the_scores(
+    loaded, bundle_factory, tmp_path: Path
+) -> None:
+    """Quantised low-rank variants keep B in fp16: the ONNX file stores 2 bytes per number
+    of B (no fp32 copy folded in) and the served scores match the fp32-B model closely."""
+    import onnx
+    from onnx import numpy_helper
+    from socialrec.compression.export import export_onnx
+    from socialrec.compression.lowrank import factor_tables, factored_serving, half_factors
+    from socialrec.compression.tables import INPUT_TABLES
+
+    teacher, _, _, split, _ = loaded
+    q = quantize_tables(to_lowrank(teacher, 8), 4, factor_tables(INPUT_TABLES))
+    files, scores = {}, {}
+    for label, model in (("fp32", q), ("fp16", half_factors(copy.deepcopy(q)))):
+        tower, items, users = factored_serving(model)
+        onnx_file = export_onnx(tower, tmp_path / f"{label}.onnx")
+        files[label] = onnx_file.stat().st_size
+        sm = ServedModel(
+            bundle_factory(
+                None,
+                tmp_path / label,
+                onnx_file=onnx_file,
+                items=items.numpy(),
+                users=users.numpy(),
+            )
+        )
+        x = _sample_inputs(split, sm)
+        u_c, u_f = sm.vectors(x)
+        scores[label] = (u_c @ items.numpy().T, u_f @ users.numpy().T)
+        if label == "fp16":
+            graph = onnx.load(str(onnx_file)).graph
+            halves = [
+                numpy_helper.to_array(i).shape
+                for i in graph.initializer
+                if i.data_type == onnx.TensorProto.FLOAT16
+            ]
+            d = teacher.cfg.dim
+            # 4 input tables' B (8, d) and the two projections (d, 8), all kept in fp16
+            assert sum(s in ((8, d), (d, 8)) for s in halves) == 6, halves
+            big_fp32 = [
+                i.name
+                for i in graph.initializer
+                if i.data_type == onnx.TensorProto.FLOAT and numpy_helper.to_array(i).size >= 8 * d
+            ]
+            assert not big_fp32, big_fp32
+    assert files["fp32"] - files["fp16"] >= 6 * 8 * teacher.cfg.dim * 2 * 0.95
+    for a, b in zip(scores["fp16"], scores["fp32"], strict=True):
+        scale = np.abs(b).max()
+        assert np.abs(a - b).max() <= 2e-3 * scale

@@ -119,6 +119,12 @@ def test_compression_replays_the_refinement_on_its_validation_pass(refined) -> N
     got = evaluate_model(teacher_v, val)["content"]["recall@20"]
     want = report["teacher"]["refine"]["heads"]["content"]["student_val_recall@20"]
     assert got == pytest.approx(want, abs=1e-9)
+    # The run saved that model (its validation twin), so compress loads it instead of
+    # refitting: the same weights as the replay.
+    saved = teacher_on_validation(val, tc, report, run_cfg, progress=False, run_dir=out)
+    assert saved is not teacher_v
+    for name, value in teacher_v.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], value, msg=name)
 
 
 def test_the_budget_stops_the_distillation_at_its_next_evaluation(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from socialrec.training.model import TowerConfig, TwoTower, UserTower
 from socialrec.training.run import RunConfig, prepare, run
 from socialrec.training.split import validation_split
 from socialrec.training.synthetic_ratings import RatingsConfig, generate_ratings, write_ratings_tsv
-from socialrec.training.train import TrainConfig
+from socialrec.training.train import TrainConfig, fit
 from socialrec.training.tune import TuneConfig, search_space, tune
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,7 +211,10 @@ def test_search_space_follows_the_data() -> None:
 def test_study_starts_from_the_given_config_and_returns_its_best(capsys) -> None:
     _, split = prepare(RunConfig(data=SMALL))
     val = validation_split(split)
-    cfg, rec = tune(val, FAST, TuneConfig(budget_min=2.0, trials=4, seed=1), progress=True)
+    kept: dict = {}
+    cfg, rec = tune(
+        val, FAST, TuneConfig(budget_min=2.0, trials=4, seed=1), progress=True, keep=kept
+    )
     trials = rec["trials"]
     assert len(trials) == 4
     # Trial 0 is the given config, trained to completion.
@@ -226,6 +229,16 @@ def test_study_starts_from_the_given_config_and_returns_its_best(capsys) -> None
     # The value is the mean of the scored heads' best validation recall@20.
     assert best["value"] == pytest.approx(np.mean(list(best["val_recall20"].values())))
     assert "[tune] 4 trials" in capsys.readouterr().out
+    # The chosen trial ran to its end, so it is handed on as the teacher's selection phase:
+    # the same model and log a fresh phase 1 with the chosen config produces.
+    assert rec["selection_reused"] and not best.get("cut_by_budget")
+    model, log = kept["selection"]
+    fresh_model, fresh_log = fit(val, cfg, cfg.epochs, val=val, progress=False)
+    assert log["best"] == fresh_log["best"]
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), fresh_model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.slow
@@ -251,6 +264,10 @@ def test_run_records_ease_selection_and_the_study(tmp_path: Path) -> None:
     assert "friend_loss_weight" not in study["space"]  # no friend graph
     chosen = study["chosen_config"]
     assert report["teacher"]["train_config"] == chosen
+    if study["selection_reused"]:  # the teacher's epochs are the chosen trial's
+        trial = next(t for t in study["trials"] if t["number"] == study["best"]["number"])
+        best = report["teacher"]["train_log"]["best"]
+        assert best["content"]["val_recall@20"] == trial["val_recall20"]["content"]
     assert json.loads((out / "run.json").read_text())["train"] == chosen
     assert report["friends"]["absent"] is True
     # EASE's test score is EASE refit on the whole train part with the chosen lambda.
