@@ -562,8 +562,8 @@ TEST_KEYS = ("recall@20", "ndcg@20", "friends_recall@20", "friends_ndcg@20", "us
 def _untested(val_row: dict) -> dict:
     """A variant the test pass did not build (``test_all`` off): its validation row with the
     test numbers empty; bytes are validation's (same catalogue, same tables)."""
-    row = {k: v for k, v in val_row.items() if k not in ("metrics", "bundle")}
-    row.update({k: None for k in TEST_KEYS}, tested=False)
+    row = {k: v for k, v in val_row.items() if k != "bundle"}
+    row.update({k: None for k in TEST_KEYS}, metrics=None, tested=False)
     row.update(test_retention=None, test_retention_content=None, test_retention_friends=None)
     return row
 
@@ -822,8 +822,8 @@ def format_table(out: dict) -> str:
     lines.append(
         f"min retention {out['min_retention']} (of the served teacher's "
         f"{_retained_tasks(out)} recall@20); selected: {out['selected']}, on validation "
-        "(carved from train; the teacher and every variant refit there); test scored once "
-        "after; bytes = ONNX tower + items.faiss + users.faiss."
+        "(carved from train; the teacher's recipe and every variant trained there); test "
+        "scored once after; bytes = ONNX tower + items.faiss + users.faiss."
     )
     for t, why in absent_tasks.items():
         lines.append(
