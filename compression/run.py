@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from socialrec.compression.export import bundle_meta, choose_index, export_onnx, write_bundle
 from socialrec.compression.hashing import to_hashed
@@ -97,10 +98,11 @@ class CompressConfig:
     prune_keep_fraction: float = 0.5  # structured: fraction of embedding dims kept per head
     epochs: int | None = None  # KD from scratch: most epochs per head; None: the teacher's counts
     # KD fine-tune of near-teacher conversions (low-rank, unstructured pruning): at most this
-    # many epochs at a gentle lr; each head keeps its best validation epoch. (The lr was set
-    # before selection moved to validation; the epoch count is now chosen on validation.)
+    # many epochs at a gentle lr; each head keeps its best validation epoch. The lr is chosen
+    # on validation among ``finetune_lrs`` by the pass's first fine-tune (the rank-r SVD
+    # taught by the teacher) and used by every fine-tune after it.
     finetune_epochs: int = 20
-    finetune_lr: float = 3e-4
+    finetune_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     # KD target of the content head: teacher + w * EASE (both standardised per user); w = 0
     # (the teacher) and EASE alone are always candidates. Chosen on validation.
     ensemble_weights: tuple[float, ...] = ENSEMBLE_WEIGHTS
@@ -179,6 +181,7 @@ def variants(
     ease: EaseScorer | None = None,
     schedule: dict[str, dict[str, int]] | None = None,
     choose: bool = False,
+    finetune: dict | None = None,
 ) -> list[Variant]:
     """The teacher as served, every technique alone, then combinations with quantisation.
 
@@ -187,9 +190,41 @@ def variants(
     each head at its best validation epoch, recording the counts in ``schedule`` (by run
     name); otherwise the counts recorded there are replayed. ``kd_plan`` (:func:`kd_target`) and
     ``ease`` (fitted on ``split``) add students whose content head learns from EASE and, when
-    it won on validation, from the teacher + EASE mix.
+    it won on validation, from the teacher + EASE mix. ``finetune`` holds the fine-tune lr:
+    with ``choose`` the first short fine-tune fills it (``lr`` and the validation score of
+    each candidate), otherwise it is read.
     """
     schedule = {} if schedule is None else schedule
+    finetune = {} if finetune is None else finetune
+
+    def choose_lr(source, student, e, desc):
+        """Fine-tune a copy of ``student`` at each candidate lr on validation; keep the best
+        by the mean over scored heads of their best validation recall@20."""
+        trials = []
+        for lr in cfg.finetune_lrs:
+            m, log = distill(
+                source,
+                copy.deepcopy(student),
+                split,
+                replace(tc, lr=lr),
+                e,
+                cfg.distill,
+                cfg.progress,
+                f"{desc} (lr {lr:g})",
+                val=split,
+            )
+            scores = [v["val_recall@20"] for v in log["best"].values() if v["epoch"] is not None]
+            trials.append((float(np.mean(scores)) if scores else 0.0, lr, m, log))
+        best = max(trials, key=lambda t: t[0])  # ties: the first (smallest) lr
+        finetune.update(
+            lr=best[1],
+            chosen_by=desc,
+            val_score={f"{lr:g}": round(v, 4) for v, lr, _, _ in trials},
+        )
+        if cfg.progress:
+            grid = ", ".join(f"{k}: {v:.4f}" for k, v in finetune["val_score"].items())
+            print(f"[compress] fine-tune lr on validation ({grid}); chosen {best[1]:g}", flush=True)
+        return best[2], best[3]
 
     def tune(student: TwoTower, desc: str, short: bool = True, w: float = 0.0) -> TwoTower:
         """KD training. ``short``: a gentle fine-tune for conversions that keep the teacher's
@@ -197,18 +232,23 @@ def variants(
         part); otherwise the teacher's own schedule (fresh students, and conversions that
         change the function a lot: hashed ids, dropped dimensions). ``w``: weight of EASE in
         the content head's KD target (0: the teacher alone)."""
+        e, t_cfg = epochs, tc
         if short:
             e = {t: cfg.finetune_epochs for t in epochs}
-            t_cfg = replace(tc, lr=cfg.finetune_lr)
-        else:
-            e, t_cfg = epochs, tc
+            if "lr" in finetune:
+                t_cfg = replace(tc, lr=finetune["lr"])
+            elif not choose:
+                raise RuntimeError(f"{desc}: no fine-tune lr chosen on validation")
         if cfg.quick:
             e = {t: min(v, 3) for t, v in e.items()}
         source: nn.Module = teacher if w == 0 else BlendedTeacher(teacher, ease, w)
         if choose:
-            model, log = distill(
-                source, student, split, t_cfg, e, cfg.distill, cfg.progress, desc, val=split
-            )
+            if short and "lr" not in finetune:
+                model, log = choose_lr(source, student, e, desc)
+            else:
+                model, log = distill(
+                    source, student, split, t_cfg, e, cfg.distill, cfg.progress, desc, val=split
+                )
             schedule[desc] = {
                 t: int(v["epoch"]) for t, v in log["best"].items() if v["epoch"] is not None
             }
@@ -611,8 +651,10 @@ def run(cfg: CompressConfig) -> Path:
             else "no EASE KD target: no validation content pairs"
         )
     schedule: dict[str, dict[str, int]] = {}
+    finetune: dict = {}
     vdir = work / "validation"
-    todo = _pick(variants(teacher_v, val, tc, cfg, epochs, kd_plan, ease_v, schedule, True), cfg)
+    todo = variants(teacher_v, val, tc, cfg, epochs, kd_plan, ease_v, schedule, True, finetune)
+    todo = _pick(todo, cfg)
     val_rows = _build_and_score(todo, val, vdir, ds, ck, report, cfg, "validation", run_dir)
     val_absent = _absent(val_rows[0])
     add_retention(val_rows, [t for t in TASKS if t not in val_absent])
@@ -622,7 +664,8 @@ def run(cfg: CompressConfig) -> Path:
 
     # 2. Test pass: the real teacher, the whole train part, the schedules chosen above.
     ease_t = EaseScorer(split, lam) if kd_plan is not None else None
-    todo = _pick(variants(teacher, split, tc, cfg, epochs, kd_plan, ease_t, schedule, False), cfg)
+    todo = variants(teacher, split, tc, cfg, epochs, kd_plan, ease_t, schedule, False, finetune)
+    todo = _pick(todo, cfg)
     if [v.name for v in todo] != [r["name"] for r in val_rows]:
         raise RuntimeError("the validation and test passes list different variants")
     if not cfg.test_all:  # the reference and the one served; the rest keep validation's numbers
@@ -700,6 +743,8 @@ def run(cfg: CompressConfig) -> Path:
         "min_retention": cfg.min_retention,
         "kd_epochs_full_schedule": epochs,  # the most epochs of a KD run from scratch
         "kd_epochs_chosen_on_validation": schedule,  # per KD run and head, replayed on test
+        # the fine-tune lr (near-teacher conversions), chosen on validation; {} if none ran
+        "finetune_lr_chosen_on_validation": finetune,
         "kd_target": kd_plan if kd_plan is not None else {"note": kd_plan_note},
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "protocol": "validation pass: the teacher's recipe refit on the validation split's train "

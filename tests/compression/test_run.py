@@ -215,3 +215,39 @@ def test_plot_has_one_panel_per_task_in_mb_and_names_the_selected_variant(
         legend = [t.get_text() for t in fig.legends[0].get_texts()]
         assert f"selected: {selected}" in legend
         assert {"teacher-fp32", "teacher-int8", "distill-d64"} <= set(legend)
+
+
+def test_the_finetune_lr_is_chosen_on_validation_and_replayed_on_test(
+    run_dir: Path, capsys, monkeypatch
+) -> None:
+    """The first KD fine-tune of the validation pass tries every candidate lr; the best
+    validation score wins, later fine-tunes and the test pass use it."""
+    from socialrec.compression import run as run_mod
+
+    lrs_used: list[float] = []
+    real = run_mod.distill
+
+    def spy(t, st, s, tc, *a, **k):
+        lrs_used.append(tc.lr)
+        return real(t, st, s, tc, *a, **k)
+
+    cfg = CompressConfig(
+        run_dir=str(run_dir),
+        threads=1,
+        timing_queries=20,
+        only=("lowrank-r32-kd", "lowrank-r32-kd-ease"),
+        finetune_epochs=3,
+        finetune_lrs=(1e-4, 3e-3),
+        test_all=True,
+    )
+    monkeypatch.setattr(run_mod, "distill", spy)
+    run(cfg)
+    rep = json.loads((run_dir / "compression.json").read_text())
+    ft = rep["finetune_lr_chosen_on_validation"]
+    assert ft["chosen_by"] == "lowrank-r32-kd" and set(ft["val_score"]) == {"0.0001", "0.003"}
+    best = max(ft["val_score"].items(), key=lambda kv: kv[1])
+    assert ft["lr"] == float(best[0]) or ft["val_score"]["0.0001"] == ft["val_score"]["0.003"]
+    # validation: both candidates, then the EASE-taught fine-tune at the chosen lr; test: two
+    # fine-tunes at the chosen lr
+    assert lrs_used == [1e-4, 3e-3, ft["lr"], ft["lr"], ft["lr"]]
+    assert "[compress] fine-tune lr on validation (0.0001: " in capsys.readouterr().out
