@@ -130,6 +130,7 @@ def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path
     warm.join()
     proc = ctx.Process(target=_client, args=(address, mode, users, conc, seconds, q))
     t = worker.cpu_times()
+    th0 = _thread_cpu(worker)
     c0, t0 = t.user + t.system, time.perf_counter()
     proc.start()
     sampler = None
@@ -143,11 +144,19 @@ def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path
     proc.join()
     t = worker.cpu_times()
     cpu, dt = t.user + t.system - c0, time.perf_counter() - t0
+    th1 = _thread_cpu(worker)
+    main = th1.get(worker.pid, 0.0) - th0.get(worker.pid, 0.0)
     if sampler is not None:
         _, err = sampler.communicate(timeout=60)
         if sampler.returncode:
             print(f"py-spy failed: {err.decode()[-300:]}", file=sys.stderr)
-    return calls / dt, 1e6 * cpu / max(calls, 1)
+    return calls / dt, 1e6 * cpu / max(calls, 1), 1e6 * main / max(calls, 1)
+
+
+def _thread_cpu(proc: psutil.Process) -> dict[int, float]:
+    """CPU seconds of each of the process's threads (the main thread's id is the pid; it runs
+    the event loop, the others are gRPC's and ONNX Runtime's)."""
+    return {t.id: t.user_time + t.system_time for t in proc.threads()}
 
 
 def stage_split(raw: Path) -> dict[str, float]:
@@ -234,7 +243,7 @@ def main() -> int:
             for mode in [c[0] for c in configs] + ([] if profiling else ["empty"]):
                 label = first if mode == "empty" else mode
                 spy = tmp / f"{mode}.txt" if profiling else None
-                rps, us = phase(servers[label].address, "empty" if mode == "empty" else "reads",
+                rps, us, main = phase(servers[label].address, "empty" if mode == "empty" else "reads",
                                 users, a.concurrency, a.seconds, workers[label], spy)  # fmt: skip
                 if spy is not None:
                     if spy.exists():
@@ -243,22 +252,24 @@ def main() -> int:
                             Path(a.raw).mkdir(parents=True, exist_ok=True)
                             shutil.copy(spy, Path(a.raw) / spy.name)
                     continue
-                runs[mode].append((rps, us))
+                runs[mode].append((rps, us, main))
                 print(f"round {r + 1}/{a.rounds} {mode:14s} {rps:7.0f} calls/s  {us:7.1f} us "
-                      "worker CPU/call", flush=True)  # fmt: skip
+                      f"worker CPU/call ({main:6.1f} on the event-loop thread)", flush=True)  # fmt: skip
     finally:
         for s in servers.values():
             s.stop()
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {m: statistics.median(us for _, us in v) for m, v in runs.items()}
-    rps = {m: statistics.median(x for x, _ in v) for m, v in runs.items()}
+    med = {m: statistics.median(us for _, us, _ in v) for m, v in runs.items()}
+    rps = {m: statistics.median(x for x, _, _ in v) for m, v in runs.items()}
+    loop_us = {m: statistics.median(y for _, _, y in v) for m, v in runs.items()}
     print(f"\nbundle {bundle}; --result-cache-mb 0, 1 worker; {a.concurrency} channels; "
           f"medians of {a.rounds} alternating rounds of {a.seconds:g} s; load {os.getloadavg()}")  # fmt: skip
-    print(f"{'server':14s} {'us CPU/call':>11s} {'calls/s':>8s} {'/ empty':>8s}")
+    print(f"{'server':14s} {'us CPU/call':>11s} {'loop thread':>11s} {'calls/s':>8s} {'/ empty':>8s}")
     for m in runs:
-        print(f"{m:14s} {med[m]:11.1f} {rps[m]:8.0f} {med[m] / med['empty']:8.2f}")
+        print(f"{m:14s} {med[m]:11.1f} {loop_us[m]:11.1f} {rps[m]:8.0f} "
+              f"{med[m] / med['empty']:8.2f}")  # fmt: skip
     stages = sorted({st for v in split.values() for st in v}, key=lambda st: -max(
         v.get(st, 0.0) for v in split.values()))  # fmt: skip
     if split:
@@ -278,10 +289,12 @@ def main() -> int:
                 "load": os.getloadavg(),
             },
             "rounds": {
-                m: [{"rps": round(x, 1), "cpu_us": round(y, 1)} for x, y in v]
+                m: [{"rps": round(x, 1), "cpu_us": round(y, 1), "loop_thread_us": round(z, 1)}
+                    for x, y, z in v]
                 for m, v in runs.items()
             },  # fmt: skip
             "median_cpu_us": {m: round(v, 1) for m, v in med.items()},
+            "median_loop_thread_us": {m: round(v, 1) for m, v in loop_us.items()},
             "median_rps": {m: round(v, 1) for m, v in rps.items()},
             "over_empty": {m: round(v / med["empty"], 3) for m, v in med.items()},
             "stage_us": {
