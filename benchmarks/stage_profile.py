@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -120,8 +121,24 @@ def _client(address: str, mode: str, users: list[str], conc: int, seconds: float
     q.put(asyncio.run(main()))
 
 
+def _engine_counters(metrics_port: int) -> tuple[float, float] | None:
+    """(engine thread CPU seconds, reads through the engine) so far, from the server's
+    /metrics (None: a server without socialrec_engine_cpu_seconds, e.g. older code)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    got = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("socialrec_engine_cpu_seconds_total", "socialrec_batch_size_sum"):
+            got[name] = float(value)
+    if len(got) < 2:
+        return None
+    return got["socialrec_engine_cpu_seconds_total"], got["socialrec_batch_size_sum"]
+
+
 def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path | None):
-    """(calls per second, worker CPU us per call) over one phase; py-spy into ``spy``."""
+    """(calls per second, worker CPU us per call, its event-loop thread's) over one phase;
+    py-spy into ``spy``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     warm = ctx.Process(target=_client, args=(address, mode, users, conc, 1.0, q))
@@ -161,7 +178,7 @@ def _thread_cpu(proc: psutil.Process) -> dict[int, float]:
 
 def stage_split(raw: Path) -> dict[str, float]:
     """Each stage's share of the event-loop thread's busy samples (``py-spy --threads``: the
-    thread whose stacks run the event loop; other threads, e.g. idle executor threads, and
+    worker's main thread, which runs the event loop, asyncio's or uvloop's; other threads, e.g. idle executor threads, and
     samples blocked in the selector, waiting for I/O, are left out)."""
     by_thread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     loop: collections.Counter[str] = collections.Counter()
@@ -170,11 +187,13 @@ def stage_split(raw: Path) -> dict[str, float]:
         if not stack or not n.isdigit():
             continue
         thread, _, frames = stack.partition(";")
-        if "run_forever" in frames:
+        if "worker_main" in frames:  # the worker's main thread runs its event loop
             loop[thread] += int(n)
         leaf = frames.rsplit(";", 1)[-1]
         if re.match(r"(\w+\.)?select \(.*selectors\.py", leaf):
             continue  # waiting for I/O
+        if re.match(r"Runner\.run \(", leaf):
+            continue  # in uvloop's C code: epoll waits (idle) and its own dispatch, not told apart
         by_thread[thread][classify(frames)] += int(n)
     if not loop:
         return {}
@@ -224,6 +243,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stage-profile-"))
     runs: dict[str, list[tuple[float, float]]] = {c[0]: [] for c in configs}
     runs["empty"] = []
+    engine_us: dict[str, list[float]] = {c[0]: [] for c in configs}  # engine CPU per read
     split: dict[str, dict[str, float]] = {}
     try:
         from socialrec.serving.publish import PublishConfig
@@ -243,8 +263,10 @@ def main() -> int:
             for mode in [c[0] for c in configs] + ([] if profiling else ["empty"]):
                 label = first if mode == "empty" else mode
                 spy = tmp / f"{mode}.txt" if profiling else None
+                e0 = _engine_counters(servers[label].metrics_port)
                 rps, us, main = phase(servers[label].address, "empty" if mode == "empty" else "reads",
                                 users, a.concurrency, a.seconds, workers[label], spy)  # fmt: skip
+                e1 = _engine_counters(servers[label].metrics_port)
                 if spy is not None:
                     if spy.exists():
                         split[mode] = stage_split(spy)
@@ -253,8 +275,12 @@ def main() -> int:
                             shutil.copy(spy, Path(a.raw) / spy.name)
                     continue
                 runs[mode].append((rps, us, main))
+                eng = ""
+                if mode != "empty" and e0 is not None and e1 is not None and e1[1] > e0[1]:
+                    engine_us[mode].append(1e6 * (e1[0] - e0[0]) / (e1[1] - e0[1]))
+                    eng = f", engine {engine_us[mode][-1]:6.1f}"
                 print(f"round {r + 1}/{a.rounds} {mode:14s} {rps:7.0f} calls/s  {us:7.1f} us "
-                      f"worker CPU/call ({main:6.1f} on the event-loop thread)", flush=True)  # fmt: skip
+                      f"worker CPU/call ({main:6.1f} on the event-loop thread{eng})", flush=True)  # fmt: skip
     finally:
         for s in servers.values():
             s.stop()
@@ -264,11 +290,14 @@ def main() -> int:
     med = {m: statistics.median(us for _, us, _ in v) for m, v in runs.items()}
     rps = {m: statistics.median(x for x, _, _ in v) for m, v in runs.items()}
     loop_us = {m: statistics.median(y for _, _, y in v) for m, v in runs.items()}
+    eng = {m: statistics.median(v) if v else None for m, v in engine_us.items()}
     print(f"\nbundle {bundle}; --result-cache-mb 0, 1 worker; {a.concurrency} channels; "
           f"medians of {a.rounds} alternating rounds of {a.seconds:g} s; load {os.getloadavg()}")  # fmt: skip
-    print(f"{'server':14s} {'us CPU/call':>11s} {'loop thread':>11s} {'calls/s':>8s} {'/ empty':>8s}")
+    print(f"{'server':14s} {'us CPU/call':>11s} {'loop thread':>11s} {'engine':>8s} "
+          f"{'calls/s':>8s} {'/ empty':>8s}")  # fmt: skip
     for m in runs:
-        print(f"{m:14s} {med[m]:11.1f} {loop_us[m]:11.1f} {rps[m]:8.0f} "
+        e = f"{eng[m]:8.1f}" if eng.get(m) is not None else f"{'-':>8s}"
+        print(f"{m:14s} {med[m]:11.1f} {loop_us[m]:11.1f} {e} {rps[m]:8.0f} "
               f"{med[m] / med['empty']:8.2f}")  # fmt: skip
     stages = sorted({st for v in split.values() for st in v}, key=lambda st: -max(
         v.get(st, 0.0) for v in split.values()))  # fmt: skip
@@ -289,12 +318,16 @@ def main() -> int:
                 "load": os.getloadavg(),
             },
             "rounds": {
-                m: [{"rps": round(x, 1), "cpu_us": round(y, 1), "loop_thread_us": round(z, 1)}
-                    for x, y, z in v]
+                m: [
+                    {"rps": round(x, 1), "cpu_us": round(y, 1), "loop_thread_us": round(z, 1)}
+                    for x, y, z in v
+                ]
                 for m, v in runs.items()
             },  # fmt: skip
             "median_cpu_us": {m: round(v, 1) for m, v in med.items()},
             "median_loop_thread_us": {m: round(v, 1) for m, v in loop_us.items()},
+            # thread CPU of Engine.recommend_batch per read, from socialrec_engine_cpu_seconds
+            "median_engine_us": {m: None if v is None else round(v, 1) for m, v in eng.items()},
             "median_rps": {m: round(v, 1) for m, v in rps.items()},
             "over_empty": {m: round(v / med["empty"], 3) for m, v in med.items()},
             "stage_us": {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from socialrec.serving.engine import MAX_BATCH, Engine, Query, Result
@@ -30,6 +31,7 @@ class Batcher:
         max_batch: int,
         wait_s: float,
         observe: Callable[[int], None] | None = None,
+        engine_cpu: Callable[[float], None] | None = None,
     ) -> None:
         if not 1 <= max_batch <= MAX_BATCH:
             raise ValueError(f"batch size must be between 1 and {MAX_BATCH}, got {max_batch}")
@@ -38,6 +40,7 @@ class Batcher:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.observe = observe  # called with each batch's size (a metric)
+        self.engine_cpu = engine_cpu  # called with each batch's thread CPU seconds (a metric)
         self.reading = 0  # requests between validation and the engine (reading features)
         self._queue: list[tuple[Engine, Query, asyncio.Future]] = []
         self._timer: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -95,4 +98,9 @@ class Batcher:
     def _batch(self, engine: Engine, queries: list[Query]) -> list[Result]:
         if self.observe is not None:
             self.observe(len(queries))
-        return engine.recommend_batch(queries)
+        if self.engine_cpu is None:
+            return engine.recommend_batch(queries)
+        t0 = time.thread_time()
+        results = engine.recommend_batch(queries)
+        self.engine_cpu(time.thread_time() - t0)
+        return results

@@ -52,6 +52,9 @@ class ServerConfig:
     # (1: off) and how long a queued request may wait for others still reading features.
     batch_max: int = 8
     batch_wait_us: int = 0
+    # Each worker's asyncio event loop: "uvloop" (libuv, in the serving install) or "asyncio"
+    # (the standard library's); docs/design.md "Performance rules".
+    event_loop: str = "uvloop"
     # Fresh items (docs/design.md "Fresh items: serving"): on when the bundle has a prior.
     fresh_items: bool = True
     fresh_poll_s: float = 0.25  # how often a worker polls the fresh-item registry's version

@@ -443,28 +443,21 @@ class Engine:
         history (what content results must leave out), collected in the same pass.
         """
         cfg = self.config
-        items = self.item_index
+        get = self.item_index.get
+        rows = [get(item) for item, _ in history]  # None: unknown to the bundle
+        head = rows[: cfg.max_history]
+        seen = set(rows)
+        seen.discard(None)
+        unknown = head.count(None)
         acc: dict[int, float] = {}
-        seen: set[int] = set()
-        unknown = 0
-        for n, (item, w) in enumerate(history):
-            j = items.get(item)
-            if j is None:
-                if n < cfg.max_history:
-                    unknown += 1
-                continue
-            seen.add(j)
-            if n < cfg.max_history and w > 0 and math.isfinite(w):
+        for j, (_, w) in zip(head, history, strict=False):  # head: the first rows
+            if j is not None and 0 < w < math.inf:  # positive and finite (NaN fails both)
                 acc[j] = acc.get(j, 0.0) + w
-        users = self.user_index
-        fr: dict[int, None] = {}
-        for user in friends[: cfg.max_friends]:
-            j = users.get(user)
-            if j is None:
-                unknown += 1
-            else:
-                fr[j] = None
-        return list(acc), list(acc.values()), list(fr), unknown, seen
+        fr_rows = [self.user_index.get(user) for user in friends[: cfg.max_friends]]
+        unknown += fr_rows.count(None)
+        fr = dict.fromkeys(fr_rows)  # deduplicated, in order
+        fr.pop(None, None)
+        return list(acc), list(acc.values()), list(fr), unknown, seen  # type: ignore[return-value]
 
     def _tower(self, rows: Sequence[_Row], outputs: list[str]) -> list[np.ndarray]:
         """One tower run over ``rows``: each requested output as a (B, D + 1) float32 array.

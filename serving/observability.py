@@ -33,6 +33,11 @@ class Metrics:
             "Requests per engine batch (dynamic batching; 1: a request ran alone)",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16),
         )
+        self.engine_cpu = Counter(
+            "socialrec_engine_cpu_seconds",
+            "Thread CPU time of the engine's batches (tower, searches, filtering and ranking; "
+            "divide by socialrec_batch_size_sum for the engine's CPU per read)",
+        )
         self.requests = Counter(
             "socialrec_requests_total", "RPCs by final status", ["method", "code"]
         )

@@ -86,6 +86,7 @@ class AsyncRespConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future | None = None
         self._out = bytearray()  # bytes the kernel did not take yet
+        self._flushing: asyncio.Handle | None = None  # the send of _out at the next loop turn
         # In flight, oldest first: [future, replies still expected, replies so far, deadline]
         self._pending: deque[list] = deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -145,6 +146,7 @@ class AsyncRespConnection:
             self._pid = os.getpid()
             self._sock, self._reader, self._loop, self._connecting = None, None, None, None
             self._pending, self._out, self._timer = deque(), bytearray(), None
+            self._flushing = None
         if self._sock is not None:
             return
         if self._connecting is None:
@@ -210,19 +212,28 @@ class AsyncRespConnection:
         return fut
 
     def _write(self, data: bytes) -> None:
+        """Queue ``data``; the queue goes out in one ``send`` at the next turn of the event
+        loop, so the commands of every request handled in this turn share one system call
+        (under load a worker starts several reads per turn; docs/design.md "Redis client")."""
+        queued = bool(self._out)  # a send is already scheduled, or the socket is full
+        self._out += data
+        if not queued:
+            self._flushing = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = None
         sock = self._sock
-        if self._out:  # earlier bytes still queued: keep the order
-            self._out += data
+        if sock is None or not self._out:
             return
         try:
-            sent = sock.send(data)
+            sent = sock.send(self._out)
         except BlockingIOError:
             sent = 0
         except OSError as e:
             self._reset(ConnectionError(f"redis {self._address}: {e}"))
             return
-        if sent < len(data):
-            self._out += data[sent:]
+        del self._out[:sent]
+        if self._out:
             self._loop.add_writer(sock, self._on_writable)
 
     def _on_writable(self) -> None:
@@ -297,6 +308,9 @@ class AsyncRespConnection:
             sock.close()
         self._reader = None
         self._out.clear()
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -161,6 +161,11 @@ class Keys:
         """The key of ``kind`` (h, w, f, s, d, du, b, bb, ev, bv, bbv) for ``user``."""
         return f"{self.tag(shard_of(user))}{kind}:{user}"
 
+    def user_keys(self, user: str, *kinds: str) -> list[str]:
+        """``[self.user(kind, user) for kind in kinds]``, hashing the user once."""
+        tag = self.tag(shard_of(user))
+        return [f"{tag}{kind}:{user}" for kind in kinds]
+
     def stream(self, shard: int | str) -> str:
         """Event stream shard ``shard``."""
         return self.tag(shard) + "events"

@@ -83,7 +83,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.fresh = FreshItems(cfg, holder, store, metrics)
         # Dynamic batching of the engine work (docs/design.md "Dynamic batching").
         observe = metrics.batch_size.observe if metrics else None
-        self.batcher = Batcher(cfg.batch_max, cfg.batch_wait_us / 1e6, observe)
+        engine_cpu = metrics.engine_cpu.inc if metrics else None
+        self.batcher = Batcher(cfg.batch_max, cfg.batch_wait_us / 1e6, observe, engine_cpu)
 
     # ---- helpers -------------------------------------------------------------------------
     async def _read(self, method: str, user_id: str, with_fof: bool) -> UserFeatures | None:

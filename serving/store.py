@@ -585,24 +585,19 @@ class FeatureStore:
         """
         cfg, k = self.cfg, self.keys
         user = check_id("user_id", user_id)
-        f = k.user("f", user)
-        cmds: list[tuple] = [
-            ("ZREVRANGE", k.user("h", user), 0, cfg.history_cap - 1),
-            ("HGETALL", k.user("w", user)),
-            ("SMEMBERS", f),
-        ]
         if with_fof:
-            b, bb, du = k.user("b", user), k.user("bb", user), k.user("du", user)
+            h, w, f, b, bb, du = k.user_keys(user, "h", "w", "f", "b", "bb", "du")
+        else:
+            h, w, f, s, d = k.user_keys(user, "h", "w", "f", "s", "d")
+        cmds: list[tuple] = [("ZREVRANGE", h, 0, cfg.history_cap - 1), ("HGETALL", w),
+                             ("SMEMBERS", f)]  # fmt: skip
+        if with_fof:
             cmds += [("SMEMBERS", du), ("SUNION", b, bb)]
             if not cfg.cluster:
                 fof_args = (cfg.fof_friends_cap, cfg.fof_cap, k.prefix, user, SHARDS)
                 cmds.append(("EVALSHA", self._sha[schema.FOF], 4, f, b, bb, du, *fof_args))
         else:
-            cmds += [
-                ("SMEMBERS", k.user("s", user)),
-                ("SMEMBERS", k.user("d", user)),
-                ("GET", k.removed_version),
-            ]
+            cmds += [("SMEMBERS", s), ("SMEMBERS", d), ("GET", k.removed_version)]
         return cmds
 
     def fof_commands(self, user_id: str, replies: list) -> tuple[list[str], set[str], list]:

@@ -215,7 +215,11 @@ async def serve_worker(
         )
         await load(good)
     await server.start()
-    log.info("worker listening", extra={"event": "listening", "address": address, "worker": worker})
+    loop_kind = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
+    log.info(
+        "worker listening",
+        extra={"event": "listening", "address": address, "worker": worker, "loop": loop_kind},
+    )
 
     async def watch() -> None:
         """Reload when the pointer names another bundle, or on SIGHUP (always). A refused
@@ -281,4 +285,16 @@ def worker_main(cfg: ServerConfig, worker: int, parent: int) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent(parent)
     setup_logging()
-    asyncio.run(serve_worker(cfg, worker))
+    with asyncio.Runner(loop_factory=event_loop_factory(cfg.event_loop)) as runner:
+        runner.run(serve_worker(cfg, worker))
+
+
+def event_loop_factory(name: str):
+    """The new-loop function of ``serve --event-loop`` (None: asyncio's default loop)."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    if name == "asyncio":
+        return None
+    raise ValueError(f"event loop must be 'uvloop' or 'asyncio', got {name!r}")

@@ -253,6 +253,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         result_cache_mb=a.result_cache_mb,
         batch_max=a.batch_max,
         batch_wait_us=a.batch_wait_us,
+        event_loop=a.event_loop,
         bundle_key=a.bundle_key,
         fresh_items=not a.no_fresh_items,
         fresh_poll_s=a.fresh_poll_s,
@@ -806,6 +807,12 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         metavar="U",
         help="dynamic batching: longest a queued read waits for reads still fetching their "
         "features (0: only for those already fetched)",
+    )
+    v.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default=d("event_loop"),
+        help="each worker's event loop: uvloop (libuv) or the standard library's asyncio",
     )
     v.add_argument(
         "--bundle-key",

@@ -111,6 +111,7 @@ DEFAULTS = [
     ),
     ("serve", "redis_client", "socialrec.serving.config:ServerConfig", "redis_client"),
     ("serve", "result_cache_mb", "socialrec.serving.config:ServerConfig", "result_cache_mb"),
+    ("serve", "event_loop", "socialrec.serving.config:ServerConfig", "event_loop"),
     ("serve", "bundle_key", "socialrec.serving.config:ServerConfig", "bundle_key"),
     ("serve", "token_file", "socialrec.serving.config:ServerConfig", "token_file"),
     ("serve", "watch_interval", "socialrec.serving.config:ServerConfig", "watch_interval_s"),

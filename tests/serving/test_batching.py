@@ -294,6 +294,9 @@ def test_server_answers_concurrent_reads_through_batches_exactly(
             got = list(pool.map(lambda mr: ask(batched, *mr), reqs))
             assert got == want
     n, total = _batches(batched.metrics)
+    cpu = sum(s.value for m in batched.metrics.engine_cpu.collect() for s in m.samples
+              if s.name == "socialrec_engine_cpu_seconds_total")  # fmt: skip
+    assert 0 < cpu < 60  # the engine's thread CPU is counted (seconds, not microseconds)
     assert total - sum0 >= len(reqs)  # every first-round read went through the batcher
     assert (total - sum0) - (n - n0) >= 20  # ...and at least 20 of them joined another's batch
     with pytest.raises(grpc.RpcError):  # bad input still answered as before

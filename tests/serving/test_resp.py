@@ -265,3 +265,41 @@ def test_calls_during_the_first_connect_share_one_socket(redis_server) -> None:
         c.close()
 
     run(main())
+
+
+class _CountingSocket:
+    """The connection's socket, counting ``send`` calls (everything else passes through)."""
+
+    def __init__(self, sock) -> None:
+        self.sock, self.sends = sock, 0
+
+    def send(self, data) -> int:
+        self.sends += 1
+        return self.sock.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_commands_of_one_loop_turn_share_one_send(redis_server) -> None:
+    """Requests started in the same turn of the event loop go out in one system call, and
+    each still gets its own replies, in order; a command alone is sent at the next turn."""
+
+    async def main() -> None:
+        c = AsyncRespConnection(redis_server.url)
+        assert await c.execute("PING") == "PONG"  # connected
+        counting = c._sock = _CountingSocket(c._sock)
+        calls = [c.execute("SET", f"resp:turn:{i}", str(i)) for i in range(30)]
+        calls += [c.transaction([("GET", f"resp:turn:{i}"), ("STRLEN", f"resp:turn:{i}")])
+                  for i in range(30)]  # fmt: skip
+        got = await asyncio.gather(*calls)
+        assert got[:30] == ["OK"] * 30
+        assert got[30:] == [[str(i), len(str(i))] for i in range(30)]
+        # gather starts every coroutine in one turn; their commands wait for one flush
+        assert counting.sends == 1, counting.sends
+        assert await c.execute("GET", "resp:turn:7") == "7"
+        assert counting.sends == 2
+        await c.execute("DEL", *[f"resp:turn:{i}" for i in range(30)])
+        c.close()
+
+    run(main())
