@@ -19,9 +19,15 @@ import numpy as np
 import pytest
 import torch
 from socialrec.compression.export import INDEX_KINDS, build_index, write_bundle
-from socialrec.serving.bundle import BundleError, load_manifest, open_bundle
+from socialrec.serving.bundle import TOWER_OUTPUTS, BundleError, load_manifest, open_bundle
 from socialrec.serving.cache import ResultCache, entry_bytes
-from socialrec.serving.engine import Engine, EngineConfig, Result, ensure_reconstruct
+from socialrec.serving.engine import (
+    Engine,
+    EngineConfig,
+    Result,
+    ensure_reconstruct,
+    tower_sessions,
+)
 from socialrec.serving.schema import UserFeatures
 from socialrec.serving.servicer import Live, rank
 from socialrec.training.model import TowerConfig, TwoTower
@@ -408,6 +414,35 @@ def test_bare_ivf_gets_a_direct_map() -> None:
         index.reconstruct(3)
     ensure_reconstruct(index, "users.faiss")
     np.testing.assert_array_equal(index.reconstruct_batch(np.array([3, 7])), x[[3, 7]])
+
+
+def test_tower_split_by_output_matches_the_whole_graph(
+    model_and_bundle: tuple[TwoTower, Path], engine: Engine
+) -> None:
+    """The loaded tower runs one session per output; each gives the whole graph's vector bit
+    for bit, and the engine's answers are the same as on the whole graph."""
+    _, bundle = model_and_bundle
+    assert isinstance(engine.session, dict) and set(engine.session) == set(TOWER_OUTPUTS)
+    whole = tower_sessions(bundle / "user_tower.onnx", max_bytes=0)  # too big to split
+    assert not isinstance(whole, dict)
+    rng = np.random.default_rng(11)
+    feeds = {"hist_ids": rng.integers(0, N_ITEMS, (3, 16)), "hist_w": rng.random((3, 16), np.float32),
+             "friend_ids": rng.integers(0, N_USERS, (3, 16)),
+             "friend_w": np.ones((3, 16), np.float32)}  # fmt: skip
+    want = whole.run(list(TOWER_OUTPUTS), feeds)
+    for out, w in zip(TOWER_OUTPUTS, want, strict=True):
+        assert np.array_equal(engine.heads[out].run([out], feeds)[0], w), out
+    on_whole = Engine(open_bundle(bundle), whole, engine.items, engine.users)
+    for _ in range(10):
+        me, hist, friends = _user(rng)
+        history = [(ITEM_IDS[i], w) for i, w in hist.items()]
+        names = [USER_IDS[u] for u in friends]
+        a = engine.recommend_content(history, names, 10)
+        b = on_whole.recommend_content(history, names, 10)
+        assert [(x.id, x.score) for x in a.items] == [(x.id, x.score) for x in b.items]
+        a = engine.recommend_friends(USER_IDS[me], history, names, {}, 10)
+        b = on_whole.recommend_friends(USER_IDS[me], history, names, {}, 10)
+        assert [(x.id, x.score) for x in a.items] == [(x.id, x.score) for x in b.items]
 
 
 def test_serving_engine_imports_no_torch() -> None:
