@@ -296,8 +296,8 @@ def tower_sessions(
 
     ONNX Runtime runs every node of a graph whatever outputs are asked for, and a read needs
     one output (content or friends): on the split graph a read runs half the nodes
-    (lowrank-r32-int4 at batch 1: 25 us instead of 44 per ``run``, measured; the outputs are
-    bit-identical, tested). Split with ``onnx.utils.Extractor``; a tower over ``max_bytes``,
+    (lowrank-r32-int4 at batch 1: 26 us instead of 43 per ``run``, benchmarks/tower_split.py;
+    the outputs are bit-identical, tested). Split with ``onnx.utils.Extractor``; a tower over ``max_bytes``,
     or one whose inputs/outputs are not the contract's (``Engine._check`` then names them),
     loads whole.
     """
