@@ -297,9 +297,10 @@ def tower_sessions(
     ONNX Runtime runs every node of a graph whatever outputs are asked for, and a read needs
     one output (content or friends): on the split graph a read runs half the nodes
     (lowrank-r32-int4 at batch 1: 26 us instead of 43 per ``run``, benchmarks/tower_split.py;
-    the outputs are bit-identical, tested). Split with ``onnx.utils.Extractor``; a tower over ``max_bytes``,
-    or one whose inputs/outputs are not the contract's (``Engine._check`` then names them),
-    loads whole.
+    the outputs are bit-identical, tested). Split with ``onnx.utils.Extractor``. Loaded
+    whole: a tower over ``max_bytes``, one whose heads share tables (each session would hold
+    its own copy), one whose inputs/outputs are not the contract's (``Engine._check`` then
+    names them).
     """
     so, providers = session_options(), ["CPUExecutionProvider"]
     if path.stat().st_size <= max_bytes:
@@ -312,17 +313,22 @@ def tower_sessions(
             outs = {o.name for o in model.graph.output}
             if set(ins) == set(TOWER_INPUTS) and set(TOWER_OUTPUTS) <= outs:
                 extract = Extractor(model)
-                return {
-                    out: ort.InferenceSession(
-                        extract.extract_model(ins, [out]).SerializeToString(),
-                        so,
-                        providers=providers,
-                    )  # fmt: skip
-                    for out in TOWER_OUTPUTS
-                }
+                heads = {out: extract.extract_model(ins, [out]) for out in TOWER_OUTPUTS}
+                held = sum(_initializer_bytes(h) for h in heads.values())
+                if held <= 1.1 * _initializer_bytes(model):
+                    return {
+                        out: ort.InferenceSession(h.SerializeToString(), so, providers=providers)
+                        for out, h in heads.items()
+                    }
+                log.info("tower heads share tables; running it whole (%s)", path)
         except Exception as e:  # not splittable here: the whole graph still serves
             log.warning("tower not split by output (%s: %s); running it whole", path, e)
     return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def _initializer_bytes(model) -> int:
+    """Bytes of an ONNX model's stored tensors (its tables and weights)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
 
 
 def ensure_reconstruct(index: faiss.Index, what: str) -> None:

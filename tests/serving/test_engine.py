@@ -445,6 +445,53 @@ def test_tower_split_by_output_matches_the_whole_graph(
         assert [(x.id, x.score) for x in a.items] == [(x.id, x.score) for x in b.items]
 
 
+def _shared_table_tower(path: Path, shared: bool) -> None:
+    """A contract-shaped tower whose two outputs gather from one table (``shared``) or from
+    a table each: (B, 4) = sum of weighted rows of a (50, 4) table."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    tables = [numpy_helper.from_array(rng.random((50, 4), np.float32), name=f"t{i}")
+              for i in range(1 if shared else 2)]  # fmt: skip
+    nodes, outs = [], []
+    for k, (ids, w, out) in enumerate((("hist_ids", "hist_w", "content_vector"),
+                                       ("friend_ids", "friend_w", "friend_vector"))):  # fmt: skip
+        t = tables[0 if shared else k].name
+        nodes += [
+            helper.make_node("Gather", [t, ids], [f"g{k}"]),
+            helper.make_node("Unsqueeze", [w, "axis"], [f"w{k}"]),
+            helper.make_node("Mul", [f"g{k}", f"w{k}"], [f"m{k}"]),
+            helper.make_node("ReduceSum", [f"m{k}", "axis1"], [out], keepdims=0),
+        ]
+        outs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 4]))
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64 if n.endswith("ids") else
+                                         TensorProto.FLOAT, ["batch", "n"])
+           for n in ("hist_ids", "hist_w", "friend_ids", "friend_w")]  # fmt: skip
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+              numpy_helper.from_array(np.array([1], np.int64), "axis1")]  # fmt: skip
+    graph = helper.make_graph(nodes, "tower", ins, outs, initializer=tables + consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_tower_with_heads_sharing_a_table_runs_whole(tmp_path: Path) -> None:
+    """Split, each head's session would hold its own copy of a shared table: it runs whole;
+    heads with their own tables split."""
+    _shared_table_tower(tmp_path / "shared.onnx", shared=True)
+    _shared_table_tower(tmp_path / "own.onnx", shared=False)
+    assert not isinstance(tower_sessions(tmp_path / "shared.onnx"), dict)
+    heads = tower_sessions(tmp_path / "own.onnx")
+    assert isinstance(heads, dict) and set(heads) == set(TOWER_OUTPUTS)
+    ids = np.array([[1, 2, 3]])
+    feeds = {"hist_ids": ids, "hist_w": np.ones((1, 3), np.float32), "friend_ids": ids,
+             "friend_w": np.ones((1, 3), np.float32)}  # fmt: skip
+    whole = tower_sessions(tmp_path / "own.onnx", max_bytes=0)
+    for out, want in zip(TOWER_OUTPUTS, whole.run(list(TOWER_OUTPUTS), feeds), strict=True):
+        assert np.array_equal(heads[out].run([out], feeds)[0], want)
+
+
 def test_serving_engine_imports_no_torch() -> None:
     code = (
         "import sys, socialrec.serving.engine; "
