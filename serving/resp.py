@@ -38,7 +38,16 @@ class RespError(Exception):
 
 
 def pack(args: tuple) -> bytes:
-    """One command in RESP2."""
+    """One command in RESP2: hiredis's encoder (C, a third of the Python one's CPU, the same
+    bytes), or :func:`pack_py` for the argument types it does not take."""
+    try:
+        return hiredis.pack_command(args if type(args) is tuple else tuple(args))
+    except TypeError:
+        return pack_py(args)
+
+
+def pack_py(args: tuple) -> bytes:
+    """One command in RESP2, in Python (``str()`` of anything not bytes)."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         b = a if isinstance(a, bytes) else str(a).encode()

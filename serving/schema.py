@@ -232,7 +232,7 @@ def parse_features(replies: list, friends: bool) -> UserFeatures:
         fof = replies[5]
         return UserFeatures(
             **base,
-            fof={fof[j]: int(fof[j + 1]) for j in range(0, len(fof), 2)},
+            fof=dict(zip(fof[::2], map(int, fof[1::2]), strict=True)),
             dismissed=frozenset(replies[3]),
             blocked=frozenset(replies[4]),
         )

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from socialrec.serving.redis_local import start_redis
-from socialrec.serving.resp import AsyncRespConnection, RespError
+from socialrec.serving.resp import AsyncRespConnection, RespError, pack, pack_py
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +303,19 @@ def test_commands_of_one_loop_turn_share_one_send(redis_server) -> None:
         c.close()
 
     run(main())
+
+
+_ARG = st.one_of(st.text(), st.binary(), st.integers(), st.floats(allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ARG, min_size=1, max_size=8))
+def test_pack_is_the_python_encoding(args) -> None:
+    """hiredis's encoder gives the same bytes as the Python one for every type it takes."""
+    assert pack(tuple(args)) == pack_py(tuple(args))
+    assert pack(args) == pack_py(tuple(args))  # a list is packed as its tuple
+
+
+def test_pack_falls_back_for_types_hiredis_does_not_take() -> None:
+    for odd in (None, True, bytearray(b"xy")):
+        assert pack(("SET", "k", odd)) == pack_py(("SET", "k", odd))
