@@ -38,8 +38,8 @@ class RespError(Exception):
 
 
 def pack(args: tuple) -> bytes:
-    """One command in RESP2: hiredis's encoder (C, a third of the Python one's CPU, the same
-    bytes), or :func:`pack_py` for the argument types it does not take."""
+    """One command in RESP2: hiredis's encoder (C; the same bytes as :func:`pack_py`, which
+    packs the argument types it does not take)."""
     try:
         return hiredis.pack_command(args if type(args) is tuple else tuple(args))
     except TypeError:
