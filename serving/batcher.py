@@ -1,7 +1,7 @@
 """Dynamic batching of one worker's engine work (docs/design.md "Dynamic batching").
 
 Requests whose features have arrived from Redis queue here; the queue runs through the
-engine as one batch (one tower run, one search per index: ``Engine.recommend_batch``). It
+engine as one batch (one tower run per head, one search per index: ``Engine.recommend_batch``). It
 never holds a request that nothing could join: a request that finds no other request
 between validation and the engine (none reading features, none queued) runs at once, in
 the caller's own step of the event loop. Otherwise it waits for the requests still reading

@@ -797,7 +797,7 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         type=batch_size,
         default=d("batch_max"),
         metavar="N",
-        help="dynamic batching: most reads per engine batch (one tower run, one search per "
+        help="dynamic batching: most reads per engine batch (one tower run per head, one search per "
         "index) in a worker, 1 to 16 (1: off); a read with nothing to wait for runs at once",
     )
     v.add_argument(
