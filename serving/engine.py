@@ -513,8 +513,23 @@ class Engine:
         fr.pop(None, None)
         return list(acc), list(acc.values()), list(fr), unknown, seen  # type: ignore[return-value]
 
-    def _tower(self, rows: Sequence[_Row], output: str) -> np.ndarray:
-        """One run of the tower's ``output`` head over ``rows``: a (B, D + 1) float32 array.
+    def _towers(
+        self, content: list[_Row], friends: list[_Row]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Content vectors of the content rows and friend vectors of the friend rows (None for
+        no rows): one run of each head on a split tower; one run of the whole graph over all
+        the rows when it is not split (each run computes both outputs anyway)."""
+        heads = self.heads
+        if content and friends and heads["content_vector"] is heads["friend_vector"]:
+            u_c, u_f = self._tower(content + friends, *TOWER_OUTPUTS)
+            return u_c[: len(content)], u_f[len(content) :]
+        u_c = self._tower(content, "content_vector")[0] if content else None
+        u_f = self._tower(friends, "friend_vector")[0] if friends else None
+        return u_c, u_f
+
+    def _tower(self, rows: Sequence[_Row], *outputs: str) -> list[np.ndarray]:
+        """One run of the tower over ``rows`` (of the head of ``outputs[0]``; a split tower's
+        head has that output only): each output as a (B, D + 1) float32 array.
 
         Every row is zero-padded (id 0, weight 0: no contribution) to the batch's longest
         history and friend list, rounded up to a multiple of ``PAD``; a lone request is padded
@@ -537,8 +552,8 @@ class Engine:
                 friend_w[b, :n] = 1.0
         feeds = {"hist_ids": hist_ids, "hist_w": hist_w, "friend_ids": friend_ids,
                  "friend_w": friend_w}  # fmt: skip
-        (u,) = self.heads[output].run([output], feeds)
-        return np.ascontiguousarray(u, np.float32)
+        got = self.heads[outputs[0]].run(list(outputs), feeds)
+        return [np.ascontiguousarray(u, np.float32) for u in got]
 
     def content_vector(
         self, history: Sequence[tuple[str, float]], friends: Sequence[str]
@@ -550,7 +565,7 @@ class Engine:
             return None
         _pin_thread()
         row = _Row(None, hist, hist_w, fr, unknown, seen, 0)
-        return self._tower([row], "content_vector")[0]
+        return self._tower([row], "content_vector")[0][0]
 
     # ---- batches -----------------------------------------------------------------------
 
@@ -584,8 +599,7 @@ class Engine:
                 (content if isinstance(q, ContentQuery) else friends).append(r)
         if content or friends:
             _pin_thread()
-            u_c = self._tower(content, "content_vector") if content else None  # (Bc, D + 1)
-            u_f = self._tower(friends, "friend_vector") if friends else None  # (Bf, D + 1)
+            u_c, u_f = self._towers(content, friends)  # (Bc, D + 1), (Bf, D + 1) or None
             t_tower = time.perf_counter() - t0
             if u_c is not None:
                 self._content_rows(content, u_c, t_tower, out)

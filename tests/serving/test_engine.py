@@ -22,8 +22,10 @@ from socialrec.compression.export import INDEX_KINDS, build_index, write_bundle
 from socialrec.serving.bundle import TOWER_OUTPUTS, BundleError, load_manifest, open_bundle
 from socialrec.serving.cache import ResultCache, entry_bytes
 from socialrec.serving.engine import (
+    ContentQuery,
     Engine,
     EngineConfig,
+    FriendQuery,
     Result,
     ensure_reconstruct,
     tower_sessions,
@@ -443,6 +445,13 @@ def test_tower_split_by_output_matches_the_whole_graph(
         a = engine.recommend_friends(USER_IDS[me], history, names, {}, 10)
         b = on_whole.recommend_friends(USER_IDS[me], history, names, {}, 10)
         assert [(x.id, x.score) for x in a.items] == [(x.id, x.score) for x in b.items]
+        # a mixed batch: two head runs on the split tower, one whole-graph run over all rows
+        batch = [ContentQuery(history, names, 7), FriendQuery(USER_IDS[me], history, names, {}, 7),
+                 ContentQuery(history[:1], [], 5)]  # fmt: skip
+        for x, y in zip(
+            engine.recommend_batch(batch), on_whole.recommend_batch(batch), strict=True
+        ):
+            assert [(r.id, r.score) for r in x.items] == [(r.id, r.score) for r in y.items]
 
 
 def _shared_table_tower(path: Path, shared: bool) -> None:
