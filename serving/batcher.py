@@ -1,12 +1,13 @@
 """Dynamic batching of one worker's engine work (docs/design.md "Dynamic batching").
 
 Requests whose features have arrived from Redis queue here; the queue runs through the
-engine as one batch (one tower run per head, one search per index: ``Engine.recommend_batch``). It
-never holds a request that nothing could join: a request that finds no other request
-between validation and the engine (none reading features, none queued) runs at once, in
-the caller's own step of the event loop. Otherwise it waits for the requests still reading
-their features, at most ``wait_s`` (0: only for those whose replies are already in, one
-turn of the event loop), and a full batch (``max_batch``) runs at once.
+engine as one batch (one tower run per head, one search per index:
+``Engine.recommend_batch``). It never holds a request that nothing could join: a request
+that finds no other request between validation and the engine (none reading features, none
+queued) runs at once, in the caller's own step of the event loop. Otherwise it waits for
+the requests still reading their features, at most ``wait_s`` (0: only for those whose
+replies are already in, one turn of the event loop), and a full batch (``max_batch``) runs
+at once.
 
 The engine runs on the event loop (a short CPU burst; docs/design.md "Performance rules"),
 so a batch forms from requests that became ready while the loop was busy, e.g. running the
