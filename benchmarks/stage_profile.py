@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -45,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from socialrec.loadtest.run import scrape  # noqa: E402
 from socialrec.serving.harness import ServerProcess  # noqa: E402
 from socialrec.serving.redis_local import start_redis  # noqa: E402
 
@@ -124,16 +124,11 @@ def _client(address: str, mode: str, users: list[str], conc: int, seconds: float
 def _engine_counters(metrics_port: int) -> tuple[float, float] | None:
     """(engine thread CPU seconds, reads through the engine) so far, from the server's
     /metrics (None: a server without socialrec_engine_cpu_seconds, e.g. older code)."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    got = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("socialrec_engine_cpu_seconds_total", "socialrec_batch_size_sum"):
-            got[name] = float(value)
-    if len(got) < 2:
+    got = scrape(metrics_port)
+    cpu, reads = got.get(("socialrec_engine_cpu_seconds",)), got.get(("socialrec_batch_size",))
+    if cpu is None or reads is None:
         return None
-    return got["socialrec_engine_cpu_seconds_total"], got["socialrec_batch_size_sum"]
+    return cpu["value"], reads["sum"]
 
 
 def phase(address, mode, users, conc, seconds, worker: psutil.Process, spy: Path | None):
@@ -178,8 +173,9 @@ def _thread_cpu(proc: psutil.Process) -> dict[int, float]:
 
 def stage_split(raw: Path) -> dict[str, float]:
     """Each stage's share of the event-loop thread's busy samples (``py-spy --threads``: the
-    worker's main thread, which runs the event loop, asyncio's or uvloop's; other threads, e.g. idle executor threads, and
-    samples blocked in the selector, waiting for I/O, are left out)."""
+    worker's main thread, which runs the event loop, asyncio's or uvloop's; other threads,
+    e.g. idle executor threads, and samples blocked in the selector, waiting for I/O, are
+    left out)."""
     by_thread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     loop: collections.Counter[str] = collections.Counter()
     for line in raw.read_text().splitlines():

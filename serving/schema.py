@@ -159,10 +159,10 @@ class Keys:
 
     def user(self, kind: str, user: str) -> str:
         """The key of ``kind`` (h, w, f, s, d, du, b, bb, ev, bv, bbv) for ``user``."""
-        return f"{self.tag(shard_of(user))}{kind}:{user}"
+        return self.user_keys(user, kind)[0]
 
     def user_keys(self, user: str, *kinds: str) -> list[str]:
-        """``[self.user(kind, user) for kind in kinds]``, hashing the user once."""
+        """The keys of ``kinds`` for ``user`` (see :meth:`user`), hashing the user once."""
         tag = self.tag(shard_of(user))
         return [f"{tag}{kind}:{user}" for kind in kinds]
 
