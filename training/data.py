@@ -1,20 +1,26 @@
 """Loading data: Last.fm and user TSV files, and :func:`load_dataset` over every source.
 
 Every loader returns a :class:`~training.dataset.Dataset` whose users and items are dense
-indices ``0..n-1`` with the external ids (strings, as the source spells them) kept alongside,
-plus a :class:`~training.dataset.LoadReport` that counts every row that was merged or skipped.
-Bad rows raise :class:`DataError` naming the file, line, field and value. Synthetic data
+indices ``0..n-1`` with the external ids kept alongside (strings as the source spells them,
+stripped and in NFC, the form the server keys them by), plus a
+:class:`~training.dataset.LoadReport` that counts every row that was merged or skipped. Bad
+rows, and ids the server would refuse, raise :class:`DataError` naming the file, line, field
+and value. Synthetic data
 comes from ``training.synthetic``, which :func:`load_dataset` calls.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
+from socialrec.serving.schema import MAX_ID_LEN, MAX_TOTAL_WEIGHT, check_id
 from socialrec.training.dataset import Dataset, LoadReport
 from socialrec.training.synthetic import SyntheticConfig, generate
 
@@ -45,71 +51,207 @@ def canonical_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int, int]
 
 
 def _read_rows(
-    path: Path, n_min: int, n_max: int, header: bool | None
+    path: Path,
+    n_min: int,
+    n_max: int,
+    header: bool | None,
+    *,
+    split_once: bool = False,
+    header_out: list[str] | None = None,
 ) -> Iterator[tuple[int, list[str]]]:
-    """Yield (line number, fields) of a tab-separated file; checks the column count.
+    """Yield (line number, fields) of a tab-separated UTF-8 file; checks the column count.
 
-    ``header=None`` detects a header: the first line is one when its third column (weight)
-    is not a number or, for two-column files, its first field is a column name (user, userID, ...).
+    The file is read as ``utf-8-sig``: a byte order mark at its start is dropped. A file that
+    is not UTF-8 raises :class:`DataError` naming the first line that is not. ``header=None``
+    detects a header: the first line is one when its fields are all known column names (see
+    :func:`_looks_like_header`); a skipped header's fields are appended to ``header_out``.
+    ``split_once`` splits a line at its first tab only (a name may hold tabs).
     """
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open("r", encoding="utf-8", newline="") as f:
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = raw.rstrip("\r\n")
+                if lineno == 1 and (
+                    header is True
+                    or (header is None and _looks_like_header(line, 2 if split_once else None))
+                ):
+                    if header_out is not None:
+                        header_out.extend(line.split("\t"))
+                    continue
+                if not line.strip():
+                    continue  # blank lines (e.g. at the end of a file) carry no row
+                parts = line.split("\t", 1) if split_once else line.split("\t")
+                if not n_min <= len(parts) <= n_max:
+                    want = f"{n_min} to {n_max}" if n_min < n_max else str(n_min)
+                    want = f"at least {n_min}" if split_once else want
+                    raise DataError(
+                        path,
+                        lineno,
+                        f"expected {want} tab-separated columns, found {len(parts)}: {line[:80]!r}",
+                    )
+                yield lineno, parts
+    except UnicodeDecodeError:
+        lineno, why = _first_undecodable_line(path)
+        raise DataError(path, lineno, f"not UTF-8 text ({why}); save the file as UTF-8") from None
+
+
+def _first_undecodable_line(path: Path) -> tuple[int, str]:
+    """The number of the first line of ``path`` that is not UTF-8, and why (a byte and column).
+
+    A line break byte never occurs inside a UTF-8 sequence, so lines decode one by one."""
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if lineno == 1 and (
-                header is True or (header is None and _looks_like_header(line, n_min))
-            ):
-                continue
-            if not line.strip():
-                continue  # blank lines (e.g. at the end of a file) carry no row
-            parts = line.split("\t")
-            if not n_min <= len(parts) <= n_max:
-                want = str(n_min) if n_min == n_max else f"{n_min} to {n_max}"
-                raise DataError(
-                    path,
-                    lineno,
-                    f"expected {want} tab-separated columns, found {len(parts)}: {line[:80]!r}",
-                )
-            yield lineno, parts
+            try:
+                raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                return lineno, f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+    return 0, "undecodable"  # not reached: the text reader failed on some line
 
 
-def _looks_like_header(line: str, n_min: int) -> bool:
-    parts = line.split("\t")
-    if n_min >= 3 and len(parts) >= 3:
-        try:
-            float(parts[2])
-            return False
-        except ValueError:
-            return True
-    # Two-column files (friends, names): a header's first field is a column name. Matching whole
-    # fields, not substrings, keeps a first row such as "david\tuser_2" as data.
-    first = re.sub(r"[^a-z0-9]", "", parts[0].lower())  # "User_ID" -> "userid"
-    return first in _HEADER_FIRST_FIELDS
-
-
-_HEADER_FIRST_FIELDS = frozenset(
-    {"user", "userid", "item", "itemid", "friend", "friendid", "id", "artist", "artistid"}
+# Column names a header line may use, compared lowercase without punctuation ("User_ID" ->
+# "userid"). Whole fields are matched, not substrings, so a first row such as
+# "david\tuser_2" stays data; names a real id could plausibly take ("a", "u", "user1") are
+# left out.
+_USER_COLUMNS = {
+    "user", "userid", "users", "username", "uid", "customer", "customerid", "member",
+    "memberid", "visitor", "visitorid", "account", "accountid", "person", "personid",
+    "reviewer", "reviewerid", "listener", "listenerid", "viewer", "viewerid", "id",
+}  # fmt: skip
+_ITEM_COLUMNS = {
+    "item", "itemid", "items", "iid", "product", "productid", "sku", "movie", "movieid",
+    "track", "trackid", "song", "songid", "artist", "artistid", "book", "bookid", "isbn",
+    "asin", "video", "videoid", "article", "articleid", "post", "postid", "business",
+    "businessid", "game", "gameid", "anime", "animeid", "content", "contentid", "doc", "docid",
+}  # fmt: skip
+_FRIEND_COLUMNS = {
+    "friend", "friendid", "friends", "src", "dst", "source", "target", "sourceid", "targetid",
+    "usera", "userb", "userida", "useridb", "useraid", "userbid", "follower", "followee",
+    "followerid", "followeeid", "followed", "following", "from", "to", "fromid", "toid",
+    "contact", "contactid", "buddy", "buddyid", "peer", "peerid",
+}  # fmt: skip
+_VALUE_COLUMNS = {
+    "weight", "rating", "ratings", "score", "count", "counts", "plays", "playcount",
+    "listens", "listencount", "clicks", "views", "value", "qty", "quantity", "freq",
+    "frequency", "stars", "preference", "ts", "tsms", "timestamp", "timestampms", "time",
+    "timems", "unixtime", "epoch", "epochms", "datetime", "date", "created", "createdat",
+}  # fmt: skip
+_NAME_COLUMNS = {
+    "name", "title", "label", "itemname", "artistname", "moviename", "trackname", "songname",
+    "productname", "description",
+}  # fmt: skip
+_HEADER_COLUMNS = frozenset(
+    _USER_COLUMNS | _ITEM_COLUMNS | _FRIEND_COLUMNS | _VALUE_COLUMNS | _NAME_COLUMNS
 )
 
 
-def _parse_weight(path: Path, lineno: int, value: str) -> float:
+def _looks_like_header(line: str, n_fields: int | None = None) -> bool:
+    """Whether a first line is a header: its fields (the first ``n_fields`` of them, or all)
+    are all known column names (:data:`_HEADER_COLUMNS`, compared case-insensitively without
+    punctuation: ``userId``, ``user_id`` and ``USER ID`` are one name).
+
+    So ``user\\titem\\tweight``, ``src\\tdst`` and ``movieId\\ttitle`` are headers, and a first
+    row with any field that is not a column name (``u1\\ti5\\tthree``, ``user\\tu1``) is data.
+    A data row made only of column names (a friends row of users called ``user`` and
+    ``friend``) cannot be told from a header and is read as one.
+    """
+    parts = line.split("\t")[:n_fields]
+    return all(re.sub(r"[^a-z0-9]", "", p.lower()) in _HEADER_COLUMNS for p in parts)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _parse_weight(path: Path, lineno: int, value: str, hint: str = "") -> float:
+    """A weight as written: a finite number in [0, MAX_TOTAL_WEIGHT] (the server's cap on one
+    user's weight for one item), so the float32 it is stored as is finite too."""
     try:
         w = float(value)
     except ValueError:
-        raise DataError(path, lineno, f"field 'weight' is not a number: {value!r}") from None
-    if not np.isfinite(w) or w < 0:
-        raise DataError(path, lineno, f"field 'weight' must be a finite number >= 0, got {value!r}")
+        raise DataError(
+            path, lineno, f"field 'weight' is not a number: {_shown(value)}{hint}"
+        ) from None
+    if not (math.isfinite(w) and 0 <= w <= MAX_TOTAL_WEIGHT):
+        raise DataError(
+            path,
+            lineno,
+            f"field 'weight' must be a finite number from 0 to {MAX_TOTAL_WEIGHT:g}, "
+            f"got {_shown(value)}",
+        )
     return w
 
 
+_INT64_MAX = 2**63 - 1
+# Below this every timestamp of a file is before 1973-03-03 in ms, or after the year 5000 in
+# seconds: such a file almost surely holds seconds.
+_SECONDS_LIKE_BELOW = 10**11
+
+
+def _parse_ts(path: Path, lineno: int, value: str) -> int:
+    """A timestamp: a whole number of milliseconds since the epoch, from 0 to 2**63-1.
+
+    Parsed exactly (digits, or a decimal such as ``1.6e12`` or ``1600000000000.0`` whose
+    value is whole), never through a float64, so a large value keeps every digit."""
+    s = value.strip()
+    if s.isascii() and s.isdigit() and len(s) <= 18:  # the common case: < 10**18 < 2**63
+        return int(s)
+    try:
+        d = None if "_" in s else Decimal(s)
+    except InvalidOperation:
+        d = None
+    if d is None:
+        raise DataError(path, lineno, f"field 'timestamp' is not a number: {_shown(value)}")
+    if not (d.is_finite() and 0 <= d <= _INT64_MAX and d == d.to_integral_value()):
+        raise DataError(
+            path,
+            lineno,
+            "field 'timestamp' must be a whole number of milliseconds from 0 to 2**63-1, "
+            f"got {_shown(value)}",
+        )
+    return int(d)
+
+
 def _check_id(path: Path, lineno: int, name: str, value: str, numeric: bool) -> str:
+    """``value`` stripped and in NFC form, checked as the server checks ids (``check_id``:
+    not blank, no control or invisible characters, at most MAX_ID_LEN characters)."""
     value = value.strip()
     if not value:
         raise DataError(path, lineno, f"field '{name}' is empty")
     if numeric and not re.fullmatch(r"-?[0-9]+", value):
-        raise DataError(path, lineno, f"field '{name}' is not an integer id: {value!r}")
-    return value
+        raise DataError(path, lineno, f"field '{name}' is not an integer id: {_shown(value)}")
+    try:
+        return check_id(f"field '{name}'", value, MAX_ID_LEN)
+    except ValueError as e:
+        raise DataError(path, lineno, f"{e}: {_shown(value)}") from None
+
+
+class _Ids:
+    """One id space (users, or items): each field as written -> its checked NFC id, cached.
+
+    Two spellings that give one id (surrounding spaces, or NFC: "cafe" + U+0301 and "café")
+    are one user or item; every spelling after the first is counted in ``merged``."""
+
+    def __init__(self, numeric: bool = False) -> None:
+        self.numeric = numeric
+        self.by_field: dict[str, str] = {}
+        self.ids: set[str] = set()
+        self.merged = 0
+
+    def __call__(self, path: Path, lineno: int, name: str, value: str) -> str:
+        got = self.by_field.get(value)
+        if got is None:
+            got = _check_id(path, lineno, name, value, self.numeric)
+            self.by_field[value] = got
+            if got in self.ids:
+                self.merged += 1
+            else:
+                self.ids.add(got)
+        return got
 
 
 DUPLICATE_RULES = ("sum", "max", "last")
@@ -168,7 +310,7 @@ def _build(
     uidx = {s: k for k, s in enumerate(users.tolist())}
     iidx = {s: k for k, s in enumerate(items.tolist())}
 
-    merged: dict[tuple[int, int], list[float]] = {}
+    merged: dict[tuple[int, int], list] = {}  # (user, item) -> [weight, latest ts or -1]
     for u, i, w, ts in inter_rows:
         k = (uidx[u], iidx[i])
         prev = merged.get(k)
@@ -186,11 +328,14 @@ def _build(
             prev[1] = max(prev[1], t)
     has_ts = any(r[3] is not None for r in inter_rows)
     keys = np.array(list(merged.keys()), dtype=np.int64).reshape(-1, 2)
-    vals = np.array(list(merged.values()), dtype=np.float64).reshape(-1, 2)
-    keep = vals[:, 0] > 0
-    # A (user, item) whose merged weight is 0 carries no signal: skipped and counted.
+    weights = np.array([v[0] for v in merged.values()], dtype=np.float64)
+    # int64 throughout: a float64 would round timestamps above 2**53 (ns-sized values).
+    times = np.array([v[1] for v in merged.values()], dtype=np.int64)
+    # A (user, item) whose merged weight is 0 carries no signal: skipped and counted (so is a
+    # weight too small for the float32 it is stored as, e.g. 1e-50, which would become 0).
+    keep = weights.astype(np.float32) > 0
     report.skipped_zero_weight_interactions = int((~keep).sum())
-    keys, vals = keys[keep], vals[keep]
+    keys, weights, times = keys[keep], weights[keep], times[keep]
 
     if friend_rows:
         fa = np.fromiter((uidx[a] for a, _ in friend_rows), dtype=np.int64, count=len(friend_rows))
@@ -215,8 +360,8 @@ def _build(
         item_ids=items,
         inter_user=keys[order, 0].astype(np.int32),
         inter_item=keys[order, 1].astype(np.int32),
-        inter_weight=vals[order, 0].astype(np.float32),
-        inter_ts=vals[order, 1].astype(np.int64) if has_ts else None,
+        inter_weight=weights[order].astype(np.float32),
+        inter_ts=times[order] if has_ts else None,
         friends=pairs,
         item_names=names,
         report=report,
@@ -231,13 +376,14 @@ def load_lastfm(data_dir: str | Path) -> Dataset:
             f"{d}: Last.fm data directory not found (expected user_artists.dat, user_friends.dat, artists.dat)"
         )
     report = LoadReport()
+    user_id, item_id = _Ids(numeric=True), _Ids(numeric=True)
     inter: list[tuple[str, str, float, int | None]] = []
     path = d / "user_artists.dat"
     for lineno, (u, i, w) in _read_rows(path, 3, 3, header=True):
         inter.append(
             (
-                _check_id(path, lineno, "userID", u, True),
-                _check_id(path, lineno, "artistID", i, True),
+                user_id(path, lineno, "userID", u),
+                item_id(path, lineno, "artistID", i),
                 _parse_weight(path, lineno, w),
                 None,
             )
@@ -248,10 +394,7 @@ def load_lastfm(data_dir: str | Path) -> Dataset:
     if path.exists():
         for lineno, (a, b) in _read_rows(path, 2, 2, header=True):
             friends.append(
-                (
-                    _check_id(path, lineno, "userID", a, True),
-                    _check_id(path, lineno, "friendID", b, True),
-                )
+                (user_id(path, lineno, "userID", a), user_id(path, lineno, "friendID", b))
             )
         report.rows_read += len(friends)
     else:
@@ -261,8 +404,19 @@ def load_lastfm(data_dir: str | Path) -> Dataset:
     if path.exists():
         names = {}
         for lineno, parts in _read_rows(path, 2, 4, header=True):
-            names[_check_id(path, lineno, "id", parts[0], True)] = parts[1]
+            names[item_id(path, lineno, "id", parts[0])] = parts[1]
+    report.merged_id_spellings = user_id.merged + item_id.merged
     return _build("lastfm", inter, friends, names, report, sort_numeric=True)
+
+
+def _header_note(path: Path, header: list[str]) -> str:
+    return f"{path}: line 1 read as a header ({', '.join(header)})"
+
+
+_NOT_A_HEADER = (
+    " (line 1 is not read as a header: a header's fields must all be column names such as "
+    "user, item, weight, timestamp)"
+)
 
 
 def load_tsv(
@@ -275,50 +429,87 @@ def load_tsv(
 ) -> Dataset:
     """User data: interactions ``user, item, weight[, timestamp]``; optional ``user, friend`` and ``item, name`` files.
 
-    Ids are any non-empty strings. A header line is detected and skipped. ``weight_kind``
-    says what the weight is (``counts``: plays, clicks; ``ratings``: stars); duplicate
-    (user, item) rows are merged by ``duplicates`` (default: ``sum`` for counts, ``last``
-    for ratings, see :func:`duplicate_rule`) and counted; friend rows in both directions are
-    merged and counted; self-friendships are skipped and counted.
+    Files are UTF-8 (a byte order mark at the start is dropped). A first line whose fields
+    are all known column names (``user``, ``item_id``, ``src``, ``movieId``, ``title``, ...;
+    see :func:`_looks_like_header`) is a header and is skipped, with a note in the report;
+    any other first line is data. Ids are checked as the server checks them
+    (:func:`socialrec.serving.schema.check_id`: not blank, no control or invisible
+    characters, at most MAX_ID_LEN characters) and kept in NFC form with surrounding spaces
+    stripped, so spellings that differ only in those are one user or item (counted). A
+    weight is a finite number from 0 to MAX_TOTAL_WEIGHT. A timestamp is a whole number of
+    milliseconds since the epoch (>= 0, within int64); when any row (or the header) has a
+    timestamp column every row must have the field, though it may be empty (time unknown,
+    counted); a file whose timestamps all look like seconds gets a warning.
+
+    ``weight_kind`` says what the weight is (``counts``: plays, clicks; ``ratings``: stars);
+    duplicate (user, item) rows are merged by ``duplicates`` (default: ``sum`` for counts,
+    ``last`` for ratings, see :func:`duplicate_rule`) and counted; friend rows in both
+    directions are merged and counted; self-friendships are skipped and counted. In the
+    item-names file the name is everything after the first tab.
     """
     rule = duplicate_rule(weight_kind, duplicates)
     report = LoadReport()
+    user_id, item_id = _Ids(), _Ids()
     path = Path(interactions)
+    header: list[str] = []
     inter: list[tuple[str, str, float, int | None]] = []
-    for lineno, parts in _read_rows(path, 3, 4, header=None):
-        u = _check_id(path, lineno, "user", parts[0], False)
-        i = _check_id(path, lineno, "item", parts[1], False)
-        w = _parse_weight(path, lineno, parts[2])
+    ts_line = short_line = 0  # the first row with a timestamp field, and without one
+    for lineno, parts in _read_rows(path, 3, 4, header=None, header_out=header):
+        u = user_id(path, lineno, "user", parts[0])
+        i = item_id(path, lineno, "item", parts[1])
+        w = _parse_weight(path, lineno, parts[2], _NOT_A_HEADER if lineno == 1 else "")
         ts = None
-        if len(parts) == 4 and parts[3].strip():
-            try:
-                ts = int(float(parts[3]))
-            except ValueError:
-                raise DataError(
-                    path, lineno, f"field 'timestamp' is not a number: {parts[3]!r}"
-                ) from None
+        if len(parts) == 4:
+            ts_line = ts_line or lineno
+            if parts[3].strip():
+                ts = _parse_ts(path, lineno, parts[3])
+            else:
+                report.rows_without_timestamp += 1
+        else:
+            short_line = short_line or lineno
         inter.append((u, i, w, ts))
     report.rows_read += len(inter)
     if not inter:
         raise DataError(path, 0, "no interaction rows")
+    if (ts_line or len(header) >= 4) and short_line:
+        where = f"line {ts_line} has one" if ts_line else "the header names one"
+        raise DataError(
+            path,
+            short_line,
+            f"field 'timestamp' is missing: the file has a timestamp column ({where}), "
+            "so every row needs the field",
+        )
+    if header:
+        report.notes.append(_header_note(path, header))
+    times = [t for _, _, _, t in inter if t is not None]
+    if times and max(times) < _SECONDS_LIKE_BELOW:
+        warn = (
+            f"{path}: every timestamp is below {_SECONDS_LIKE_BELOW:.0e}, so they look like "
+            "seconds; they are read as milliseconds since the epoch"
+        )
+        print(f"warning: {warn}", file=sys.stderr)
+        report.notes.append(warn)
     fr: list[tuple[str, str]] = []
     if friends is not None:
         fpath = Path(friends)
-        for lineno, (a, b) in _read_rows(fpath, 2, 2, header=None):
-            fr.append(
-                (
-                    _check_id(fpath, lineno, "user", a, False),
-                    _check_id(fpath, lineno, "friend", b, False),
-                )
-            )
+        header = []
+        for lineno, (a, b) in _read_rows(fpath, 2, 2, header=None, header_out=header):
+            fr.append((user_id(fpath, lineno, "user", a), user_id(fpath, lineno, "friend", b)))
         report.rows_read += len(fr)
+        if header:
+            report.notes.append(_header_note(fpath, header))
     names: dict[str, str] | None = None
     if item_names is not None:
         npath = Path(item_names)
         names = {}
-        for lineno, parts in _read_rows(npath, 2, 64, header=None):
-            names[_check_id(npath, lineno, "item", parts[0], False)] = parts[1]
+        header = []
+        rows = _read_rows(npath, 2, 2, header=None, split_once=True, header_out=header)
+        for lineno, (i, item_name) in rows:
+            names[item_id(npath, lineno, "item", i)] = item_name
+        if header:
+            report.notes.append(_header_note(npath, header))
     report.weight_kind = weight_kind
+    report.merged_id_spellings = user_id.merged + item_id.merged
     return _build(name, inter, fr, names, report, sort_numeric=False, duplicates=rule)
 
 

@@ -24,6 +24,8 @@ _COUNTER_LABELS = {
     "skipped_self_friendships": "self-friendships skipped",
     "friends_only_users": "users with friends but no interactions",
     "items_without_names": "items without a name",
+    "merged_id_spellings": "id spellings merged into one id (surrounding spaces, Unicode NFC)",
+    "rows_without_timestamp": "rows with an empty timestamp (time unknown)",
 }
 
 
@@ -40,6 +42,8 @@ class LoadReport:
     skipped_zero_weight_interactions: int = 0
     friends_only_users: int = 0
     items_without_names: int = 0
+    merged_id_spellings: int = 0  # files: an id written a second way (spaces, not NFC)
+    rows_without_timestamp: int = 0  # files: an empty timestamp field (time unknown, -1)
     weight_kind: str = "counts"  # what an interaction weight is: counts (plays) | ratings
     duplicate_rule: str = "sum"  # how duplicate (user, item) rows merged: sum | max | last
     notes: list[str] = field(default_factory=list)

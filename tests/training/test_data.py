@@ -234,6 +234,240 @@ def test_missing_files_name_the_path(tmp_path: Path) -> None:
         load_tsv(inter, tmp_path / "nofriends.tsv")
 
 
+# --------------------------------------------------------------------------- load_tsv: what serving refuses
+
+NFD_CAFE = "cafe\u0301"  # "café" with a combining accent; NFC is "caf\u00e9"
+NFC_CAFE = "caf\u00e9"
+
+
+def test_ids_are_stored_nfc_and_spellings_merge(tmp_path: Path) -> None:
+    """The server normalises ids to NFC: training must too, or an NFD item it learned is an
+    unknown id to the server (seen items come back, exclude_ids misses them). Two spellings
+    of one id are one user/item, their rows merged like duplicates, the spellings counted."""
+    inter = _write(
+        tmp_path / "i.tsv",
+        [f"{NFD_CAFE}\t{NFD_CAFE}\t1", f"{NFC_CAFE}\t{NFC_CAFE}\t2", f"u2\t{NFD_CAFE}\t1"],
+    )
+    fr = _write(tmp_path / "f.tsv", [f"u2\t{NFD_CAFE}"])
+    names = _write(tmp_path / "n.tsv", [f"{NFD_CAFE}\tLe Caf\u00e9"])
+    ds = load_tsv(inter, fr, names)
+    assert ds.user_ids.tolist() == [NFC_CAFE, "u2"]
+    assert ds.item_ids.tolist() == [NFC_CAFE]
+    assert _pairs(ds) == {(NFC_CAFE, NFC_CAFE): 3.0, ("u2", NFC_CAFE): 1.0}
+    assert ds.report.merged_duplicate_interactions == 1
+    assert ds.report.merged_id_spellings == 2  # one user and one item written two ways
+    assert _friend_set(ds) == {frozenset((NFC_CAFE, "u2"))}
+    assert ds.item_names is not None and ds.item_names.tolist() == ["Le Caf\u00e9"]
+    assert any("spellings merged" in line for line in ds.report.lines())
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        ("u\u200b1", "U+200B"),  # zero-width space
+        ("\U0001f469\u200d\U0001f680", "U+200D"),  # emoji ZWJ sequence
+        ("u\x0b1", "U+000B"),
+        ("u1\x00", "U+0000"),  # numpy would strip it: a KeyError before
+        ("u\ufeff1", "U+FEFF"),  # a byte order mark inside a line
+        ("a\u2028b", "U+2028"),
+        ("x" * 300, "longer than 256"),
+    ],
+)
+@pytest.mark.parametrize("where", ["user", "item", "friend", "names"])
+def test_ids_serving_refuses_are_refused_with_file_line_field(
+    tmp_path: Path, bad: str, fragment: str, where: str
+) -> None:
+    rows = ["u1\ti1\t1", "u2\ti1\t1"]
+    friends = ["u1\tu2"]
+    names = ["i1\tOne"]
+    if where == "user":
+        rows.append(f"{bad}\ti1\t1")
+        path, field = tmp_path / "i.tsv", "user"
+    elif where == "item":
+        rows.append(f"u1\t{bad}\t1")
+        path, field = tmp_path / "i.tsv", "item"
+    elif where == "friend":
+        friends += ["u1\tu2", f"u1\t{bad}"]
+        path, field = tmp_path / "f.tsv", "friend"
+    else:
+        names += ["i2\tTwo", f"{bad}\tBad"]
+        path, field = tmp_path / "n.tsv", "item"
+    inter = _write(tmp_path / "i.tsv", rows)
+    fr = _write(tmp_path / "f.tsv", friends)
+    nm = _write(tmp_path / "n.tsv", names)
+    with pytest.raises(DataError, match=_raises_at(path, 3, f"field '{field}'", fragment)) as exc:
+        load_tsv(inter, fr, nm)
+    # The value is quoted, cut short: a huge id is not echoed back whole.
+    assert repr(bad[:40]) in str(exc.value) and len(str(exc.value)) < len(str(path)) + 200
+
+
+def test_a_50k_character_id_is_refused_cheaply(tmp_path: Path) -> None:
+    """One huge id used to make every id array that wide (80 MB for 2,000 users)."""
+    p = _write(tmp_path / "i.tsv", ["u1\ti1\t1", "y" * 50_000 + "\ti1\t1"])
+    with pytest.raises(DataError, match=_raises_at(p, 2, "'user'", "longer than 256")) as exc:
+        load_tsv(p)
+    assert len(str(exc.value)) < 300
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_a_byte_order_mark_is_dropped(tmp_path: Path, header: bool) -> None:
+    lines = (["user\titem\tweight"] if header else []) + ["u0\ti0\t1", "u1\ti0\t2", "u0\ti1\t1"]
+    inter = tmp_path / "i.tsv"
+    inter.write_bytes(b"\xef\xbb\xbf" + "".join(x + "\n" for x in lines).encode())
+    fr = tmp_path / "f.tsv"
+    fr.write_bytes("\ufeffu0\tu1\n".encode())
+    ds = load_tsv(inter, fr)
+    assert ds.user_ids.tolist() == ["u0", "u1"]
+    assert ds.report.rows_read == 3 + 1
+    assert _friend_set(ds) == {frozenset(("u0", "u1"))}
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "i.tsv"
+    p.write_bytes("u1\ti1\t1\nu2\ti1\t1\nZo\u00eb\ti1\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=_raises_at(p, 3, "not UTF-8", "0xeb")) as exc:
+        load_tsv(p)
+    assert exc.value.line == 3 and "position" not in str(exc.value)
+
+
+# Timestamps are milliseconds since the epoch, as everywhere else (publish, live events).
+T = 1_600_000_000_000
+
+
+def test_a_missing_timestamp_in_a_file_with_timestamps_is_an_error(tmp_path: Path) -> None:
+    p = _write(tmp_path / "i.tsv", [f"u1\ti1\t1\t{T}", "u2\ti1\t1", f"u3\ti1\t1\t{T}"])
+    with pytest.raises(DataError, match=_raises_at(p, 2, "'timestamp'", "missing", "line 1")):
+        load_tsv(p)
+    # The header names a timestamp column: every row needs one.
+    q = _write(tmp_path / "j.tsv", ["user\titem\tweight\ttimestamp", "u1\ti1\t1", "u2\ti1\t1"])
+    with pytest.raises(DataError, match=_raises_at(q, 2, "'timestamp'", "missing", "header")):
+        load_tsv(q)
+
+
+@pytest.mark.parametrize(
+    "bad", ["-5", "1600000000000.75", "inf", "-inf", "nan", "1e30", "9223372036854775808"]
+)
+def test_bad_timestamps_name_file_line_field_value(tmp_path: Path, bad: str) -> None:
+    p = _write(tmp_path / "i.tsv", [f"u1\ti1\t1\t{T}", f"u2\ti1\t1\t{T}", f"u3\ti1\t1\t{bad}"])
+    with pytest.raises(DataError, match=_raises_at(p, 3, "'timestamp'", repr(bad))):
+        load_tsv(p)
+
+
+def test_timestamps_are_parsed_exactly(tmp_path: Path) -> None:
+    """Integers, not float64: a 19-digit value keeps its last digits; a whole decimal is fine."""
+    rows = ["a\tx\t1\t1600000000123456789", "a\ty\t1\t1.6e12", "b\tx\t1\t1600000000001.0"]
+    ds = load_tsv(_write(tmp_path / "i.tsv", rows))
+    assert ds.inter_ts is not None
+    got = dict(zip(_pairs(ds), ds.inter_ts.tolist(), strict=True))
+    assert got == {("a", "x"): 1600000000123456789, ("a", "y"): T, ("b", "x"): T + 1}
+
+
+def test_an_empty_timestamp_field_is_an_unknown_time_and_counted(tmp_path: Path) -> None:
+    """What retraining writes for rows of a dataset without times (events.write_tsv)."""
+    p = _write(tmp_path / "i.tsv", ["user\titem\tweight\tts", f"a\tx\t1\t{T}", "a\ty\t1\t"])
+    ds = load_tsv(p)
+    assert ds.inter_ts is not None and ds.inter_ts.tolist() == [T, -1]
+    assert ds.report.rows_without_timestamp == 1
+
+
+def test_timestamps_that_look_like_seconds_warn_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secs = [f"u{k}\ti{k}\t1\t{1_600_000_000 + k}" for k in range(5)]
+    ds = load_tsv(_write(tmp_path / "s.tsv", secs))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "look like seconds" in err and "s.tsv" in err
+    assert any("look like seconds" in n for n in ds.report.notes)
+    assert ds.inter_ts is not None and ds.inter_ts.tolist()[0] == 1_600_000_000  # not changed
+    load_tsv(_write(tmp_path / "ms.tsv", [f"u1\ti1\t1\t{T}", "u2\ti1\t1\t5"]))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bad", ["1e39", "1600000000000", "1000000000.5", "1.7e308"])
+def test_weights_above_the_servers_cap_are_refused(tmp_path: Path, bad: str) -> None:
+    """float32 storage made 1e39 inf; the server caps one user's weight for an item at 1e9."""
+    p = _write(tmp_path / "i.tsv", ["u1\ti1\t1", "u2\ti1\t1", f"u3\ti1\t{bad}"])
+    with pytest.raises(DataError, match=_raises_at(p, 3, "'weight'", "1e+09", repr(bad))):
+        load_tsv(p)
+
+
+def test_weights_up_to_the_cap_load_and_tiny_ones_count_as_zero(tmp_path: Path) -> None:
+    p = _write(tmp_path / "i.tsv", ["u1\ti1\t1000000000", "u1\ti2\t1e-50", "u2\ti1\t1"])
+    ds = load_tsv(p)
+    assert _pairs(ds) == {("u1", "i1"): 1e9, ("u2", "i1"): 1.0}
+    assert ds.report.skipped_zero_weight_interactions == 1  # 1e-50 is 0 as a float32
+    assert np.all(ds.inter_weight > 0) and np.all(np.isfinite(ds.inter_weight))
+
+
+@pytest.mark.parametrize("first", ["u1\ti5\tthree", "u1\ti5\tthree\t1600000000000", "u\ti\tw"])
+def test_a_first_row_with_a_bad_weight_is_an_error_not_a_header(tmp_path: Path, first: str) -> None:
+    p = _write(tmp_path / "i.tsv", [first, "u2\ti1\t1", "u3\ti1\t2"])
+    with pytest.raises(DataError, match=_raises_at(p, 1, "'weight'", "not read as a header")):
+        load_tsv(p)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "user\titem\tweight",
+        "userId\tmovieId\trating\ttimestamp",
+        "user_id\ttrack_id\tplay_count",
+        "USER\tITEM\tCOUNT\tTS",
+    ],
+)
+def test_interaction_headers_are_detected(tmp_path: Path, header: str) -> None:
+    ts = "\t5" if header.count("\t") == 3 else ""
+    ds = load_tsv(_write(tmp_path / "i.tsv", [header, f"u1\ti1\t2{ts}"]))
+    assert _pairs(ds) == {("u1", "i1"): 2.0}
+    assert any("line 1 read as a header" in n for n in ds.report.notes)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "src\tdst",
+        "SRC\tDST",
+        "source\ttarget",
+        "user_a\tuser_b",
+        "follower\tfollowee",
+        "from\tto",
+        "user_id\tfriend_id",
+    ],
+)
+def test_common_friend_headers_do_not_become_users(tmp_path: Path, header: str) -> None:
+    inter = _write(tmp_path / "i.tsv", ["a\tx\t1", "b\tx\t1"])
+    fr = _write(tmp_path / "f.tsv", [header, "a\tb"])
+    ds = load_tsv(inter, fr)
+    assert ds.user_ids.tolist() == ["a", "b"]
+    assert _friend_set(ds) == {frozenset(("a", "b"))}
+    assert ds.report.friends_only_users == 0
+    assert any("f.tsv: line 1 read as a header" in n for n in ds.report.notes)
+
+
+@pytest.mark.parametrize("header", ["movieId\ttitle", "item_id\tname", "ItemID\tName\tURL"])
+def test_common_item_name_headers_do_not_become_items(tmp_path: Path, header: str) -> None:
+    inter = _write(tmp_path / "i.tsv", ["a\ti1\t1"])
+    names = _write(tmp_path / "n.tsv", [header, "i1\tOne"])
+    ds = load_tsv(inter, item_names=names)
+    assert ds.item_ids.tolist() == ["i1"]
+    assert ds.item_names is not None and ds.item_names.tolist() == ["One"]
+
+
+def test_a_friends_first_row_with_one_real_id_is_data(tmp_path: Path) -> None:
+    """Only a line of column names is a header: a user named "user" next to a real id is data."""
+    inter = _write(tmp_path / "i.tsv", ["user\ti1\t1", "u1\ti1\t1"])
+    fr = _write(tmp_path / "f.tsv", ["user\tu1", "u2\tu3"])
+    ds = load_tsv(inter, fr)
+    assert _friend_set(ds) == {frozenset(("user", "u1")), frozenset(("u2", "u3"))}
+
+
+def test_an_item_name_keeps_everything_after_the_first_tab(tmp_path: Path) -> None:
+    inter = _write(tmp_path / "i.tsv", ["a\ti1\t1", "a\ti2\t1"])
+    names = _write(tmp_path / "n.tsv", ["i1\tA\tB side", "i2\tPlain"])
+    ds = load_tsv(inter, item_names=names)
+    assert ds.item_names is not None and ds.item_names.tolist() == ["A\tB side", "Plain"]
+
+
 # --------------------------------------------------------------------------- load_lastfm
 
 
