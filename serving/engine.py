@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -355,8 +356,15 @@ def ensure_reconstruct(index: faiss.Index, what: str) -> None:
 def _id_map(ids: list[str], what: str, root: Path) -> dict[str, int]:
     index = {s: j for j, s in enumerate(ids)}
     if len(index) != len(ids):
-        raise BundleError(f"{root / what}: duplicate ids")
+        raise BundleError(f"{root / what}: duplicate ids (after NFC normalisation)")
     return index
+
+
+def _nfc(ids: list[str]) -> list[str]:
+    """``ids`` in NFC form (the same list when every id is ASCII, as most are)."""
+    if all(s.isascii() for s in ids):
+        return ids
+    return [unicodedata.normalize("NFC", s) for s in ids]
 
 
 def _timings(onnx: float = 0.0, search: float = 0.0, rank: float = 0.0) -> dict[str, float]:
@@ -385,10 +393,12 @@ class Engine:
         )
         self.items = items
         self.users = users
-        self.item_ids = bundle.item_ids
-        self.user_ids = bundle.user_ids
-        self.item_index = _id_map(bundle.item_ids, "item_ids.txt", bundle.root)
-        self.user_index = _id_map(bundle.user_ids, "user_ids.txt", bundle.root)
+        # Ids as the store and every request spell them (NFC, schema.check_id): a bundle built
+        # from ids in another form would otherwise miss them (seen items served again).
+        self.item_ids = _nfc(bundle.item_ids)
+        self.user_ids = _nfc(bundle.user_ids)
+        self.item_index = _id_map(self.item_ids, "item_ids.txt", bundle.root)
+        self.user_index = _id_map(self.user_ids, "user_ids.txt", bundle.root)
         self.popular_items = bundle.popular_items.astype(np.int64)  # (P,)
         self.popular_users = bundle.popular_users.astype(np.int64)  # (P,)
         self._check()

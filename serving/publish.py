@@ -60,7 +60,9 @@ def run(cfg: PublishConfig) -> dict:
 
 
 def row_timestamps(ds, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Each (user, item) row's time from the dataset, or 0 when the dataset has none."""
+    """Each (user, item) row's time from the dataset, or 0 when the dataset has none or the
+    row has none (-1: a tsv row with an empty timestamp field, as retraining's merged files
+    write for base rows without times)."""
     if ds.inter_ts is None:
         return np.zeros(len(users), dtype=np.int64)
     key_all = ds.inter_user.astype(np.int64) * ds.n_items + ds.inter_item
@@ -69,7 +71,7 @@ def row_timestamps(ds, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     pos = np.minimum(np.searchsorted(key_all[order], key), len(order) - 1)
     if not np.array_equal(key_all[order][pos], key):
         raise ValueError(f"{ds.name}: split rows not found in the dataset's interactions")
-    return ds.inter_ts[order[pos]].astype(np.int64)
+    return np.maximum(ds.inter_ts[order[pos]].astype(np.int64), 0)
 
 
 class _History:

@@ -626,3 +626,31 @@ def test_entry_bytes_bounds_what_an_entry_really_allocates(model_and_bundle) -> 
     assert len(cache) == 300 and cache.size == estimate
     print(f"entry bytes: real {real}, estimated {estimate} ({estimate / real:.2f}x)")
     assert real <= estimate <= 3 * real, (real, estimate)
+
+
+def test_bundle_ids_in_another_unicode_form_match_requests_in_nfc(
+    model_and_bundle: tuple[TwoTower, Path], tmp_path: Path
+) -> None:
+    """A bundle whose ids are spelled decomposed (NFD, from data loaded before ids were
+    normalised) still knows the NFC spelling every request and the store use: the item counts
+    as history and seen, is never recommended back, and answers carry NFC ids."""
+    import shutil
+    import unicodedata
+
+    src = model_and_bundle[1]
+    dst = tmp_path / "bundle"
+    shutil.copytree(src, dst)
+    ids = (dst / "item_ids.txt").read_text().split("\n")
+    nfd = unicodedata.normalize("NFD", "café-4")
+    ids[4] = nfd  # was "item-4"
+    ids[8] = unicodedata.normalize("NFD", "crème-8")
+    (dst / "item_ids.txt").write_text("\n".join(ids))
+    eng = Engine.load(dst, verify=False)  # the id file no longer matches its checksum
+    nfc = unicodedata.normalize("NFC", nfd)
+    assert nfc != nfd
+    res = eng.recommend_content([(nfc, 3.0), ("item-5", 1.0)], [], k=N_ITEMS)
+    assert res.unknown == 0
+    got = [s.id for s in res.items]
+    assert nfc not in got and "item-5" not in got
+    assert unicodedata.normalize("NFC", "crème-8") in got
+    assert all(unicodedata.is_normalized("NFC", i) for i in got)

@@ -86,3 +86,22 @@ def test_publish_all_then_train_only(tiny_run, redis_server, redis_namespace: st
 def test_publish_missing_run_is_a_clear_error(redis_server, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
         run(PublishConfig(run=str(tmp_path), redis_url=redis_server.url, progress=False))
+
+
+def test_rows_without_a_time_publish_at_time_zero() -> None:
+    """A tsv row with an empty timestamp field (time -1 in the dataset, as retraining's merged
+    files hold for base rows without times) publishes at 0, which the store accepts, like a
+    dataset without times; the other rows keep theirs."""
+    from types import SimpleNamespace
+
+    from socialrec.serving.publish import row_timestamps
+
+    ds = SimpleNamespace(
+        name="t",
+        n_items=3,
+        inter_user=np.array([0, 0, 1]),
+        inter_item=np.array([0, 2, 1]),
+        inter_ts=np.array([1_700_000_000_000, -1, 5]),
+    )
+    ts = row_timestamps(ds, np.array([1, 0, 0]), np.array([1, 2, 0]))
+    assert ts.tolist() == [5, 0, 1_700_000_000_000]
