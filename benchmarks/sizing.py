@@ -771,7 +771,7 @@ def measure_profile(args) -> dict:
         u0 = users[0]
         store.log_interaction(u0, "i1", 1.0, ts, "probe")
         writes["log_interaction"]["request_id_key_bytes"] = key_usage(
-            r, [keys.request(u0, "probe")]
+            r, [keys.request(u0, "probe", "log")]
         )[0][0]
         # steady state of one stream shard: many interaction events into one shard
         shard = schema.shard_of(u0)

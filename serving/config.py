@@ -11,6 +11,7 @@ from socialrec.serving import signing
 from socialrec.serving.bundle import BundleError
 from socialrec.serving.engine import EngineConfig
 from socialrec.serving.fresh import FoldInConfig
+from socialrec.serving.schema import MAX_ID_LEN
 
 POINTER = "CURRENT"  # a bundle root may hold a pointer file naming the live bundle directory
 
@@ -31,8 +32,17 @@ class ServerConfig:
     workers: int = 1  # processes sharing the port (SO_REUSEPORT)
     metrics_port: int | None = None  # Prometheus /metrics on this port (None: off)
     max_k: int = 500  # largest k a request may ask for
-    max_id_len: int = 256  # longest user/item id accepted, in characters
+    # Longest user/item id accepted, in characters: at most schema.MAX_ID_LEN (the store's
+    # own limit, which offline loads and the Redis keys share).
+    max_id_len: int = MAX_ID_LEN
     max_concurrent_rpcs: int = 256  # per worker; beyond it calls get RESOURCE_EXHAUSTED
+    # Largest request message accepted, in bytes (gRPC answers RESOURCE_EXHAUSTED beyond it,
+    # before parsing): room for 1,000 exclude ids of 250 bytes; it bounds what one in-flight
+    # call can hold (docs/operations.md "Memory").
+    max_request_bytes: int = 256 << 10
+    # Streams (health Watch, reflection) open at once per worker; beyond it RESOURCE_EXHAUSTED.
+    # Each holds a gRPC call slot while open: uncapped, idle ones could lock every RPC out.
+    max_open_streams: int = 32
     write_token: str | None = None  # default: $SOCIALREC_WRITE_TOKEN or token_file
     token_file: str | None = None
     admin_token: str | None = None  # RemoveItem/RestoreItem; default $SOCIALREC_ADMIN_TOKEN
@@ -62,6 +72,12 @@ class ServerConfig:
     # Set by the supervisor: where workers record the last bundle they loaded, so a worker
     # started while the pointer is bad serves that one instead of nothing.
     last_good_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_id_len <= MAX_ID_LEN:
+            raise ValueError(
+                f"max_id_len must be between 1 and {MAX_ID_LEN}, got {self.max_id_len}"
+            )
 
 
 def resolve_bundle(path: str | Path) -> Path:

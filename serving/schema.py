@@ -21,8 +21,9 @@ literal Redis Cluster hash tag, ``s`` = the user's *shard*, see below)::
     {ns}:v2:{s}:ev:{user}  hash    cluster only: friendship versions (see "Cluster writes")
     {ns}:v2:{s}:bv:{user}  hash    cluster only: versions of the user's blocks
     {ns}:v2:{s}:bbv:{user} hash    cluster only: versions of blocks against the user
-    {ns}:v2:{s}:r:{n}:{user}:{request_id}
-                           string  the event id a write with that request id got (n is the
+    {ns}:v2:{s}:r:{op}:{n}:{user}:{request_id}
+                           string  the event id a write of kind op (log, friend_add, dismiss,
+                                   block, item_remove, ...) with that request id got (n is the
                                    length of user); expires after the idempotency window; s is
                                    the shard whose script the request id guards
     {ns}:v2:{s}:events     stream  shard s of the event stream (one entry per write)
@@ -171,18 +172,28 @@ class Keys:
         return self.tag(shard) + "events"
 
     def request(
-        self, user: str, request_id: str, shard: int | str | None = None, kind: str = "r"
+        self,
+        user: str,
+        request_id: str,
+        op: str,
+        shard: int | str | None = None,
+        kind: str = "r",
     ) -> str:
-        """The idempotency key of ``request_id`` sent by ``user``, in ``shard`` (default: the
+        """The idempotency key of ``request_id`` sent by ``user`` for the write ``op`` (log,
+        friend_add, dismiss, block, item_remove, ...: a request id names one request, so the
+        same id on another kind of write is another request), in ``shard`` (default: the
         user's): the shard whose script the request id guards. ``kind`` "ru" is the unfriend
         step of a block in a cluster (a second script the same request id guards).
 
         Without a request id it is the shard's "no request id" key, which the scripts never
         read or write (a key, not '', so that every key of a script is in one slot). The
-        user's length comes first, so ("a:b", "c") and ("a", "b:c") are different keys.
+        user's length comes before the user, so ("a:b", "c") and ("a", "b:c") are different
+        keys; ops hold no ':'.
         """
         tag = self.tag(shard_of(user) if shard is None else shard)
-        return f"{tag}{kind}:{len(user)}:{user}:{request_id}" if request_id else tag + "r:"
+        if not request_id:
+            return tag + "r:"
+        return f"{tag}{kind}:{op}:{len(user)}:{user}:{request_id}"
 
 
 @dataclass(frozen=True)
@@ -283,28 +294,56 @@ MAX_FUTURE_MS = 24 * 3600 * 1000  # live timestamps may run this far ahead of th
 # Characters no id may hold: control (Cc), invisible format (Cf: zero-width space, bidi
 # marks, ...), surrogates (Cs), line and paragraph separators (Zl, Zp).
 _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# Letters and symbols that draw nothing (Hangul fillers, the blank Braille pattern).
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 def check_id(name: str, value: str, max_len: int = MAX_ID_LEN) -> str:
-    """``value`` in NFC form, or ValueError naming the field: ids must be non-blank strings of
-    at most ``max_len`` characters with no control or invisible format characters.
+    """``value`` in NFC form, or ValueError naming the field: ids must be strings of at most
+    ``max_len`` characters with a visible character, no control or invisible format
+    characters, and no leading or trailing whitespace.
 
     NFC makes "café" typed with a combining accent and with a precomposed é one id (so the
     self-friendship check and every key see the same user).
     """
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    # Before any per-character work, so a flood of huge ids stays cheap to refuse: composing
+    # to NFC turns at most 4 code points into one (e.g. U+1FAF from 4), so a string over
+    # 4 * max_len cannot pass.
+    if len(value) > 4 * max_len:
+        raise ValueError(f"{name} is longer than {max_len} characters ({len(value)})")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {shown(value)}")
     if not value.isascii():
         value = unicodedata.normalize("NFC", value)
         bad = next((c for c in value if unicodedata.category(c) in _BAD_CATEGORIES), None)
         if bad is not None:
             raise ValueError(f"{name} holds a control or invisible character U+{ord(bad):04X}")
+        if not any(_visible(c) for c in value):
+            raise ValueError(f"{name} has no visible character, got {shown(value)}")
     elif not value.isprintable():
         bad = next(c for c in value if not c.isprintable())
         raise ValueError(f"{name} holds a control character U+{ord(bad):04X}")
     if len(value) > max_len:
-        raise ValueError(f"{name} is longer than {max_len} characters")
+        raise ValueError(f"{name} is longer than {max_len} characters ({len(value)})")
+    if value[0].isspace() or value[-1].isspace():  # " 7" and "7" would be two users
+        raise ValueError(f"{name} has leading or trailing whitespace, got {shown(value)}")
     return value
+
+
+def _visible(c: str) -> bool:
+    """Whether ``c`` shows as something: a letter, digit, punctuation or symbol that is not a
+    blank filler (marks, spaces and fillers alone make ids that look empty)."""
+    return unicodedata.category(c)[0] in "LNPS" and c not in _BLANK
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """``value`` as error messages quote it: its repr, cut to ``limit`` characters with the
+    full length noted (a message must not echo a huge value back)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def check_request_id(value: str) -> str:

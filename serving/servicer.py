@@ -78,6 +78,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self._redis_down_until = 0.0  # circuit breaker: skip Redis reads briefly after a failure
         self._bad_data_log = RateLimitedLog(log)
         self._ack_log = RateLimitedLog(log)
+        self._down_log = RateLimitedLog(log)  # every read fails while Redis is down
         # Fresh items: the fold-in after writes and the side index (its poller is started by
         # the worker, see worker.serve_worker).
         self.fresh = FreshItems(cfg, holder, store, metrics)
@@ -107,9 +108,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except StoreUnavailable as e:
             self._redis_down_until = now + REDIS_RETRY_S
             self._degraded(method, "unavailable")
-            log.warning(
-                "redis unavailable; answering from the bundle",
-                extra={"event": "redis_down", "error": str(e)},
+            self._down_log.warning(
+                "redis unavailable; answering from the bundle", event="redis_down", error=str(e)
             )
             return None
 
@@ -123,7 +123,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         # Counted before the abort: the client may see the status before this coroutine ends.
         if self.metrics:
             self.metrics.child(self.metrics.requests, method, code.name).inc()
-        await context.abort(code, msg)
+        await abort(context, code, msg)
 
     async def _id(self, context, method: str, name: str, value: str) -> str:
         """``value`` as the store keys it (NFC), or INVALID_ARGUMENT naming the field."""
@@ -158,7 +158,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 f"{what} disabled: the server has no token for them (set {hint})",
             )
         got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        presented = got[7:].encode() if got.startswith("Bearer ") else b""
+        # The scheme is case-insensitive (RFC 7235); the token is not.
+        presented = got[7:].encode() if got[:7].lower() == "bearer " else b""
         if presented and hmac.compare_digest(presented, want.encode()):
             return
         if (
@@ -392,31 +393,25 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     async def Dismiss(self, request: pb.DismissRequest, context) -> pb.DismissResponse:
         method = "Dismiss"
         await self._authorize(context, method)
+        user = await self._id(context, method, "user_id", request.user_id)
+        item, other = request.item_id, request.other_user_id
+        if item:  # exactly one of the two must be set: the store says so if not
+            item = await self._id(context, method, "item_id", item)
+        if other:
+            other = await self._id(context, method, "other_user_id", other)
         now = int(time.time() * 1000)
         event_id = await self._write(
-            context,
-            method,
-            self.store.adismiss,
-            request.user_id,
-            request.item_id,
-            request.other_user_id,
-            now,
-            request.request_id,
+            context, method, self.store.adismiss, user, item, other, now, request.request_id
         )
         return pb.DismissResponse(event_id=event_id)
 
     async def _block(self, request: pb.BlockRequest, context, method: str, op: str):
         await self._authorize(context, method)
+        user = await self._id(context, method, "user_id", request.user_id)
+        blocked = await self._id(context, method, "blocked_id", request.blocked_id)
         now = int(time.time() * 1000)
         event_id = await self._write(
-            context,
-            method,
-            self.store.ablock,
-            op,
-            request.user_id,
-            request.blocked_id,
-            now,
-            request.request_id,
+            context, method, self.store.ablock, op, user, blocked, now, request.request_id
         )
         return pb.BlockResponse(event_id=event_id)
 
@@ -428,9 +423,10 @@ class RecommenderService(pb_grpc.RecommenderServicer):
 
     async def _item(self, request: pb.ItemRequest, context, method: str, op: str):
         await self._authorize(context, method, admin=True)
+        item = await self._id(context, method, "item_id", request.item_id)
         now = int(time.time() * 1000)
         event_id = await self._write(
-            context, method, self.store.aitem, op, request.item_id, now, request.request_id
+            context, method, self.store.aitem, op, item, now, request.request_id
         )
         return pb.ItemResponse(event_id=event_id)
 
@@ -439,6 +435,38 @@ class RecommenderService(pb_grpc.RecommenderServicer):
 
     async def RestoreItem(self, request: pb.ItemRequest, context) -> pb.ItemResponse:
         return await self._item(request, context, "RestoreItem", "restore")
+
+
+class CallEnded(Exception):
+    """An abort found the call already over (its deadline passed or the client cancelled it):
+    gRPC has answered it, so nothing more can be sent."""
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str):
+    """``context.abort``, or :class:`CallEnded` when the call is already over (gRPC then
+    refuses to send a status; it raised ExecuteBatchError, an internal type, before)."""
+    try:
+        await context.abort(code, msg)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        if context.done() or _expired(context):
+            raise CallEnded(code.name) from None
+        raise
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str):
+    """:func:`abort` for the dispatcher, outside the servicer: a call already over ends with
+    CancelledError, which gRPC takes silently."""
+    try:
+        await abort(context, code, msg)
+    except CallEnded:
+        raise asyncio.CancelledError() from None
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 class Malformed:
@@ -490,6 +518,13 @@ class Dispatcher:
         if self.metrics:
             self.metrics.child(self.metrics.requests, method, code.name).inc()
 
+    def _ended(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Count a call that ended under its handler as gRPC answered it: its deadline, or
+        cancelled. The handler then ends with CancelledError, which gRPC takes silently (a
+        response or a status can no longer be sent)."""
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+        self._count(method, code)
+
     def _wrap(self, method: str, fn):
         async def call(request, context: grpc.aio.ServicerContext):
             if isinstance(request, Malformed):
@@ -497,13 +532,15 @@ class Dispatcher:
                 self._bad_log.warning(
                     "malformed request", event="bad_request", method=method, error=request.error
                 )
-                await context.abort(
+                await _refuse(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"request bytes are not a valid {method} request message",
                 )
             if self.in_flight >= self.max_in_flight:
                 self._count(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                await context.abort(
+                await _refuse(
+                    context,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server busy ({self.in_flight} requests in flight); retry with backoff",
                 )
@@ -514,16 +551,21 @@ class Dispatcher:
                 return reply
             except grpc.aio.AbortError:
                 raise  # counted by the servicer's _fail before it aborted
-            except asyncio.CancelledError:
-                self._count(method, grpc.StatusCode.CANCELLED)
+            except asyncio.CancelledError:  # gRPC cancels the handler when the call ends
+                self._ended(method, context)
                 raise
+            except CallEnded:  # counted by _fail; gRPC answered the call itself
+                raise asyncio.CancelledError() from None
             except Exception as e:
+                if context.done() or _expired(context):  # failed because the call was over
+                    self._ended(method, context)
+                    raise asyncio.CancelledError() from None
                 self._count(method, grpc.StatusCode.INTERNAL)
                 self._bug_log.warning(
                     "internal error", event="internal_error", method=method,
                     error=f"{type(e).__name__}: {e}",
                 )  # fmt: skip
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                await _refuse(context, grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 self.in_flight -= 1
 

@@ -641,7 +641,7 @@ class FeatureStore:
             repr(MAX_TOTAL_WEIGHT),
         ]
         shard = schema.shard_of(user)
-        keys = [k.user("h", user), k.user("w", user), k.stream(shard), k.request(user, rid)]
+        keys = [k.user("h", user), k.user("w", user), k.stream(shard), k.request(user, rid, "log")]
         sid = yield Step(schema.LOG, [*keys, k.user("s", user)], args)
         return schema.event_id(sid, shard)
 
@@ -655,11 +655,16 @@ class FeatureStore:
         o, m = schema.edge_owner(a, b)
         so = schema.shard_of(o)
         if not self.cfg.cluster:
-            keys = [k.user("f", a), k.user("f", b), k.stream(so), k.request(a, rid, so)]
+            keys = [
+                k.user("f", a),
+                k.user("f", b),
+                k.stream(so),
+                k.request(a, rid, f"friend_{op}", so),
+            ]
             keys += [k.user("b", a), k.user("b", b)]
             sid = yield Step(schema.FRIEND, keys, [a, b, ts, maxlen, op, ttl])
             return schema.event_id(sid, so)
-        sid = yield from self._edge(op, a, b, ts, k.request(a, rid, so), "always")
+        sid = yield from self._edge(op, a, b, ts, k.request(a, rid, f"friend_{op}", so), "always")
         return schema.event_id(sid, so)
 
     def _edge(self, op: str, a: str, b: str, ts: str, request_key: str, log: str) -> Plan:
@@ -687,7 +692,7 @@ class FeatureStore:
         rid, k, shard = check_request_id(request_id), self.keys, schema.shard_of(user)
         key = k.user("d" if kind == "item" else "du", user)
         args = [user, target, kind, check_ts(ts_ms), self.cfg.stream_maxlen or 0]
-        keys = [key, k.stream(shard), k.request(user, rid)]
+        keys = [key, k.stream(shard), k.request(user, rid, "dismiss")]
         sid = yield Step(schema.DISMISS, keys, [*args, self.cfg.request_id_ttl_s])
         return schema.event_id(sid, shard)
 
@@ -704,22 +709,22 @@ class FeatureStore:
         sa, so = schema.shard_of(a), schema.shard_of(schema.edge_owner(a, b)[0])
         if not self.cfg.cluster:
             keys = [k.user("b", a), k.user("bb", b), k.user("f", a), k.user("f", b)]
-            keys += [k.stream(sa), k.request(a, rid), k.stream(so)]
+            keys += [k.stream(sa), k.request(a, rid, op), k.stream(so)]
             sid = yield Step(schema.BLOCK, keys, [a, b, op, ts, maxlen, ttl])
             return schema.event_id(sid, sa)
-        keys = [k.user("b", a), k.user("bv", a), k.stream(sa), k.request(a, rid)]
+        keys = [k.user("b", a), k.user("bv", a), k.stream(sa), k.request(a, rid, op)]
         reply = yield Step(schema.BLOCK_SET, keys, [b, op, ts, maxlen, ttl, a])
         sid, version, present = _owner_reply(reply)
         yield Step(schema.MIRROR, [k.user("bb", b), k.user("bbv", b)], [a, version, present])
         if op == "block":  # the unfriend part has its own request-id key (kind "ru")
-            yield from self._edge("remove", a, b, ts, k.request(a, rid, so, "ru"), "changed")
+            yield from self._edge("remove", a, b, ts, k.request(a, rid, op, so, "ru"), "changed")
         return schema.event_id(sid, sa)
 
     def item_plan(self, op: str, item_id: str, ts_ms: int, request_id: str = "") -> Plan:
         """Take an item down (``op`` remove) or restore it."""
         item, rid, k = check_id("item_id", item_id), check_request_id(request_id), self.keys
         g = schema.GLOBAL_SHARD
-        keys = [k.removed, k.removed_version, k.stream(g), k.request("", rid, g)]
+        keys = [k.removed, k.removed_version, k.stream(g), k.request("", rid, f"item_{op}", g)]
         args = [item, op, check_ts(ts_ms), self.cfg.stream_maxlen or 0, self.cfg.request_id_ttl_s]
         sid = yield Step(schema.ITEM, keys, args)
         return schema.event_id(sid, g)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from socialrec.serving.bundle import BundleError
 from socialrec.serving.cache import ResultCache
 from socialrec.serving.config import POINTER, ServerConfig, bundle_key, resolve_bundle
@@ -26,12 +27,15 @@ from socialrec.serving.engine import Engine
 from socialrec.serving.observability import Metrics, setup_logging
 from socialrec.serving.servicer import Dispatcher, Live, RecommenderService
 from socialrec.serving.store import FeatureStore, StoreConfig
+from socialrec.serving.streams import CappedHealth, CappedReflection, OpenStreams
 
 from socialrec.v1 import recommender_pb2 as pb
 
 log = logging.getLogger("socialrec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_PENDING = 10_000  # calls gRPC core may hold for the dispatcher (see build_server)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+TRIM_INTERVAL_S = 5.0  # how often a worker returns its heap's free pages (trim_memory)
 RETRY_REFUSED_S = 30.0  # a refused bundle the pointer still names is tried again this often
 
 
@@ -121,6 +125,39 @@ def store_config(cfg: ServerConfig) -> StoreConfig:
     )
 
 
+def _libc():
+    """The C library's symbols (glibc's mallopt/malloc_trim), or None where it has none."""
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc serve blocks of 256 KiB and more with their own mappings, returned to
+    the system when freed. By default its threshold rises to 32 MiB after the first large
+    free, so request-sized buffers (gRPC messages, their Python copies) come from the heap and
+    stay mapped after a burst of big requests. No-op where it is not glibc. With
+    :func:`trim_memory` it keeps what a burst of big requests leaves behind small (measured,
+    docs/operations.md "Memory")."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+
+
+async def trim_memory(interval_s: float = TRIM_INTERVAL_S) -> None:
+    """Every ``interval_s``, hand the heap's free pages back to the system (``malloc_trim``,
+    in a thread: it walks every arena, gRPC's threads' included). Runs until cancelled."""
+    libc = _libc()
+    if libc is None:
+        return
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval_s)
+        await loop.run_in_executor(None, libc.malloc_trim, 0)
+
+
 def build_server(
     cfg: ServerConfig, service: RecommenderService
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
@@ -136,7 +173,7 @@ def build_server(
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", 1 << 20),
+            ("grpc.max_receive_message_length", cfg.max_request_bytes),
             ("grpc.server.max_pending_requests", MAX_PENDING),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING),
         ],
@@ -144,10 +181,12 @@ def build_server(
     )
     dispatcher = Dispatcher(service, service.metrics, cfg.max_concurrent_rpcs)
     server.add_generic_rpc_handlers((dispatcher.handler(),))
-    health_servicer = health.aio.HealthServicer()
+    streams = OpenStreams(cfg.max_open_streams)  # Watch and reflection share one cap
+    health_servicer = CappedHealth(streams)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        CappedReflection(names, streams), server
     )
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert and cfg.tls_key:
@@ -252,12 +291,14 @@ async def serve_worker(
     watcher = asyncio.create_task(watch())
     # Fresh items: the side index follows the registry (and rebuilds for a new bundle).
     poller = asyncio.create_task(service.fresh.run()) if cfg.fresh_items else None
+    trimmer = asyncio.create_task(trim_memory())
     await stop.wait()
     log.info("worker stopping", extra={"event": "stopping", "worker": worker})
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=2.0)
     watcher.cancel()
+    trimmer.cancel()
     if poller is not None:
         poller.cancel()
     await store.aclose()
@@ -267,8 +308,6 @@ async def serve_worker(
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGTERM this process when its parent dies (Linux PR_SET_PDEATHSIG),
     and exit now if the parent is already gone (it may have died before the call)."""
-    import ctypes
-
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
@@ -284,6 +323,7 @@ def worker_main(cfg: ServerConfig, worker: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent(parent)
+    return_freed_memory()
     setup_logging()
     with asyncio.Runner(loop_factory=event_loop_factory(cfg.event_loop)) as runner:
         runner.run(serve_worker(cfg, worker))

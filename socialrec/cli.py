@@ -244,6 +244,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         metrics_port=a.metrics_port,
         max_k=a.max_k,
         max_concurrent_rpcs=a.max_concurrent_rpcs,
+        max_request_bytes=a.max_request_bytes,
         token_file=a.token_file,
         admin_token_file=a.admin_token_file,
         tls_cert=a.tls_cert,
@@ -763,6 +764,12 @@ def _serve_parser(v: argparse.ArgumentParser) -> None:
         type=int,
         default=d("max_concurrent_rpcs"),
         help="per worker; beyond it calls get RESOURCE_EXHAUSTED",
+    )
+    v.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=d("max_request_bytes"),
+        help="largest request message; beyond it gRPC answers RESOURCE_EXHAUSTED",
     )
     v.add_argument(
         "--redis-client",

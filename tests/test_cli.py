@@ -109,6 +109,12 @@ DEFAULTS = [
         "socialrec.serving.config:ServerConfig",
         "max_concurrent_rpcs",
     ),
+    (
+        "serve",
+        "max_request_bytes",
+        "socialrec.serving.config:ServerConfig",
+        "max_request_bytes",
+    ),
     ("serve", "redis_client", "socialrec.serving.config:ServerConfig", "redis_client"),
     ("serve", "result_cache_mb", "socialrec.serving.config:ServerConfig", "result_cache_mb"),
     ("serve", "event_loop", "socialrec.serving.config:ServerConfig", "event_loop"),

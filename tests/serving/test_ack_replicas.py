@@ -257,7 +257,7 @@ def test_a_replay_waits_for_the_original_write(replicated: Replicated, path: str
                     with pytest.raises(ReplicationTimeout):
                         other.add_friendship("u", "v", 2, "f-1")
             # the request key still expires when the first write said (the replay kept its TTL)
-            key = schema.Keys(cfg.namespace).request("u", "req-1")
+            key = schema.Keys(cfg.namespace).request("u", "req-1", "log")
             assert cfg.request_id_ttl_s - 60 < replicated.p.ttl(key) <= cfg.request_id_ttl_s
         finally:
             replicated.replica.resume()

@@ -16,7 +16,7 @@ import pytest
 import redis
 from socialrec.serving.offline_store import OfflineStore
 from socialrec.serving.redis_local import start_redis
-from socialrec.serving.schema import MAX_TOTAL_WEIGHT, Keys
+from socialrec.serving.schema import MAX_ID_LEN, MAX_TOTAL_WEIGHT, Keys
 from socialrec.serving.store import StoreConfig
 
 from socialrec.v1 import recommender_pb2 as pb
@@ -89,6 +89,10 @@ def test_friendship_request_ids_and_event_ids(server_config, inproc) -> None:
         pb.LogInteractionRequest(user_id="zero\u200bwidth", item_id="i", weight=1.0),
         pb.LogInteractionRequest(user_id="u", item_id="i", weight=1.0, request_id="r" * 129),
         pb.LogInteractionRequest(user_id="   ", item_id="i", weight=1.0),
+        pb.LogInteractionRequest(user_id="\u3164", item_id="i", weight=1.0),
+        pb.LogInteractionRequest(user_id="u", item_id="\ufe0f\u034f", weight=1.0),
+        pb.LogInteractionRequest(user_id="u ", item_id="i", weight=1.0),
+        pb.LogInteractionRequest(user_id="u", item_id="\u3000i", weight=1.0),
     ],
     ids=[
         "huge-weight",
@@ -99,6 +103,10 @@ def test_friendship_request_ids_and_event_ids(server_config, inproc) -> None:
         "zero-width",
         "long-rid",
         "blank",
+        "filler-only",
+        "marks-only",
+        "trailing-space",
+        "leading-wide-space",
     ],
 )
 def test_out_of_bounds_writes_are_invalid_argument_and_write_nothing(
@@ -295,3 +303,176 @@ def test_a_burst_over_one_connection_is_served_or_shed_never_cancelled(
         assert (
             s.count("RecommendContent", "RESOURCE_EXHAUSTED") - shed0 == codes["RESOURCE_EXHAUSTED"]
         )
+
+
+def test_one_request_id_on_two_kinds_of_write_is_two_requests(server_config, inproc) -> None:
+    """A request id names one request: the same id on a Dismiss after a LogInteraction (or an
+    Unblock after a Block) is a new request and is applied; each repeat of one of them is
+    still answered with its own first event id and applies nothing."""
+    s = inproc(server_config)
+    rid = "shared-1"
+    log = pb.LogInteractionRequest(user_id="u", item_id="i", weight=1.0, request_id=rid)
+    dismiss = pb.DismissRequest(user_id="u", item_id="j", request_id=rid)
+    block = pb.BlockRequest(user_id="u", blocked_id="v", request_id=rid)
+    logged = s.stub.LogInteraction(log, metadata=AUTH).event_id
+    dismissed = s.stub.Dismiss(dismiss, metadata=AUTH).event_id
+    blocked = s.stub.BlockUser(block, metadata=AUTH).event_id
+    unblocked = s.stub.UnblockUser(block, metadata=AUTH).event_id
+    assert len({logged, dismissed, blocked, unblocked}) == 4
+    assert s.stub.Dismiss(dismiss, metadata=AUTH).event_id == dismissed
+    assert s.stub.UnblockUser(block, metadata=AUTH).event_id == unblocked
+    kinds = [e["type"] for e in _events(server_config.redis_url, server_config.namespace)]
+    assert kinds == ["interaction", "dismiss_item", "block", "unblock"]
+    raw = redis.Redis.from_url(server_config.redis_url, decode_responses=True)
+    keys = Keys(server_config.namespace)
+    assert raw.sismember(keys.user("d", "u"), "j")
+    assert not raw.sismember(keys.user("b", "u"), "v")
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [" " * 200_000, "\u3000" * 60_000, "x" * 5_000, "é" * 300],
+    ids=["spaces", "wide-spaces", "ascii", "accented"],
+)
+def test_huge_ids_are_refused_naming_the_length_not_echoing_the_value(
+    server_config, inproc, value: str
+) -> None:
+    """An over-long id (blank, wide-space or plain) is INVALID_ARGUMENT with a short message
+    that names the field and the length; the value is never echoed back whole."""
+    s = inproc(server_config)
+    for call in (
+        lambda: s.stub.RecommendContent(pb.RecommendContentRequest(user_id=value, k=5)),
+        lambda: s.stub.Dismiss(pb.DismissRequest(user_id=value, item_id="i"), metadata=AUTH),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "user_id" in e.value.details() and str(len(value)) in e.value.details()
+        assert len(e.value.details()) < 200
+
+
+def test_a_blank_id_is_quoted_cut_short(server_config, inproc) -> None:
+    s = inproc(server_config)
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.RecommendFriends(pb.RecommendFriendsRequest(user_id=" " * 900, k=5))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "900 characters" in e.value.details() and len(e.value.details()) < 200
+
+
+def test_writes_check_ids_against_the_servers_limit(server_config, inproc) -> None:
+    """Every write checks its ids against the server's own max_id_len, not only reads."""
+    s = inproc(replace(server_config, max_id_len=8, admin_token="admin-for-tests"))
+    long_id = "x" * 9
+    admin = (("authorization", "Bearer admin-for-tests"),)
+    calls = [
+        lambda: s.stub.Dismiss(pb.DismissRequest(user_id=long_id, item_id="i"), metadata=AUTH),
+        lambda: s.stub.Dismiss(pb.DismissRequest(user_id="u", item_id=long_id), metadata=AUTH),
+        lambda: s.stub.BlockUser(pb.BlockRequest(user_id="u", blocked_id=long_id), metadata=AUTH),
+        lambda: s.stub.RemoveItem(pb.ItemRequest(item_id=long_id), metadata=admin),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "longer than 8" in e.value.details()
+    with pytest.raises(ValueError, match="max_id_len"):
+        replace(server_config, max_id_len=MAX_ID_LEN + 1)
+
+
+def test_the_bearer_scheme_is_case_insensitive(server_config, inproc) -> None:
+    s = inproc(server_config)
+    req = pb.LogInteractionRequest(user_id="u", item_id="i", weight=1.0)
+    for scheme in ("bearer", "BEARER"):
+        s.stub.LogInteraction(req, metadata=(("authorization", f"{scheme} {TOKEN}"),))
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.LogInteraction(req, metadata=(("authorization", f"bearer {TOKEN.upper()}"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_deadline_that_ran_out_is_counted_as_such_not_as_internal(
+    server_config, inproc, tmp_path, caplog
+) -> None:
+    """Redis hangs and the client's 50 ms deadline runs out while the server waits for it.
+    The call is counted as what the client saw, DEADLINE_EXCEEDED (it used to be counted as
+    CANCELLED), and never as an internal error: whether gRPC cancels the handler first or
+    the handler's own abort finds the call already answered (that abort used to fail inside
+    gRPC and be counted and logged as an internal error, a few times in a thousand calls
+    with tight deadlines)."""
+    with start_redis(dir=tmp_path, appendonly=False) as r:
+        s = inproc(replace(server_config, redis_url=r.url), metrics=True)
+        req = pb.RecommendFriendsRequest(user_id="u", k=5)
+        s.stub.RecommendFriends(req)
+        internal0 = s.count("RecommendFriends", "INTERNAL")
+        late0 = s.count("RecommendFriends", "DEADLINE_EXCEEDED")
+        with caplog.at_level("WARNING", logger="socialrec.server"):
+            r.pause()
+            try:
+                with pytest.raises(grpc.RpcError) as e:
+                    s.stub.RecommendFriends(req, timeout=0.05)
+                assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # the handler finishes after the client
+                    done = s.count("RecommendFriends", "DEADLINE_EXCEEDED") > late0
+                    if done or s.count("RecommendFriends", "INTERNAL") > internal0:
+                        break
+                    time.sleep(0.02)
+            finally:
+                r.resume()
+        assert s.count("RecommendFriends", "INTERNAL") == internal0
+        assert s.count("RecommendFriends", "DEADLINE_EXCEEDED") == late0 + 1
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "internal_error"]
+
+
+def test_a_request_over_the_size_limit_is_refused_before_parsing(server_config, inproc) -> None:
+    s = inproc(replace(server_config, max_request_bytes=4096))
+    big = pb.RecommendContentRequest(
+        user_id="u", k=5, exclude_ids=[f"item-{i}" for i in range(800)]
+    )
+    assert big.ByteSize() > 4096
+    with pytest.raises(grpc.RpcError) as e:
+        s.stub.RecommendContent(big)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert s.stub.RecommendContent(pb.RecommendContentRequest(user_id="u", k=5)) is not None
+
+
+def test_idle_streams_cannot_lock_the_recommender_out(server_config, inproc) -> None:
+    """Health Watch and reflection streams share a per-worker cap: past it a new stream is
+    RESOURCE_EXHAUSTED at once, and recommendation calls are still served while the capped
+    streams stay open."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from socialrec.v1 import recommender_pb2_grpc as pb_grpc
+
+    s = inproc(replace(server_config, max_open_streams=3))
+
+    async def main() -> tuple[list[str], str, bool]:
+        async with grpc.aio.insecure_channel(s.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(2)]
+            for w in watches:
+                await w.read()  # each stream is open and has answered its first status
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            listing = reflection_pb2.ServerReflectionRequest(list_services="")
+            one = refl.ServerReflectionInfo()  # kept open: no request iterator to run out
+            await one.write(listing)
+            names = [s.name for s in (await one.read()).list_services_response.service]
+            extra = health.Watch(health_pb2.HealthCheckRequest())
+            try:
+                await extra.read()
+                code = "OK"
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            stub = pb_grpc.RecommenderStub(ch)
+            ok = bool(await stub.RecommendContent(pb.RecommendContentRequest(user_id="u", k=3)))
+            for call in (*watches, one):
+                call.cancel()
+            return names, code, ok
+
+    names, code, ok = asyncio.run(main())
+    assert "socialrec.v1.Recommender" in names
+    assert code == "RESOURCE_EXHAUSTED"
+    assert ok

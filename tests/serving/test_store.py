@@ -304,7 +304,11 @@ def test_ids_with_braces_and_one_slot_per_user(store: Calls, raw: redis.Redis) -
         k = store.keys
         for u in users:
             names = [k.user(kind, u) for kind in ("h", "w", "f", "s", "d", "du", "b", "bb", "ev")]
-            names += [k.request(u, "rid"), k.request(u, ""), k.stream(schema.shard_of(u))]
+            names += [
+                k.request(u, "rid", "log"),
+                k.request(u, "", "log"),
+                k.stream(schema.shard_of(u)),
+            ]
             assert len({raw.keyslot(n) for n in names}) == 1, u
 
 
