@@ -57,7 +57,10 @@ class OfflineStore:
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.keys = schema.Keys(cfg.namespace)
-        self._r = redis_py(cfg)
+        try:  # a cluster client connects here: an unreachable seed or a bad password
+            self._r = redis_py(cfg)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            raise StoreUnavailable(f"redis: {e}") from e
 
     def events(self, after: str | Mapping[str, str] = "0-0", count: int = 1000) -> list[Event]:
         """Up to ``count`` entries *of each shard* with stream ids strictly after the cursor,

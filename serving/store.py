@@ -32,6 +32,7 @@ Two APIs over the same commands:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ def _refusal(message: str) -> Exception:
 
 class ConnectionLost(StoreUnavailable):
     """The connection failed before a reply: retried once at once (a restart closes sockets)."""
+
+
+class TryAgain(StoreUnavailable):
+    """A Redis Cluster slot is migrating and the command, which ran nowhere, should be sent
+    again shortly (TRYAGAIN, or redis-py giving up on ASK and TRYAGAIN redirections)."""
 
 
 class ReplicationTimeout(StoreUnavailable):
@@ -309,7 +315,7 @@ class RedisPyClusterAsyncClient:
     """
 
     def __init__(self, cfg: StoreConfig) -> None:
-        self._r = redis.asyncio.cluster.RedisCluster.from_url(cfg.url, **_cluster_options(cfg))
+        self._r = cluster_client(cfg, _cluster_options(cfg), aio=True)
         self._cfg = cfg
         # Acknowledged writes: a cluster client of their own (room for WAIT in the read
         # timeout); _refresh: re-read the layout before the next one (a node failed). The
@@ -317,27 +323,46 @@ class RedisPyClusterAsyncClient:
         # connection pools (aclose() would cut the connections of writes in flight).
         self._w: redis.asyncio.cluster.RedisCluster | None = None
         self._refresh = False
+        # The read client's layout is re-read the same way before its next call after a node
+        # could not answer: a cluster pipeline returns a dead node's connection error as a
+        # reply and redis-py then keeps its old slot map, so reads would keep going to a
+        # failed primary's address after its replica took over.
+        self._read_refresh = False
+
+    async def _fresh_layout(self) -> None:
+        if self._read_refresh:
+            self._read_refresh = False  # one refresh, whatever else is in flight
+            await self._r.nodes_manager.initialize()
+
+    def _failed(self, e: Exception) -> StoreUnavailable:
+        self._read_refresh = True
+        return _store_error(e)
 
     async def pipeline(self, commands: list[tuple]) -> list:
         """The replies, errors about data (WRONGTYPE) as values; StoreUnavailable if a node
-        can't answer."""
+        can't answer (and the layout is re-read before the next call)."""
         try:
+            await self._fresh_layout()
             pipe = self._r.pipeline(transaction=False)
             for c in commands:
                 pipe.execute_command(*c)
             replies = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
-            raise _store_error(e) from e
-        return _unavailable_replies(replies)
+            raise self._failed(e) from e
+        for r in replies:
+            if isinstance(r, Exception) and _unavailable(r):
+                raise self._failed(r)
+        return replies
 
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
         try:
+            await self._fresh_layout()
             try:
                 return await self._r.evalsha(sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:  # a new node (or a promoted replica)
                 return await self._r.eval(source, len(keys), *keys, *args)
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
-            raise (_store_error(e) if _unavailable(e) else _refusal(str(e))) from e
+            raise (self._failed(e) if _unavailable(e) else _refusal(str(e))) from e
 
     async def acked(self, sha: str, source: str, keys: list[str], args: list[Any]) -> tuple:
         """The script call and WAIT as one cluster pipeline whose commands all name the node
@@ -347,9 +372,7 @@ class RedisPyClusterAsyncClient:
         stayed here); a MOVED or ASK reply means the script did not run, and the pair is sent
         again to the node named."""
         if self._w is None:
-            self._w = redis.asyncio.cluster.RedisCluster.from_url(
-                self._cfg.url, **_cluster_ack_options(self._cfg)
-            )
+            self._w = cluster_client(self._cfg, _cluster_ack_options(self._cfg), aio=True)
         w = self._w
         try:
             await w.initialize()  # the first time only
@@ -455,11 +478,38 @@ def _cluster_ack_options(cfg: StoreConfig) -> dict[str, Any]:
     return {**_cluster_options(cfg), "socket_timeout": cfg.write_timeout_s}
 
 
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A Redis Cluster URL's first node (a full URL: scheme, credentials, options) and the
+    other seed nodes it names, as (host, port): ``redis://:pw@h1:7000,h2:7001,...``. The
+    client starts from whichever seed answers and re-reads the layout from any known node,
+    so one seed being down stops neither a start nor a failover's recovery. Every node gets
+    the first URL's credentials."""
+    parts = [p.strip() for p in url.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"redis url {url!r} names no node")
+    seeds = []
+    for part in parts[1:]:
+        u = urlparse(part if "://" in part else "redis://" + part)
+        if not u.hostname:
+            raise ValueError(f"redis url {url!r}: seed {part!r} has no host")
+        seeds.append((u.hostname, u.port or 6379))
+    return parts[0], seeds
+
+
+def cluster_client(cfg: StoreConfig, options: dict[str, Any], aio: bool = False) -> Any:
+    """redis-py's cluster client (blocking, or redis.asyncio's with ``aio``) over every seed
+    ``cfg.url`` names (:func:`cluster_seeds`)."""
+    module = redis.asyncio.cluster if aio else redis.cluster
+    first, seeds = cluster_seeds(cfg.url)
+    nodes = [module.ClusterNode(host, port) for host, port in seeds]
+    return module.RedisCluster.from_url(first, startup_nodes=nodes, **options)
+
+
 def redis_py(cfg: StoreConfig) -> redis.Redis | redis.cluster.RedisCluster:
     """A blocking redis-py client with the store's timeouts and retry rule (the cluster
     client when ``cfg.cluster``)."""
     if cfg.cluster:
-        return redis.cluster.RedisCluster.from_url(cfg.url, **_cluster_options(cfg))
+        return cluster_client(cfg, _cluster_options(cfg))
     return redis.Redis.from_url(cfg.url, **_redis_py_options(cfg))
 
 
@@ -516,6 +566,8 @@ def _store_error(e: Exception) -> StoreUnavailable:
         e, redis.exceptions.TimeoutError
     ):
         return ConnectionLost(f"redis: {e}")
+    if isinstance(e, redis.exceptions.TryAgainError) or "TTL exhausted" in str(e):
+        return TryAgain(f"redis: {e}")
     return StoreUnavailable(f"redis: {e}")
 
 
@@ -557,20 +609,28 @@ class FeatureStore:
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.keys = schema.Keys(cfg.namespace)
-        self._r = redis_py(cfg)
-        # Acknowledged writes: a client of their own, its read timeout long enough for WAIT.
+        # The blocking client, made at first use: a cluster client connects when it is made,
+        # and a server must start (and answer degraded) while its Redis is down.
+        self._sync: redis.Redis | redis.cluster.RedisCluster | None = None
+        # Acknowledged writes: a client of their own, its read timeout long enough for WAIT
+        # (made at first use, like the blocking client).
         self._w: redis.Redis | redis.cluster.RedisCluster | None = None
-        if cfg.ack_replicas > 0:
-            if cfg.cluster:
-                self._w = redis.cluster.RedisCluster.from_url(cfg.url, **_cluster_ack_options(cfg))
-            else:
-                self._w = redis.Redis.from_url(cfg.url, **_ack_options(cfg))
         self._refresh = False  # cluster, acknowledged writes: re-read the layout first
+        self._read_refresh = False  # cluster, blocking pipelines: likewise (see _pipeline)
         self._client: AsyncClient | RedisPyClusterAsyncClient | None = None  # per event loop
         scripts = (schema.FOF, schema.LOG, schema.FRIEND, schema.DISMISS, schema.BLOCK)
         scripts += (schema.ITEM, schema.EDGE, schema.BLOCK_SET, schema.MIRROR)
         scripts += (schema.FRESH_RECORD, schema.FRESH_PUBLISH, schema.FRESH_RETIRE)
         self._sha = {s: _sha1(s) for s in scripts}
+
+    @property
+    def _r(self) -> redis.Redis | redis.cluster.RedisCluster:
+        if self._sync is None:
+            try:
+                self._sync = redis_py(self.cfg)
+            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+                raise _store_error(e) from e
+        return self._sync
 
     # ---- commands (pure: what to send) -------------------------------------------------------
     def read_commands(self, user_id: str, with_fof: bool) -> list[tuple]:
@@ -950,14 +1010,22 @@ class FeatureStore:
         raise AssertionError("unreachable")
 
     def _pipeline(self, cmds: list[tuple]) -> list:
-        """Cluster: the commands as one pipeline (each node gets its own, all at once)."""
-        pipe = self._r.pipeline(transaction=False)
-        for c in cmds:
-            pipe.execute_command(*c)
+        """Cluster: the commands as one pipeline (each node gets its own, all at once); after
+        a node could not answer, the layout is re-read first (see RedisPyClusterAsyncClient)."""
         try:
+            if self._read_refresh:
+                self._read_refresh = False
+                self._r.nodes_manager.initialize()
+            pipe = self._r.pipeline(transaction=False)
+            for c in cmds:
+                pipe.execute_command(*c)
             return _unavailable_replies(pipe.execute(raise_on_error=False))
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+            self._read_refresh = True
             raise _store_error(e) from e
+        except StoreUnavailable:
+            self._read_refresh = True
+            raise
 
     def log_interaction(
         self, user_id: str, item_id: str, weight: float, ts_ms: int, request_id: str = ""
@@ -1020,9 +1088,14 @@ class FeatureStore:
         redirection (a MOVED or ASK reply: the script did not run, the pair goes again to the
         node named)."""
         keys, args, cfg = step.keys, step.args, self.cfg
-        w, script = self._w, ("EVALSHA", self._sha[step.script])
-        assert w is not None  # made in __init__ when ack_replicas > 0
+        script = ("EVALSHA", self._sha[step.script])
         try:
+            if self._w is None:
+                if cfg.cluster:
+                    self._w = cluster_client(cfg, _cluster_ack_options(cfg))
+                else:
+                    self._w = redis.Redis.from_url(cfg.url, **_ack_options(cfg))
+            w = self._w
             if not cfg.cluster:
                 for _ in (0, 1):
                     pipe = w.pipeline(transaction=False)
@@ -1073,12 +1146,13 @@ class FeatureStore:
         raises."""
         try:
             return bool(self._r.ping())
-        except redis.exceptions.RedisError:
+        except (redis.exceptions.RedisError, StoreUnavailable):
             return False
 
     def close(self) -> None:
         """Close the blocking connection pool (the async client closes with :meth:`aclose`)."""
-        self._r.close()
+        if self._sync is not None:
+            self._sync.close()
         if self._w is not None:
             self._w.close()
 
@@ -1089,13 +1163,23 @@ class FeatureStore:
         self.close()
 
 
+# Pauses before sending a command again that a migrating slot refused (TryAgain): the keys
+# of one user move together within a few milliseconds of one another.
+TRYAGAIN_PAUSES_S = (0.02, 0.05, 0.1)
+
+
 async def _aretry(call: Callable[[], Awaitable[Any]]) -> Any:
     """One immediate retry after a lost connection (a Redis restart closes the socket under
-    us), none after a timeout (a timed-out write may have been applied)."""
-    try:
-        return await call()
-    except ConnectionLost:
-        return await call()
+    us), none after a timeout (a timed-out write may have been applied); up to three after a
+    pause while a cluster slot migrates (TryAgain: the command ran nowhere)."""
+    for pause in TRYAGAIN_PAUSES_S:
+        try:
+            return await call()
+        except ConnectionLost:
+            return await call()
+        except TryAgain:
+            await asyncio.sleep(pause)
+    return await call()
 
 
 def _retry(call: Callable[[], Any]) -> Any:

@@ -610,6 +610,42 @@ def test_cluster_primary_fails_over(tmp_path, path: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", CLUSTER_PATHS)
+def test_cluster_reads_alone_recover_after_a_failover(tmp_path, path: str) -> None:
+    """Only reads after the primary of a user's slot dies (no write that would re-read the
+    layout by accident): once its replica is promoted, the same store's reads answer again
+    within seconds, also when the dead primary is the node the URL names first. A cluster
+    pipeline hands back a dead node's connection error as a reply, and the client kept its
+    old layout, so reads went on failing until a write happened to refresh it."""
+    try:
+        c = start_cluster(dir=tmp_path, node_timeout_ms=1000)
+    except RedisNotInstalled as e:
+        pytest.skip(str(e))
+    with c:
+        probe = FeatureStore(StoreConfig(url=c.url, namespace="t", cluster=True))
+        user = next(u for u in (f"u{i}" for i in range(10_000))
+                    if c.primary_for_key(probe.keys.user("h", u)).port == c.nodes[0].port)  # fmt: skip
+        probe.close()
+        with Calls(StoreConfig(url=c.url, namespace="t", cluster=True), path) as s:
+            s.log_interaction(user, "a", 2.0, 1)
+            c.wait_replicated()
+            assert s.read(user).history == [("a", 2.0)]
+            c.kill(c.primary_for_key(s.keys.user("h", user)))
+            with pytest.raises(StoreUnavailable):
+                s.read(user)
+            c.wait_ok(30)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    got = s.read(user, with_fof=True)
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "reads did not recover"
+                    time.sleep(0.1)
+            assert got.history == [("a", 2.0)]
+
+
+@pytest.mark.slow
 def test_cluster_ranks_friends_of_friends_as_the_script(
     redis_server, redis_cluster, redis_namespace: str
 ) -> None:
@@ -635,3 +671,40 @@ def test_cluster_ranks_friends_of_friends_as_the_script(
         got = [(single.read(u, with_fof=True), cluster.read(u, with_fof=True)) for u in users]
     assert all(a == b for a, b in got)
     assert sum(len(a.fof) == 5 for a, _ in got) > 50  # the cut applies to many users
+
+
+def test_cluster_seeds_parse_every_node() -> None:
+    from socialrec.serving.store import cluster_seeds
+
+    first, rest = cluster_seeds("redis://:pw@10.0.0.1:7000/0, 10.0.0.2:7001,redis://h3")
+    assert first == "redis://:pw@10.0.0.1:7000/0"
+    assert rest == [("10.0.0.2", 7001), ("h3", 6379)]
+    with pytest.raises(ValueError, match="names no node"):
+        cluster_seeds(" , ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CLUSTER_PATHS)
+def test_cluster_store_starts_and_serves_with_its_first_seed_down(
+    redis_cluster, redis_namespace: str, path: str
+) -> None:
+    """A URL naming a dead node first and a live one after it: the store is made, reads and
+    writes work. With every seed dead, the store is still made (a server starts and answers
+    degraded) and a read raises StoreUnavailable."""
+    from socialrec.serving.redis_local import find_free_port
+
+    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    live = redis_cluster.url.removeprefix("redis://").removesuffix("/0")
+    cfg = StoreConfig(url=f"{dead},{live}", namespace=redis_namespace, cluster=True)
+    with Calls(cfg, path) as s:
+        s.log_interaction("seeded", "a", 1.0, 1)
+        assert s.read("seeded").history == [("a", 1.0)]
+    store = FeatureStore(replace(cfg, url=dead))  # connects at first use, not here
+    try:
+        with pytest.raises(StoreUnavailable):
+            if path.endswith("blocking"):
+                store.read("seeded")
+            else:
+                asyncio.run(store.aread("seeded"))
+    finally:
+        store.close()
