@@ -259,7 +259,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 )
         if features is None:
             if friends:
-                result = engine.popular_friends(user, k, exclude=exclude)
+                # No suggestions: without the store the user's blocks are unknown, and a
+                # blocked person must never be suggested (popular users could include one).
+                result = Result([], False, {"rank": 0.0})
             else:
                 result = engine.popular_content(k, exclude=removed | exclude)
         else:

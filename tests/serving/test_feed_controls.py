@@ -162,6 +162,21 @@ def test_degraded_answers_keep_takedowns(cfg, inproc, tmp_path) -> None:
         assert res.degraded and len(res.items) == 5 and target not in {x.id for x in res.items}
 
 
+def test_a_degraded_friend_answer_never_suggests_a_blocked_user(cfg, inproc, tmp_path) -> None:
+    """The user blocks the best-connected user, then Redis goes away: the friend answer is
+    degraded and empty (the server cannot see blocks without the store; the popular list it
+    used to fall back on held the blocked user)."""
+    with start_redis(dir=tmp_path, appendonly=False) as r:
+        s = inproc(replace(cfg, redis_url=r.url))
+        top = _friends(s.stub, "new-user", k=5)[0]  # cold start: the popular list
+        s.stub.BlockUser(pb.BlockRequest(user_id="new-user", blocked_id=top), metadata=AUTH)
+        assert top not in _friends(s.stub, "new-user", k=5)
+        r.kill()
+        res = s.stub.RecommendFriends(pb.RecommendFriendsRequest(user_id="new-user", k=5))
+        assert res.degraded and top not in {u.id for u in res.users}
+        assert len(res.users) == 0
+
+
 @pytest.mark.slow
 def test_takedown_reaches_both_workers_within_a_second_and_survives_restart(
     small_bundle, redis_server, server_config
