@@ -56,7 +56,13 @@ import redis
 from socialrec.serving.offline_store import OfflineStore
 from socialrec.serving.redis_local import start_cluster, start_redis
 from socialrec.serving.schema import Keys, UserFeatures, check_id
-from socialrec.serving.store import FeatureStore, StoreConfig, _data_errors, features
+from socialrec.serving.store import (
+    FeatureStore,
+    StoreConfig,
+    _data_errors,
+    _join_blocks,
+    features,
+)
 
 VARIANTS = ("single-resp", "single-redis-py", "cluster", "cluster-precomputed")
 FF = "ff"  # the precomputed friends-of-friends zset of a user: Keys.user(FF, user)
@@ -192,7 +198,7 @@ class Precomputed:
         cmds = store.read_commands(user, with_fof=True)  # cluster: no EVALSHA
         replies = await client.pipeline([*cmds, ("ZRANGE", ff, 0, self.window - 1, "WITHSCORES")])
         _data_errors(replies)
-        replies, ranked = replies[:-1], replies[-1]
+        replies, ranked = _join_blocks(replies[:-1]), replies[-1]
         excluded = {user, *replies[2], *replies[3], *replies[4]}
         fof: list = []
         start = 0

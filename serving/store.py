@@ -551,6 +551,13 @@ def _data_errors(replies: list) -> None:
             raise StoreDataError(f"redis: {r}")
 
 
+def _join_blocks(replies: list) -> list:
+    """A cluster friend read's replies with its two block sets (the last two) as one list,
+    as the single-Redis read's SUNION returns them."""
+    *head, blocks, blocked_by = replies
+    return [*head, list({*blocks, *blocked_by})]
+
+
 def features(replies: list, friends: bool) -> UserFeatures:
     """Parsed features of a read transaction's replies; StoreDataError if any reply is an error
     (e.g. WRONGTYPE: a key written by something else) or a value does not parse."""
@@ -651,11 +658,14 @@ class FeatureStore:
             h, w, f, s, d = k.user_keys(user, "h", "w", "f", "s", "d")
         cmds: list[tuple] = [("ZREVRANGE", h, 0, cfg.history_cap - 1), ("HGETALL", w),
                              ("SMEMBERS", f)]  # fmt: skip
-        if with_fof:
+        if with_fof and cfg.cluster:
+            # The two block sets read apart (joined by _join_blocks): while a slot migrates,
+            # a command naming both is refused whenever only one of them has moved.
+            cmds += [("SMEMBERS", du), ("SMEMBERS", b), ("SMEMBERS", bb)]
+        elif with_fof:
             cmds += [("SMEMBERS", du), ("SUNION", b, bb)]
-            if not cfg.cluster:
-                fof_args = (cfg.fof_friends_cap, cfg.fof_cap, k.prefix, user, SHARDS)
-                cmds.append(("EVALSHA", self._sha[schema.FOF], 4, f, b, bb, du, *fof_args))
+            fof_args = (cfg.fof_friends_cap, cfg.fof_cap, k.prefix, user, SHARDS)
+            cmds.append(("EVALSHA", self._sha[schema.FOF], 4, f, b, bb, du, *fof_args))
         else:
             cmds += [("SMEMBERS", s), ("SMEMBERS", d), ("GET", k.removed_version)]
         return cmds
@@ -809,6 +819,7 @@ class FeatureStore:
             if not with_fof:
                 return features(replies, False)
             _data_errors(replies)  # before the second exchange
+            replies = _join_blocks(replies)
             scan, excluded, fof_cmds = self.fof_commands(user_id, replies)
             sets = await _aretry(lambda: client.pipeline(fof_cmds)) if fof_cmds else []
             return self._fof_features(check_id("user_id", user_id), replies, excluded, sets)
@@ -993,6 +1004,7 @@ class FeatureStore:
                 if not with_fof:
                     return features(replies, False)
                 _data_errors(replies)
+                replies = _join_blocks(replies)
                 scan, excluded, fof_cmds = self.fof_commands(user_id, replies)
                 sets = _retry(lambda: self._pipeline(fof_cmds)) if fof_cmds else []
                 return self._fof_features(check_id("user_id", user_id), replies, excluded, sets)
