@@ -74,6 +74,10 @@ class ServerConfig:
     last_good_file: str | None = None
 
     def __post_init__(self) -> None:
+        if not 1 << 10 <= self.max_request_bytes <= 64 << 20:  # gRPC reads -1 as "no limit"
+            raise ValueError(
+                f"max_request_bytes must be between 1024 and {64 << 20}, got {self.max_request_bytes}"
+            )
         if not 1 <= self.max_id_len <= MAX_ID_LEN:
             raise ValueError(
                 f"max_id_len must be between 1 and {MAX_ID_LEN}, got {self.max_id_len}"

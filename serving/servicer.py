@@ -38,6 +38,7 @@ from socialrec.serving.store import (
     ReplicationTimeout,
     StoreDataError,
     StoreUnavailable,
+    TryAgain,
     WriteConflict,
 )
 
@@ -104,6 +105,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 "unreadable features; answering from the bundle",
                 event="bad_data", user=user_id, error=str(e),
             )  # fmt: skip
+            return None
+        except TryAgain:  # one migrating cluster slot: this read degrades, not every read
+            self._degraded(method, "unavailable")
             return None
         except StoreUnavailable as e:
             self._redis_down_until = now + REDIS_RETRY_S
@@ -559,8 +563,12 @@ class Dispatcher:
             except CallEnded:  # counted by _fail; gRPC answered the call itself
                 raise asyncio.CancelledError() from None
             except Exception as e:
-                if context.done() or _expired(context):  # failed because the call was over
+                if context.done() or _expired(context):  # the client was answered already
                     self._ended(method, context)
+                    self._bug_log.warning(
+                        "error after the call ended", event="internal_error", method=method,
+                        error=f"{type(e).__name__}: {e}",
+                    )  # fmt: skip
                     raise asyncio.CancelledError() from None
                 self._count(method, grpc.StatusCode.INTERNAL)
                 self._bug_log.warning(

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import threading
+import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -145,6 +148,8 @@ class StoreConfig:
     ack_timeout_ms: int = 500
 
     def __post_init__(self) -> None:
+        if self.cluster:
+            cluster_seeds(self.url)  # a bad host list fails here, at start, not per request
         if not isinstance(self.ack_replicas, int) or self.ack_replicas < 0:
             raise ValueError(f"ack_replicas must be an integer >= 0, got {self.ack_replicas!r}")
         if not isinstance(self.ack_timeout_ms, int) or self.ack_timeout_ms < 1:
@@ -478,22 +483,38 @@ def _cluster_ack_options(cfg: StoreConfig) -> dict[str, Any]:
     return {**_cluster_options(cfg), "socket_timeout": cfg.write_timeout_s}
 
 
+_MULTI_HOST = re.compile(
+    r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?)(?P<hosts>[^/?#]*)(?P<tail>.*)$"
+)
+
+
 def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
-    """A Redis Cluster URL's first node (a full URL: scheme, credentials, options) and the
-    other seed nodes it names, as (host, port): ``redis://:pw@h1:7000,h2:7001,...``. The
-    client starts from whichever seed answers and re-reads the layout from any known node,
-    so one seed being down stops neither a start nor a failover's recovery. Every node gets
-    the first URL's credentials."""
-    parts = [p.strip() for p in url.split(",") if p.strip()]
-    if not parts:
-        raise ValueError(f"redis url {url!r} names no node")
+    """A Redis Cluster URL's first node as a URL of its own (scheme, credentials, path and
+    options kept) and the other seed nodes its host list names, as (host, port):
+    ``redis://:pw@h1:7000,h2:7001,h3:7002/0?opt=1``. The client starts from whichever seed
+    answers and re-reads the layout from any known node, so one seed being down stops
+    neither a start nor a failover's recovery; every node gets the URL's credentials and
+    options. ValueError (naming no credentials) for a host list with an empty or bad entry."""
+    m = _MULTI_HOST.match(url.strip())
+    if m is None:
+        raise ValueError(f"redis url {redact(url)!r} is not scheme://[user:password@]host:port")
+    hosts = [h.strip() for h in m["hosts"].split(",")]
     seeds = []
-    for part in parts[1:]:
-        u = urlparse(part if "://" in part else "redis://" + part)
-        if not u.hostname:
-            raise ValueError(f"redis url {url!r}: seed {part!r} has no host")
-        seeds.append((u.hostname, u.port or 6379))
-    return parts[0], seeds
+    for h in hosts:
+        u = urlparse("redis://" + h)
+        try:
+            port = u.port or 6379
+        except ValueError:
+            port = None
+        if not h or not u.hostname or port is None or u.username or u.path:
+            raise ValueError(f"redis url {redact(url)!r}: bad host {h!r} in its host list")
+        seeds.append((u.hostname, port))
+    return m["head"] + hosts[0] + m["tail"], seeds[1:]
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", url)
 
 
 def cluster_client(cfg: StoreConfig, options: dict[str, Any], aio: bool = False) -> Any:
@@ -619,6 +640,7 @@ class FeatureStore:
         # The blocking client, made at first use: a cluster client connects when it is made,
         # and a server must start (and answer degraded) while its Redis is down.
         self._sync: redis.Redis | redis.cluster.RedisCluster | None = None
+        self._sync_lock = threading.Lock()
         # Acknowledged writes: a client of their own, its read timeout long enough for WAIT
         # (made at first use, like the blocking client).
         self._w: redis.Redis | redis.cluster.RedisCluster | None = None
@@ -633,10 +655,15 @@ class FeatureStore:
     @property
     def _r(self) -> redis.Redis | redis.cluster.RedisCluster:
         if self._sync is None:
-            try:
-                self._sync = redis_py(self.cfg)
-            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
-                raise _store_error(e) from e
+            with self._sync_lock:  # the blocking API is used from many threads
+                if self._sync is None:
+                    try:
+                        self._sync = redis_py(self.cfg)
+                    except (
+                        redis.exceptions.RedisError,
+                        redis.exceptions.RedisClusterException,
+                    ) as e:
+                        raise _store_error(e) from e
         return self._sync
 
     # ---- commands (pure: what to send) -------------------------------------------------------
@@ -1195,9 +1222,13 @@ async def _aretry(call: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def _retry(call: Callable[[], Any]) -> Any:
-    """:func:`_aretry`, blocking. On a single Redis, redis-py's own retry already did this
-    (ConnectionLost is only raised by the cluster path)."""
-    try:
-        return call()
-    except ConnectionLost:
-        return call()
+    """:func:`_aretry`, blocking. On a single Redis, redis-py's own retry already did the
+    retry after a lost connection (ConnectionLost and TryAgain come from the cluster path)."""
+    for pause in TRYAGAIN_PAUSES_S:
+        try:
+            return call()
+        except ConnectionLost:
+            return call()
+        except TryAgain:
+            time.sleep(pause)
+    return call()

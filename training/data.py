@@ -319,8 +319,8 @@ def _build(
         else:
             report.merged_duplicate_interactions += 1
             t = -1 if ts is None else ts
-            if duplicates == "sum":
-                prev[0] += w
+            if duplicates == "sum":  # capped like the server caps a live sum
+                prev[0] = min(prev[0] + w, MAX_TOTAL_WEIGHT)
             elif duplicates == "max":
                 prev[0] = max(prev[0], w)
             elif t >= prev[1]:  # "last": the latest row; equal timestamps: the later row

@@ -434,6 +434,9 @@ def test_a_request_over_the_size_limit_is_refused_before_parsing(server_config, 
         s.stub.RecommendContent(big)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert s.stub.RecommendContent(pb.RecommendContentRequest(user_id="u", k=5)) is not None
+    for bad in (-1, 0, 1 << 30):  # -1 would mean "no limit" to gRPC
+        with pytest.raises(ValueError, match="max_request_bytes"):
+            replace(server_config, max_request_bytes=bad)
 
 
 def test_idle_streams_cannot_lock_the_recommender_out(server_config, inproc) -> None:

@@ -675,13 +675,22 @@ def test_cluster_ranks_friends_of_friends_as_the_script(
 
 
 def test_cluster_seeds_parse_every_node() -> None:
-    from socialrec.serving.store import cluster_seeds
+    """A host list inside one URL: the first host keeps the URL's credentials, path and
+    options; a bad entry is refused with the password masked."""
+    from socialrec.serving.store import StoreConfig, cluster_seeds
 
-    first, rest = cluster_seeds("redis://:pw@10.0.0.1:7000/0, 10.0.0.2:7001,redis://h3")
-    assert first == "redis://:pw@10.0.0.1:7000/0"
+    first, rest = cluster_seeds(
+        "rediss://:p,w@10.0.0.1:7000, 10.0.0.2:7001,h3/0?ssl_cert_reqs=none"
+    )
+    assert first == "rediss://:p,w@10.0.0.1:7000/0?ssl_cert_reqs=none"
     assert rest == [("10.0.0.2", 7001), ("h3", 6379)]
-    with pytest.raises(ValueError, match="names no node"):
-        cluster_seeds(" , ")
+    assert cluster_seeds("redis://h1:7000") == ("redis://h1:7000", [])
+    for bad in ("redis://:secret@h1:7000,:7001", "redis://:secret@h1:7000,,h2", "redis://"):
+        with pytest.raises(ValueError) as e:
+            cluster_seeds(bad)
+        assert "secret" not in str(e.value)
+    with pytest.raises(ValueError, match="bad host"):  # at start, not at the first request
+        StoreConfig(url="redis://:secret@h1:7000,:7001", cluster=True)
 
 
 @pytest.mark.slow
@@ -694,13 +703,13 @@ def test_cluster_store_starts_and_serves_with_its_first_seed_down(
     degraded) and a read raises StoreUnavailable."""
     from socialrec.serving.redis_local import find_free_port
 
-    dead = f"redis://127.0.0.1:{find_free_port()}/0"
+    dead = f"127.0.0.1:{find_free_port()}"
     live = redis_cluster.url.removeprefix("redis://").removesuffix("/0")
-    cfg = StoreConfig(url=f"{dead},{live}", namespace=redis_namespace, cluster=True)
+    cfg = StoreConfig(url=f"redis://{dead},{live}/0", namespace=redis_namespace, cluster=True)
     with Calls(cfg, path) as s:
         s.log_interaction("seeded", "a", 1.0, 1)
         assert s.read("seeded").history == [("a", 1.0)]
-    store = FeatureStore(replace(cfg, url=dead))  # connects at first use, not here
+    store = FeatureStore(replace(cfg, url=f"redis://{dead}/0"))  # connects at first use
     try:
         with pytest.raises(StoreUnavailable):
             if path.endswith("blocking"):

@@ -103,6 +103,13 @@ def test_duplicate_interactions_merged_with_summed_weight(tmp_path: Path) -> Non
     assert _pairs(ds) == {("u1", "i1"): 4.0, ("u2", "i1"): 1.0}  # 1 + 2.5 + 0.5 = 4
 
 
+def test_summed_duplicate_weights_are_capped_like_the_servers(tmp_path: Path) -> None:
+    """Rows each within the cap whose sum is not: the pair's weight stops at 1e9, as a live
+    sum does in Redis (each row alone is checked as it is read)."""
+    p = _write(tmp_path / "i.tsv", ["u1\ti1\t6e8", "u1\ti1\t6e8", "u2\ti1\t1"])
+    assert _pairs(load_tsv(p))[("u1", "i1")] == pytest.approx(1e9)
+
+
 def test_friends_both_directions_merged_and_counted(tmp_path: Path) -> None:
     inter = _write(tmp_path / "i.tsv", ["a\tx\t1", "b\tx\t1", "c\tx\t1"])
     fr = _write(tmp_path / "f.tsv", ["user\tfriend", "a\tb", "b\ta", "b\tc", "b\tc", "a\ta"])
