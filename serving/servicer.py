@@ -456,7 +456,7 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: s
     except grpc.aio.AbortError:
         raise
     except Exception:
-        if context.done() or _expired(context):
+        if _over(context):
             raise CallEnded(code.name) from None
         raise
 
@@ -473,6 +473,11 @@ async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg:
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
+
+
+def _over(context: grpc.aio.ServicerContext) -> bool:
+    """Whether gRPC has already answered the call (done, or its deadline has passed)."""
+    return context.done() or _expired(context)
 
 
 class Malformed:
@@ -563,7 +568,7 @@ class Dispatcher:
             except CallEnded:  # counted by _fail; gRPC answered the call itself
                 raise asyncio.CancelledError() from None
             except Exception as e:
-                if context.done() or _expired(context):  # the client was answered already
+                if _over(context):  # the client was answered already
                     self._ended(method, context)
                     self._bug_log.warning(
                         "error after the call ended", event="internal_error", method=method,

@@ -335,9 +335,8 @@ class RedisPyClusterAsyncClient:
         self._read_refresh = False
 
     async def _fresh_layout(self) -> None:
-        if self._read_refresh:
-            self._read_refresh = False  # one refresh, whatever else is in flight
-            await self._r.nodes_manager.initialize()
+        self._read_refresh = False  # one refresh, whatever else is in flight
+        await self._r.nodes_manager.initialize()
 
     def _failed(self, e: Exception) -> StoreUnavailable:
         self._read_refresh = True
@@ -347,21 +346,22 @@ class RedisPyClusterAsyncClient:
         """The replies, errors about data (WRONGTYPE) as values; StoreUnavailable if a node
         can't answer (and the layout is re-read before the next call)."""
         try:
-            await self._fresh_layout()
+            if self._read_refresh:  # no coroutine per call on the read path
+                await self._fresh_layout()
             pipe = self._r.pipeline(transaction=False)
             for c in commands:
                 pipe.execute_command(*c)
-            replies = await pipe.execute(raise_on_error=False)
+            return _unavailable_replies(await pipe.execute(raise_on_error=False))
         except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
             raise self._failed(e) from e
-        for r in replies:
-            if isinstance(r, Exception) and _unavailable(r):
-                raise self._failed(r)
-        return replies
+        except StoreUnavailable:
+            self._read_refresh = True
+            raise
 
     async def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            await self._fresh_layout()
+            if self._read_refresh:  # no coroutine per call on the read path
+                await self._fresh_layout()
             try:
                 return await self._r.evalsha(sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:  # a new node (or a promoted replica)

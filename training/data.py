@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
-from socialrec.serving.schema import MAX_ID_LEN, MAX_TOTAL_WEIGHT, check_id
+from socialrec.serving.schema import MAX_ID_LEN, MAX_TOTAL_WEIGHT, check_id, shown
 from socialrec.training.dataset import Dataset, LoadReport
 from socialrec.training.synthetic import SyntheticConfig, generate
 
@@ -160,13 +160,6 @@ def _looks_like_header(line: str, n_fields: int | None = None) -> bool:
     return all(re.sub(r"[^a-z0-9]", "", p.lower()) in _HEADER_COLUMNS for p in parts)
 
 
-def _shown(value: str, limit: int = 40) -> str:
-    """``value`` as an error message quotes it: its repr, cut to ``limit`` characters."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
-
-
 def _parse_weight(path: Path, lineno: int, value: str, hint: str = "") -> float:
     """A weight as written: a finite number in [0, MAX_TOTAL_WEIGHT] (the server's cap on one
     user's weight for one item), so the float32 it is stored as is finite too."""
@@ -174,14 +167,14 @@ def _parse_weight(path: Path, lineno: int, value: str, hint: str = "") -> float:
         w = float(value)
     except ValueError:
         raise DataError(
-            path, lineno, f"field 'weight' is not a number: {_shown(value)}{hint}"
+            path, lineno, f"field 'weight' is not a number: {shown(value)}{hint}"
         ) from None
     if not (math.isfinite(w) and 0 <= w <= MAX_TOTAL_WEIGHT):
         raise DataError(
             path,
             lineno,
             f"field 'weight' must be a finite number from 0 to {MAX_TOTAL_WEIGHT:g}, "
-            f"got {_shown(value)}",
+            f"got {shown(value)}",
         )
     return w
 
@@ -205,13 +198,13 @@ def _parse_ts(path: Path, lineno: int, value: str) -> int:
     except InvalidOperation:
         d = None
     if d is None:
-        raise DataError(path, lineno, f"field 'timestamp' is not a number: {_shown(value)}")
+        raise DataError(path, lineno, f"field 'timestamp' is not a number: {shown(value)}")
     if not (d.is_finite() and 0 <= d <= _INT64_MAX and d == d.to_integral_value()):
         raise DataError(
             path,
             lineno,
             "field 'timestamp' must be a whole number of milliseconds from 0 to 2**63-1, "
-            f"got {_shown(value)}",
+            f"got {shown(value)}",
         )
     return int(d)
 
@@ -223,11 +216,11 @@ def _check_id(path: Path, lineno: int, name: str, value: str, numeric: bool) -> 
     if not value:
         raise DataError(path, lineno, f"field '{name}' is empty")
     if numeric and not re.fullmatch(r"-?[0-9]+", value):
-        raise DataError(path, lineno, f"field '{name}' is not an integer id: {_shown(value)}")
+        raise DataError(path, lineno, f"field '{name}' is not an integer id: {shown(value)}")
     try:
         return check_id(f"field '{name}'", value, MAX_ID_LEN)
     except ValueError as e:
-        raise DataError(path, lineno, f"{e}: {_shown(value)}") from None
+        raise DataError(path, lineno, f"{e}: {shown(value)}") from None
 
 
 class _Ids:
